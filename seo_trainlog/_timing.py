@@ -1,0 +1,87 @@
+"""Cheap accumulators for the hot path: arithmetic and assignments only, read at logging steps."""
+
+from __future__ import annotations
+
+
+class StepTimer:
+    """Wall time of optimizer steps and of the waits between them.
+
+    ``mark(now)`` notes the end of any Trainer event (step end, log, evaluation, save, epoch start);
+    ``step_begin(now)`` adds the time since the last mark to the data wait (the loop was fetching
+    and collating the next batches), ``step_end(now)`` adds the time since ``step_begin`` to the
+    step time (forward, backward, optimizer). Times come from ``time.perf_counter`` (seconds).
+    """
+
+    __slots__ = ("steps", "step_time_s", "data_wait_s", "_last_mark", "_step_started")
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.step_time_s = 0.0
+        self.data_wait_s = 0.0
+        self._last_mark: float | None = None
+        self._step_started: float | None = None
+
+    def mark(self, now: float) -> None:
+        self._last_mark = now
+
+    def step_begin(self, now: float) -> None:
+        if self._last_mark is not None:
+            self.data_wait_s += now - self._last_mark
+        self._step_started = now
+
+    def step_end(self, now: float) -> float:
+        started = self._step_started
+        elapsed = now - started if started is not None else 0.0
+        self.step_time_s += elapsed
+        self.steps += 1
+        self._step_started = None
+        self._last_mark = now
+        return elapsed
+
+    def drain(self, samples_per_step: int) -> dict[str, float | int]:
+        """The interval's aggregate, then reset: ``steps``, mean ``step_time_s`` and ``data_wait_s``,
+        ``data_wait_pct`` (share of step + wait time), ``samples_per_second``. Empty if no step ran."""
+        steps, step_time, wait = self.steps, self.step_time_s, self.data_wait_s
+        self.steps, self.step_time_s, self.data_wait_s = 0, 0.0, 0.0
+        if steps == 0:
+            return {}
+        busy = step_time + wait
+        return {
+            "steps": steps,
+            "step_time_s": step_time / steps,
+            "data_wait_s": wait / steps,
+            "data_wait_pct": 100.0 * wait / busy if busy > 0 else 0.0,
+            "samples_per_second": steps * samples_per_step / busy if busy > 0 else 0.0,
+        }
+
+
+class CollateStats:
+    """Calls and seconds spent in :class:`~seo_trainlog.TimedDataCollator` since the last drain."""
+
+    __slots__ = ("calls", "total_s", "max_s", "samples")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.total_s = 0.0
+        self.max_s = 0.0
+        self.samples = 0
+
+    def add(self, elapsed_s: float, samples: int) -> None:
+        self.calls += 1
+        self.total_s += elapsed_s
+        self.samples += samples
+        if elapsed_s > self.max_s:
+            self.max_s = elapsed_s
+
+    def drain(self) -> dict[str, float | int]:
+        """``collate_calls``, ``collate_time_s`` (total), ``collate_mean_ms``, ``collate_max_ms``,
+        ``collate_samples``; then reset. Empty if there was no call."""
+        calls, total, peak, samples = self.calls, self.total_s, self.max_s, self.samples
+        self.calls, self.total_s, self.max_s, self.samples = 0, 0.0, 0.0, 0
+        if calls == 0:
+            return {}
+        return {"collate_calls": calls, "collate_time_s": total, "collate_mean_ms": 1000.0 * total / calls,
+                "collate_max_ms": 1000.0 * peak, "collate_samples": samples}
+
+
+COLLATE_STATS = CollateStats()

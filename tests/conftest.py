@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+WORDS = ("best cheap price buy order coupon how what why guide login account site near me review vs "
+         "download hotel flight shoes laptop phone recipe weather bank map news").split()
+LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\] (\S+) - (\w+) - (.*)$")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("SEO_TRAINLOG_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return BertTokenizer(vocab={word: index for index, word in enumerate(vocab)})
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tokenizer):
+    """64 short 'queries' with 4 labels, tokenised (no padding: the collator pads)."""
+    generator = torch.Generator().manual_seed(0)
+    texts, labels = [], []
+    for index in range(64):
+        length = 2 + index % 5
+        picks = torch.randint(0, len(WORDS), (length,), generator=generator).tolist()
+        texts.append(" ".join(WORDS[p] for p in picks))
+        labels.append(index % 4)
+    encoded = tokenizer(texts, truncation=True, max_length=16)
+    return Dataset.from_dict({**encoded, "labels": labels})
+
+
+def tiny_model():
+    set_seed(0)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=4)
+    return BertForSequenceClassification(config)
+
+
+@pytest.fixture
+def make_trainer(tmp_path, tokenizer, tiny_dataset):
+    """Build a tiny CPU Trainer; keyword arguments go to TrainingArguments (or Trainer for
+    ``callbacks``, ``data_collator``, ``eval_dataset``, ``model``, ``compute_metrics``)."""
+
+    def build(**overrides):
+        trainer_keys = {"callbacks", "data_collator", "eval_dataset", "model", "compute_metrics", "train_dataset"}
+        trainer_kwargs = {key: overrides.pop(key) for key in list(overrides) if key in trainer_keys}
+        values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=6,
+                      logging_steps=1, learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no",
+                      disable_tqdm=True, seed=0, dataloader_num_workers=0)
+        values.update(overrides)
+        return Trainer(
+            model=trainer_kwargs.pop("model", None) or tiny_model(),
+            args=TrainingArguments(**values),
+            train_dataset=trainer_kwargs.pop("train_dataset", tiny_dataset),
+            data_collator=trainer_kwargs.pop("data_collator", DataCollatorWithPadding(tokenizer)),
+            processing_class=tokenizer,
+            **trainer_kwargs,
+        )
+
+    return build
+
+
+class RunFiles:
+    """The files of one run in a log directory, read as a user would."""
+
+    def __init__(self, log_dir: Path, run_id: str | None = None):
+        self.log_dir = Path(log_dir)
+        stamps = sorted({p.name[len("seo_engine_"):-len(".log")] for p in self.log_dir.glob("seo_engine_*.log")})
+        assert stamps, f"no run in {self.log_dir}: {sorted(os.listdir(self.log_dir))}"
+        self.run_id = run_id or stamps[-1]
+
+    def path(self, prefix: str) -> Path:
+        return self.log_dir / f"{prefix}_{self.run_id}.log"
+
+    def lines(self, prefix: str) -> list[str]:
+        return self.path(prefix).read_text(encoding="utf-8").splitlines()
+
+    def messages(self, prefix: str) -> list[str]:
+        """The message part of every line that starts a record (continuation lines skipped)."""
+        return [m.group(4) for m in map(LINE.match, self.lines(prefix)) if m]
+
+    def records(self, event: str | None = None) -> list[dict]:
+        rows = [json.loads(line) for line in self.lines("performance_metrics")]
+        return [row for row in rows if event is None or row["event"] == event]
+
+
+@pytest.fixture
+def log_dir(tmp_path) -> Path:
+    return tmp_path / "logs"
