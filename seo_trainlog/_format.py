@@ -130,9 +130,14 @@ def error_lines(error: BaseException, context: str = "", operation: str = "",
     return lines
 
 
-def traceback_text(error: BaseException) -> str:
-    """The standard traceback of ``error`` (no local variable values), without the trailing newline."""
-    return "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip("\n")
+def traceback_text(error: BaseException, hide_files: tuple[str, ...] = ()) -> str:
+    """The standard traceback of ``error`` (no local variable values), without the trailing newline;
+    frames from files in ``hide_files`` (our own wrappers) are left out."""
+    report = traceback.TracebackException.from_exception(error)
+    if hide_files:
+        report.stack = traceback.StackSummary.from_list(
+            [frame for frame in report.stack if frame.filename not in hide_files])
+    return "".join(report.format()).rstrip("\n")
 
 
 def summary_lines(total_epochs: Any, total_steps: Any, final_loss: Any, best_loss: Any,

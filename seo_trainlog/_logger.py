@@ -5,7 +5,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import _format
+from . import _format, _guard
 from ._categories import CATEGORIES
 from ._config import LogConfig
 from ._rank import writes_shared_files
@@ -13,6 +13,7 @@ from ._secrets import mask_mapping
 from ._sinks import RunSinks, claim_stamp, logger, open_sinks, prepare_log_dir
 
 _OPEN: list[TrainLogger] = []
+_OWN_WRAPPERS = (_guard.__file__,)
 
 
 def innermost_open_logger() -> TrainLogger | None:
@@ -26,13 +27,13 @@ class TrainLogger:
     Opening a ``TrainLogger`` claims a run stamp ``YYYYMMDD_HHMMSS`` (``_1``, ``_2``... appended when
     another run in the same directory holds that second) and adds one loguru sink per category::
 
-        logs/seo_engine_<stamp>.log           general: run start/end and every category's INFO+ lines,
-                                              plus WARNING+ from transformers/datasets/accelerate
+        logs/seo_engine_<stamp>.log           general: run start/end and every category's INFO+ lines
         logs/training_progress_<stamp>.log    epoch/step/loss/LR, validation loss, metrics, summary
         logs/training_detailed_<stamp>.log    progress plus step timing (per logging step; per step at DEBUG)
         logs/model_performance_<stamp>.log    operation timings, memory, GPU utilisation
         logs/data_loading_<stamp>.log         dataset creation, data-loader wait, collate timings
-        logs/errors_<stamp>.log               the three error lines of each error
+        logs/errors_<stamp>.log               the three error lines of each error, and WARNING+ records
+                                              of transformers/datasets/accelerate while the run is open
         logs/error_tracking_<stamp>.log       errors with traceback, global_step and epoch
         logs/performance_metrics_<stamp>.log  one strict JSON object per line (see below)
         logs/debug_<stamp>.log                everything at DEBUG (only with ``LogConfig.debug``)
@@ -161,13 +162,14 @@ class TrainLogger:
         self._write("errors", "ERROR", lines)
         detail = [f"Training state: global_step={_format.fmt_value(self.global_step)}, "
                   f"epoch={_format.fmt_epoch(self.epoch)}"]
-        if error.__traceback__ is not None:
-            detail.append(_format.traceback_text(error))
+        trace = _format.traceback_text(error, _OWN_WRAPPERS) if error.__traceback__ is not None else None
+        if trace is not None:
+            detail.append(trace)
         self._write("error_tracking", "ERROR", detail)
         self.log_metrics("error", {"error_type": type(error).__name__, "message": str(error),
                                    "operation": operation, "context": context,
                                    "additional_info": dict(additional_info or {}),
-                                   "traceback": _format.traceback_text(error) if error.__traceback__ else None})
+                                   "traceback": trace})
         self._console(lines[0])
 
     def log_training_summary(self, total_epochs: float, total_steps: int, final_loss: float | None,
@@ -278,8 +280,10 @@ class TrainLogger:
         self.mark(step, epoch)
         lines = _format.progress_lines(epoch, step, loss, learning_rate, validation_loss, metrics)
         self._write("training", "INFO", lines)
-        self.log_metrics("train", {"loss": loss, "learning_rate": learning_rate,
-                                   "validation_loss": validation_loss, **(metrics or {}), **(timing or {})})
+        values = {"loss": loss, "learning_rate": learning_rate, **(metrics or {}), **(timing or {})}
+        if validation_loss is not None:
+            values["validation_loss"] = validation_loss
+        self.log_metrics("train", values)
         self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
 
     def _write(self, category: str, level: str, lines: list[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ JSON_FORMAT = "{message}"
 CONSOLE_FORMAT = "{time:HH:mm:ss} | seo_trainlog | {message}"
 LEVEL_NO = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 BRIDGED_LIBRARIES = ("transformers", "datasets", "accelerate")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def probe_file_options(rotation: object = None, retention: object = None) -> None:
@@ -125,7 +127,7 @@ def open_sinks(config, run_id: str, log_dir: Path) -> RunSinks:
                 _write_console, level="INFO", format=CONSOLE_FORMAT, colorize=False,
                 filter=_category_filter(run_id, frozenset({"console"})), backtrace=False, diagnose=False,
             ))
-        bridge = StdlibBridge(logger.bind(seo_run=run_id, seo_cat="general"))
+        bridge = StdlibBridge(logger.bind(seo_run=run_id, seo_cat="errors"))
         for name in BRIDGED_LIBRARIES:
             target = logging.getLogger(name)
             target.addHandler(bridge)
@@ -151,7 +153,9 @@ def _write_console(message: str) -> None:
 
 class StdlibBridge(logging.Handler):
     """Forwards WARNING+ records of the ``transformers``/``datasets``/``accelerate`` stdlib loggers
-    into the run's general log while the run is open. It changes no logger's level or propagation."""
+    into the run's error logs (and so the general log) while the run is open, labelled with the
+    library's name and stripped of terminal colour codes. It changes no logger's level or
+    propagation."""
 
     def __init__(self, run_logger) -> None:
         super().__init__(level=logging.WARNING)
@@ -161,6 +165,6 @@ class StdlibBridge(logging.Handler):
         try:
             level = record.levelname if record.levelname in LEVEL_NO else record.levelno
             label = record.name.split(".", 1)[0].upper()
-            self._log.bind(seo_label=label).log(level, record.getMessage())
+            self._log.bind(seo_label=label).log(level, _ANSI_ESCAPE.sub("", record.getMessage()))
         except Exception:
             self.handleError(record)

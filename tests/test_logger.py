@@ -143,17 +143,23 @@ def test_close_removes_exactly_our_handlers_and_leaves_the_users_loguru_alone(lo
         loguru_logger.remove(user_id)
 
 
-def test_stdlib_warnings_of_hf_libraries_reach_the_general_log_only_while_open(log_dir):
+def test_stdlib_warnings_of_hf_libraries_reach_our_logs_only_while_open(log_dir):
     hf_logger = logging.getLogger("transformers.modeling_utils")
     handlers_before = list(logging.getLogger("transformers").handlers)
+    level_before = logging.getLogger("transformers").level
     with TrainLogger(quiet(log_dir)) as tlog:
-        hf_logger.warning("checkpoint weights were not used")
+        hf_logger.warning("\x1b[1mLOAD REPORT\x1b[0m: checkpoint weights were not used")
         hf_logger.info("an info line that is not bridged")
+        logging.getLogger("datasets.builder").error("a datasets error")
     hf_logger.warning("after close")
-    messages = RunFiles(log_dir, tlog.run_id).lines("seo_engine")
-    assert [line.split("] ", 1)[1] for line in messages if "TRANSFORMERS" in line] == [
-        "TRANSFORMERS - WARNING - checkpoint weights were not used"]
+    run = RunFiles(log_dir, tlog.run_id)
+    expected = ["TRANSFORMERS - WARNING - LOAD REPORT: checkpoint weights were not used",
+                "DATASETS - ERROR - a datasets error"]
+    for prefix in ("seo_engine", "errors"):
+        assert [line.split("] ", 1)[1] for line in run.lines(prefix) if "TRANSFORMERS" in line or "DATASETS" in line] \
+            == expected
     assert logging.getLogger("transformers").handlers == handlers_before
+    assert logging.getLogger("transformers").level == level_before
 
 
 def test_context_manager_records_an_escaping_exception(log_dir):

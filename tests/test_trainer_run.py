@@ -52,3 +52,203 @@ def test_add_callback_run_writes_every_file(make_trainer, log_dir, tokenizer):
     assert 0 < duration < 60
     assert [m for m in run.messages("data_loading") if m.startswith("Collate: ")]
     print("\n".join(run.lines("seo_engine")[:5]))
+
+
+def progress_steps(run: RunFiles) -> list[int]:
+    return [int(m.split("Step ")[1].split(":")[0]) for m in run.messages("training_progress") if m.startswith("Epoch ")]
+
+
+def our_handler_count() -> int:
+    import seo_trainlog
+
+    return len(seo_trainlog.logger._core.handlers)
+
+
+def test_report_to_builds_the_callback_from_the_environment(make_trainer, log_dir, monkeypatch):
+    monkeypatch.setenv("SEO_TRAINLOG_DIR", str(log_dir))
+    monkeypatch.setenv("SEO_TRAINLOG_CONSOLE", "0")
+    trainer = make_trainer(max_steps=4, report_to="seo_trainlog")
+    assert sum(isinstance(cb, TrainLogCallback) for cb in trainer.callback_handler.callbacks) == 1
+    trainer.train()
+    run = RunFiles(log_dir)
+    assert progress_steps(run) == [1, 2, 3, 4]
+    assert [row["global_step"] for row in run.records("train")] == [1, 2, 3, 4]
+    assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
+
+
+def test_report_to_and_add_callback_together_write_once(make_trainer, log_dir, tmp_path, monkeypatch):
+    env_dir = tmp_path / "env_logs"
+    monkeypatch.setenv("SEO_TRAINLOG_DIR", str(env_dir))
+    trainer = make_trainer(max_steps=3, report_to="seo_trainlog")
+    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    handlers_before = our_handler_count()
+    trainer.train()
+    assert not env_dir.exists()  # the explicitly configured callback is the one that writes
+    run = RunFiles(log_dir)
+    assert progress_steps(run) == [1, 2, 3]
+    assert [row["event"] for row in run.records()].count("summary") == 1
+    assert run.messages("training_progress").count("TRAINING SUMMARY") == 1
+    assert our_handler_count() == handlers_before
+
+
+def test_users_loguru_handlers_survive_a_run(make_trainer, log_dir):
+    from loguru import logger
+
+    received = []
+    sink_id = logger.add(received.append, format="{message}")
+    try:
+        count = len(logger._core.handlers)
+        logger.info("mine before")
+        trainer = make_trainer(max_steps=2)
+        trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+        trainer.train()
+        logger.info("mine after")
+        assert [str(m).strip() for m in received] == ["mine before", "mine after"]
+        assert len(logger._core.handlers) == count
+    finally:
+        logger.remove(sink_id)
+
+
+class FailOnCall:
+    """A forward pre-hook that raises on the n-th forward call."""
+
+    def __init__(self, n: int, error: BaseException):
+        self.n, self.error, self.calls = n, error, 0
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise self.error
+
+
+def test_exception_at_step_3_is_logged_and_the_next_train_works(make_trainer, log_dir):
+    trainer = make_trainer(max_steps=5)
+    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    handlers_before = our_handler_count()
+    hook = trainer.model.register_forward_pre_hook(
+        FailOnCall(3, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        trainer.train()
+    assert our_handler_count() == handlers_before
+    assert "_run_epoch" not in vars(trainer)  # the guard is gone from the trainer
+
+    failed = RunFiles(log_dir)
+    assert failed.messages("errors") == [
+        "Error in training: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "Context: trainer.train() stopped at global_step 2, epoch 0.25",
+        "Additional info: global_step=2, epoch=0.250000, max_steps=5, status=failed",
+    ]
+    tracking = failed.path("error_tracking").read_text()
+    assert "Training state: global_step=2, epoch=0.25" in tracking
+    assert "Traceback (most recent call last):" in tracking and "raise self.error" in tracking
+    assert "_guard.py" not in tracking  # our wrapper frame is left out
+    assert "Status: failed" in failed.messages("training_progress")
+    assert failed.records("summary")[0]["status"] == "failed"
+    assert progress_steps(failed) == [1, 2]
+
+    hook.remove()
+    trainer.train()
+    second = RunFiles(log_dir)
+    assert second.run_id != failed.run_id
+    assert progress_steps(second) == [1, 2, 3, 4, 5]
+    assert second.messages("errors") == []
+    assert progress_steps(failed) == [1, 2]  # nothing appended to the failed run
+    assert our_handler_count() == handlers_before
+
+
+def test_keyboard_interrupt_marks_the_run_interrupted(make_trainer, log_dir):
+    trainer = make_trainer(max_steps=5)
+    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    trainer.model.register_forward_pre_hook(FailOnCall(2, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    run = RunFiles(log_dir)
+    assert run.messages("errors")[0] == "Error in training: KeyboardInterrupt: "
+    assert run.records("summary")[0]["status"] == "interrupted"
+
+
+def accuracy(eval_pred):
+    logits, labels = eval_pred
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def test_each_evaluation_is_recorded_once(make_trainer, log_dir, tiny_dataset):
+    trainer = make_trainer(max_steps=6, eval_strategy="steps", eval_steps=3, eval_dataset=tiny_dataset.select(range(16)),
+                           compute_metrics=accuracy)
+    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    trainer.train()
+    run = RunFiles(log_dir)
+    evals = [row for row in trainer.state.log_history if "eval_loss" in row]
+    assert len(evals) == 2
+    validation = [m for m in run.messages("training_progress") if m.startswith("Validation Loss: ")]
+    assert validation == [f"Validation Loss: {row['eval_loss']:.6f}" for row in evals]
+    metrics = [m for m in run.messages("training_progress") if m.startswith("Metrics: eval_")]
+    assert metrics == [f"Metrics: eval_accuracy={row['eval_accuracy']:.6f}" for row in evals]
+    assert [row["global_step"] for row in run.records("eval")] == [3, 6]
+    performance = [m for m in run.messages("model_performance") if m.startswith("evaluation completed in ")]
+    assert performance == [f"evaluation completed in {row['eval_runtime']:.4f}s" for row in evals]
+
+
+def test_early_stopping_is_detected(make_trainer, log_dir, tiny_dataset, monkeypatch):
+    def constant_metric(eval_pred):
+        return {"score": 0.5}
+
+    monkeypatch.setenv("SEO_TRAINLOG_DIR", str(log_dir))
+    monkeypatch.setenv("SEO_TRAINLOG_CONSOLE", "0")
+    # report_to callbacks come before user callbacks, so the run is open when EarlyStoppingCallback warns
+    trainer = make_trainer(max_steps=20, eval_strategy="steps", eval_steps=2, metric_for_best_model="score",
+                           greater_is_better=True, eval_dataset=tiny_dataset.select(range(8)),
+                           compute_metrics=constant_metric, report_to="seo_trainlog",
+                           callbacks=[EarlyStoppingCallback(early_stopping_patience=1)])
+    trainer.train()
+    assert trainer.state.global_step == 4
+    run = RunFiles(log_dir)
+    messages = run.messages("training_progress")
+    assert "Early stopping triggered: True" in messages and "Total steps: 4" in messages
+    assert run.records("summary")[0]["early_stopping_triggered"] is True
+    # EarlyStoppingCallback's stdlib warning reached the general log
+    assert any("Using EarlyStoppingCallback without load_best_model_at_end" in m for m in run.messages("seo_engine"))
+
+
+def test_evaluate_after_training_appends_to_the_same_run(make_trainer, log_dir, tiny_dataset):
+    trainer = make_trainer(max_steps=2, compute_metrics=accuracy)
+    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    handlers_before = our_handler_count()
+    trainer.train()
+    metrics = trainer.evaluate(tiny_dataset.select(range(8)), metric_key_prefix="test")
+    assert our_handler_count() == handlers_before
+    assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
+    run = RunFiles(log_dir)
+    messages = run.messages("training_progress")
+    assert messages[-2:] == [f"Validation Loss: {metrics['test_loss']:.6f}",
+                             f"Metrics: test_accuracy={metrics['test_accuracy']:.6f}"]
+    assert run.messages("model_performance")[-3] == f"evaluation completed in {metrics['test_runtime']:.4f}s"
+    assert run.records()[-1]["event"] == "model" and run.records()[-1]["operation"] == "evaluation"
+
+
+def test_callback_joins_an_open_train_logger(make_trainer, log_dir, monkeypatch):
+    from seo_trainlog import TrainLogger
+
+    monkeypatch.setenv("SEO_TRAINLOG_DIR", str(log_dir / "unused"))
+    with TrainLogger(LogConfig(log_dir=log_dir, console=False)) as tlog:
+        tlog.log_data_loading("dataset_creation", 64, 8, 0.01)
+        make_trainer(max_steps=2, report_to="seo_trainlog").train()
+        tlog.log_message("after training")
+    assert not (log_dir / "unused").exists()
+    run = RunFiles(log_dir, tlog.run_id)
+    assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
+    assert run.messages("data_loading")[0] == "dataset_creation: Dataset size=64, Batch size=8, Duration=0.0100s"
+    assert progress_steps(run) == [1, 2]
+    assert run.messages("seo_engine")[-1] == "after training"
+
+
+def test_debug_level_writes_a_line_per_step(make_trainer, log_dir):
+    trainer = make_trainer(max_steps=4, logging_steps=2)
+    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False, level="DEBUG")))
+    trainer.train()
+    run = RunFiles(log_dir)
+    per_step = [m.split(":")[0] for m in run.messages("training_detailed") if m.startswith("Step ")]
+    assert per_step == ["Step 1", "Step 2", "Step 3", "Step 4"]
+    intervals = [m.split(":")[0] for m in run.messages("training_detailed") if m.startswith("Steps ")]
+    assert intervals == ["Steps 1-2", "Steps 3-4"]
+    assert [row["steps"] for row in run.records("train")] == [2, 2]
