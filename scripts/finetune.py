@@ -126,90 +126,98 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     set_seed(args.seed)
     model_path = args.model or default_model_path()
 
-    with TrainLogger(config) as tlog:
-        started = perf_counter()
-        data = load_table(args.data, args.text_column, args.label_column, args.split_column, args.seed)
-        tlog.log_data_loading("dataset_creation", dataset_size=sum(len(split) for split in data.values()),
-                              batch_size=args.batch_size, duration=perf_counter() - started, memory_usage=rss_mb())
-        label_names = sorted(set(data["train"]["label_name"]))
-        label_ids = {name: index for index, name in enumerate(label_names)}
+    tlog = TrainLogger(config)
+    try:
+        with tlog:
+            result = fine_tune(args, tlog, model_path)
+    finally:  # also after Ctrl-C or an error: say where the record of the run is
+        print(f"\nLogs of run {tlog.run_id} in {tlog.log_dir}:")
+        for path in tlog.files.values():
+            print(f"  {path}")
+    print(f"Test accuracy {result['test_accuracy']:.4f}, macro-F1 {result['test_macro_f1']:.4f} "
+          f"(majority-class baseline accuracy {result['majority_baseline_accuracy']:.4f}, "
+          f"'{result['majority_class']}'); {result['global_step']} steps in {result['train_runtime_s']:.1f}s "
+          "of training")
+    return result
 
-        started = perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(label_names), id2label=dict(enumerate(label_names)), label2id=label_ids)
-        tlog.log_model_performance("model_load", perf_counter() - started, memory_usage=rss_mb(),
-                                   additional_metrics={"model": args.model or "all-MiniLM-L6-v2",
-                                                       "parameters": model.num_parameters()})
 
-        started = perf_counter()
+def fine_tune(args: argparse.Namespace, tlog: TrainLogger, model_path: str) -> dict[str, float]:
+    """Load, tokenise, train, test; every stage reported to ``tlog``."""
+    started = perf_counter()
+    data = load_table(args.data, args.text_column, args.label_column, args.split_column, args.seed)
+    tlog.log_data_loading("dataset_creation", dataset_size=sum(len(split) for split in data.values()),
+                          batch_size=args.batch_size, duration=perf_counter() - started, memory_usage=rss_mb())
+    label_names = sorted(set(data["train"]["label_name"]))
+    label_ids = {name: index for index, name in enumerate(label_names)}
 
-        def encode(batch):
-            encoded = tokenizer(batch["text"], truncation=True, max_length=args.max_length)
-            encoded["labels"] = [label_ids.get(name, -1) for name in batch["label_name"]]
-            return encoded
+    started = perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=len(label_names), id2label=dict(enumerate(label_names)), label2id=label_ids)
+    tlog.log_model_performance("model_load", perf_counter() - started, memory_usage=rss_mb(),
+                               additional_metrics={"model": args.model or "all-MiniLM-L6-v2",
+                                                   "parameters": model.num_parameters()})
 
-        encoded = data.map(encode, batched=True, remove_columns=["text", "label_name"])
-        unknown = {name: sum(label == -1 for label in split["labels"]) for name, split in encoded.items()}
-        if any(unknown.values()):
-            sys.exit(f"labels in validation/test that train does not have: {unknown}")
-        tlog.log_data_loading("tokenization", dataset_size=sum(len(split) for split in encoded.values()),
-                              batch_size=args.batch_size, duration=perf_counter() - started, memory_usage=rss_mb())
+    started = perf_counter()
 
-        training_args = TrainingArguments(
-            output_dir=str(args.output_dir),
-            num_train_epochs=args.epochs,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=64,
-            learning_rate=args.learning_rate,
-            warmup_steps=0.1,
-            weight_decay=0.01,
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            save_total_limit=1,
-            save_only_model=True,
-            load_best_model_at_end=True,
-            metric_for_best_model="macro_f1",
-            greater_is_better=True,
-            logging_steps=args.logging_steps,
-            report_to="seo_trainlog",
-            use_cpu=not torch.cuda.is_available(),
-            seed=args.seed,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(
-            model=model,
-            args=training_args,
-            train_dataset=encoded["train"],
-            eval_dataset=encoded["validation"],
-            data_collator=TimedDataCollator(DataCollatorWithPadding(tokenizer)),
-            processing_class=tokenizer,
-            compute_metrics=classification_metrics,
-            callbacks=[EarlyStoppingCallback(early_stopping_patience=args.patience)],
-        )
-        trainer.train()
-        trainer.remove_callback(EarlyStoppingCallback)  # it only watches the validation split
-        test = trainer.evaluate(encoded["test"], metric_key_prefix="test")
+    def encode(batch):
+        encoded = tokenizer(batch["text"], truncation=True, max_length=args.max_length)
+        encoded["labels"] = [label_ids.get(name, -1) for name in batch["label_name"]]
+        return encoded
 
-        majority = max(label_names, key=list(data["train"]["label_name"]).count)
-        baseline = float(np.mean(np.asarray(data["test"]["label_name"]) == majority))
-        result = {"test_accuracy": test["test_accuracy"], "test_macro_f1": test["test_macro_f1"],
-                  "majority_baseline_accuracy": baseline, "majority_class": majority,
-                  "global_step": trainer.state.global_step}
-        tlog.log_message(f"Test split: accuracy={test['test_accuracy']:.4f}, macro_f1={test['test_macro_f1']:.4f}; "
-                         f"majority-class baseline ({majority}) accuracy={baseline:.4f}")
-        tlog.log_metrics("test_result", result)
+    encoded = data.map(encode, batched=True, remove_columns=["text", "label_name"])
+    unknown = {name: sum(label == -1 for label in split["labels"]) for name, split in encoded.items()}
+    if any(unknown.values()):
+        sys.exit(f"labels in validation/test that train does not have: {unknown}")
+    tlog.log_data_loading("tokenization", dataset_size=sum(len(split) for split in encoded.values()),
+                          batch_size=args.batch_size, duration=perf_counter() - started, memory_usage=rss_mb())
 
-    print()
-    print(f"Logs of run {tlog.run_id} in {tlog.log_dir}:")
-    for path in tlog.files.values():
-        print(f"  {path}")
+    training_args = TrainingArguments(
+        output_dir=str(args.output_dir),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=args.learning_rate,
+        warmup_steps=0.1,
+        weight_decay=0.01,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        logging_steps=args.logging_steps,
+        report_to="seo_trainlog",
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=encoded["train"],
+        eval_dataset=encoded["validation"],
+        data_collator=TimedDataCollator(DataCollatorWithPadding(tokenizer)),
+        processing_class=tokenizer,
+        compute_metrics=classification_metrics,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=args.patience)],
+    )
+    trainer.train()
+    trainer.remove_callback(EarlyStoppingCallback)  # it only watches the validation split
+    test = trainer.evaluate(encoded["test"], metric_key_prefix="test")
+
+    majority = max(label_names, key=list(data["train"]["label_name"]).count)
+    baseline = float(np.mean(np.asarray(data["test"]["label_name"]) == majority))
     train_runtime = next((row["train_runtime"] for row in trainer.state.log_history if "train_runtime" in row), 0.0)
-    print(f"Test accuracy {test['test_accuracy']:.4f}, macro-F1 {test['test_macro_f1']:.4f} "
-          f"(majority-class baseline accuracy {baseline:.4f}, '{majority}'); "
-          f"{trainer.state.global_step} steps in {train_runtime:.1f}s of training")
+    result = {"test_accuracy": test["test_accuracy"], "test_macro_f1": test["test_macro_f1"],
+              "majority_baseline_accuracy": baseline, "majority_class": majority,
+              "global_step": trainer.state.global_step, "train_runtime_s": train_runtime}
+    tlog.log_message(f"Test split: accuracy={test['test_accuracy']:.4f}, macro_f1={test['test_macro_f1']:.4f}; "
+                     f"majority-class baseline ({majority}) accuracy={baseline:.4f}")
+    tlog.log_metrics("test_result", result)
     return result
 
 

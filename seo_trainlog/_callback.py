@@ -248,7 +248,8 @@ class TrainLogCallback(TrainerCallback):
         elif prefix is not None:
             metrics = {key: value for key, value in logs.items()
                        if key.startswith(f"{prefix}_") and key != f"{prefix}_loss" and not key.endswith(_SPEED_SUFFIXES)}
-            tlog.log_evaluation(state.global_step, epoch, logs.get(f"{prefix}_loss"), metrics, values=logs)
+            tlog.log_evaluation(state.global_step, epoch, logs.get(f"{prefix}_loss"), metrics, metric_prefix=prefix,
+                                values=logs)
         else:
             tlog.log_message(f"Logged: {_format.fmt_pairs(logs)}", category="training_detailed")
             tlog.log_metrics("log", logs)
@@ -259,7 +260,7 @@ class TrainLogCallback(TrainerCallback):
         run.interval_first_step = global_step + 1
         if timing:
             tlog.log_message(
-                f"Steps {first}-{global_step}: {timing['steps']} steps, step time {timing['step_time_s']:.4f}s, "
+                f"Steps {first}-{global_step}: step time {timing['step_time_s']:.4f}s, "
                 f"data wait {timing['data_wait_s']:.4f}s ({timing['data_wait_pct']:.2f}%), "
                 f"{timing['samples_per_second']:.2f} samples/s", category="training_detailed")
             tlog._write("data", "INFO", _format.data_loading_lines(
@@ -267,7 +268,7 @@ class TrainLogCallback(TrainerCallback):
                 run.per_device_batch_size, timing["data_wait_s"] * timing["steps"]))
         if collate:
             tlog.log_message(
-                f"Collate: {collate['collate_calls']} calls, {collate['collate_time_s']:.4f}s total, "
+                f"Collate: batches={collate['collate_calls']}, total {collate['collate_time_s']:.4f}s, "
                 f"mean {collate['collate_mean_ms']:.3f} ms, max {collate['collate_max_ms']:.3f} ms",
                 category="data")
 

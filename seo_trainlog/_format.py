@@ -85,10 +85,12 @@ def progress_lines(epoch: Any, step: int, loss: Any, learning_rate: Any,
     return lines
 
 
-def evaluation_lines(validation_loss: Any = None, metrics: Mapping[str, Any] | None = None) -> list[str]:
+def evaluation_lines(validation_loss: Any = None, metrics: Mapping[str, Any] | None = None,
+                     loss_label: str = "Validation Loss") -> list[str]:
+    """``Validation Loss: 0.567890`` (``loss_label`` for other splits) and ``Metrics: k=v, ...``."""
     lines = []
     if validation_loss is not None:
-        lines.append(f"Validation Loss: {fmt_loss(validation_loss)}")
+        lines.append(f"{loss_label}: {fmt_loss(validation_loss)}")
     if metrics:
         lines.append(f"Metrics: {fmt_pairs(metrics)}")
     return lines

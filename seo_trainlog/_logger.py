@@ -212,17 +212,21 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ further public methods
 
-    def log_evaluation(self, global_step: int | None, epoch: float | None, validation_loss: float | None,
-                       metrics: Mapping[str, Any], *, values: Mapping[str, Any] | None = None) -> None:
-        """Write ``Validation Loss: ...`` and ``Metrics: ...`` to the training logs and a JSON ``eval``
-        event holding ``values`` (default: the metrics)."""
+    def log_evaluation(self, global_step: int | None, epoch: float | None, loss: float | None,
+                       metrics: Mapping[str, Any], *, metric_prefix: str = "eval",
+                       values: Mapping[str, Any] | None = None) -> None:
+        """Write ``Validation Loss: ...`` (``Test Loss: ...`` for ``metric_prefix="test"``) and
+        ``Metrics: ...`` to the training logs, and a JSON ``eval`` event holding ``values`` (default:
+        the metrics), ``metric_prefix`` and, for the ``eval`` prefix, ``validation_loss``."""
         if not self.writes:
             return
         self.mark(global_step, epoch)
-        lines = _format.evaluation_lines(validation_loss, metrics)
+        label = "Validation Loss" if metric_prefix == "eval" else f"{metric_prefix.capitalize()} Loss"
+        lines = _format.evaluation_lines(loss, metrics, label)
         self._write("training", "INFO", lines)
-        json_values = dict(values if values is not None else metrics)
-        json_values.setdefault("validation_loss", validation_loss)
+        json_values = {"metric_prefix": metric_prefix, **(values if values is not None else metrics)}
+        if metric_prefix == "eval" and loss is not None:
+            json_values.setdefault("validation_loss", loss)
         self.log_metrics("eval", json_values)
         if lines:
             self._console(f"step {_format.fmt_value(global_step)}: " + "; ".join(lines))

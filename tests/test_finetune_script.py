@@ -45,7 +45,7 @@ def test_finetune_script_runs_and_logs_everything(tmp_path, tokenizer):
     result = script.main(["--model", str(model_dir), "--max-steps", "3", "--logging-steps", "1",
                           "--output-dir", str(tmp_path / "out"), "--log-dir", str(log_dir)])
     assert set(result) == {"test_accuracy", "test_macro_f1", "majority_baseline_accuracy", "majority_class",
-                           "global_step"}
+                           "global_step", "train_runtime_s"}
     assert result["global_step"] == 3 and result["majority_baseline_accuracy"] == pytest.approx(0.25)
 
     run = RunFiles(log_dir)

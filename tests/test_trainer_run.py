@@ -184,7 +184,8 @@ def test_each_evaluation_is_recorded_once(make_trainer, log_dir, tiny_dataset):
     assert validation == [f"Validation Loss: {row['eval_loss']:.6f}" for row in evals]
     metrics = [m for m in run.messages("training_progress") if m.startswith("Metrics: eval_")]
     assert metrics == [f"Metrics: eval_accuracy={row['eval_accuracy']:.6f}" for row in evals]
-    assert [row["global_step"] for row in run.records("eval")] == [3, 6]
+    assert [(row["global_step"], row["metric_prefix"]) for row in run.records("eval")] == [(3, "eval"), (6, "eval")]
+    assert [row["validation_loss"] for row in run.records("eval")] == [row["eval_loss"] for row in evals]
     performance = [m for m in run.messages("model_performance") if m.startswith("evaluation completed in ")]
     assert performance == [f"evaluation completed in {row['eval_runtime']:.4f}s" for row in evals]
 
@@ -220,7 +221,7 @@ def test_evaluate_after_training_appends_to_the_same_run(make_trainer, log_dir, 
     assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
     run = RunFiles(log_dir)
     messages = run.messages("training_progress")
-    assert messages[-2:] == [f"Validation Loss: {metrics['test_loss']:.6f}",
+    assert messages[-2:] == [f"Test Loss: {metrics['test_loss']:.6f}",
                              f"Metrics: test_accuracy={metrics['test_accuracy']:.6f}"]
     assert run.messages("model_performance")[-3] == f"evaluation completed in {metrics['test_runtime']:.4f}s"
     assert run.records()[-1]["event"] == "model" and run.records()[-1]["operation"] == "evaluation"
