@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Mapping
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -10,14 +14,19 @@ from typing import Any
 from transformers import TrainerCallback
 
 from . import _format
+from ._collator import TimedDataCollator
 from ._config import LogConfig
-from ._guard import TrainerGuard, find_trainer
-from ._logger import TrainLogger, innermost_open_logger
+from ._guard import TrainerGuard, find_trainer, guard_train
+from ._logger import TrainLogger, innermost_open_logger, mark_logged, was_logged
 from ._monitor import rss_mb
 from ._rank import writes_shared_files
+from ._safety import never_raises
+from ._secrets import remember_secrets
+from ._signals import SigtermHook, TerminatedBySignal
 from ._timing import COLLATE_STATS, StepTimer
 
 _SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+_OPEN_RUNS: weakref.WeakSet[TrainLogCallback] = weakref.WeakSet()
 
 
 @dataclass
@@ -25,6 +34,7 @@ class _Run:
     logger: TrainLogger
     owns_logger: bool
     state: Any
+    args: Any
     samples_per_step: int
     train_examples: int | None
     per_device_batch_size: int
@@ -34,14 +44,17 @@ class _Run:
     interval_first_step: int = 1
     epoch_started_s: float | None = None
     guard: TrainerGuard | None = None
+    sigterm: SigtermHook | None = None
+    retrying: bool = False
 
 
 class TrainLogCallback(TrainerCallback):
     """A ``TrainerCallback`` that writes every Trainer run to seo_trainlog's categorised log files.
 
     Use either ``trainer.add_callback(TrainLogCallback())`` or, after ``import seo_trainlog``,
-    ``TrainingArguments(report_to="seo_trainlog")``. When both are present on one Trainer only one
-    of them writes: the one given an explicit ``config``, else the first.
+    ``TrainingArguments(report_to="seo_trainlog")``. When several are present on one Trainer only one
+    of them writes: the one given an explicit ``config``, else the first; the same instance added
+    twice counts once.
 
     What each Trainer event writes (files described in :class:`~seo_trainlog.TrainLogger`):
 
@@ -50,9 +63,9 @@ class TrainLogCallback(TrainerCallback):
       parameter counts and config, dataset sizes, world size, max_steps.
     - ``on_step_begin``/``on_step_end``: only timestamps (``time.perf_counter``) and sums.
     - ``on_log``: training progress (epoch, global_step, loss, learning_rate, grad_norm and any other
-      value) with the interval's step time, data wait share and samples/s; ``<prefix>_*`` evaluation
-      values as validation loss and metrics; collate timings of :class:`TimedDataCollator`; one JSON
-      line per event.
+      value; nested mappings flattened with ``/``) with the interval's step time, data wait share and
+      samples/s; ``<prefix>_*`` evaluation values as validation loss and metrics; collate timings of
+      :class:`TimedDataCollator`; a WARNING for each non-finite value; one JSON line per event.
     - ``on_evaluate``/``on_predict``: runtime, throughput and RSS memory in the model-performance log.
     - ``on_epoch_begin``/``on_epoch_end``: epoch wall time. ``on_save``: the checkpoint path.
     - ``on_train_end``: the training summary (``early_stopping_triggered`` is true when training
@@ -60,10 +73,17 @@ class TrainLogCallback(TrainerCallback):
       then the run's handlers are removed.
     - An exception escaping ``trainer.train()`` (``KeyboardInterrupt`` included), for which the
       Trainer calls no event: the error with traceback, global_step and epoch, a summary with status
-      ``failed``/``interrupted``, handlers removed; the exception then propagates unchanged.
+      ``failed``/``interrupted``/``terminated``, handlers removed; the exception then propagates
+      unchanged. With ``auto_find_batch_size``, an out-of-memory error the Trainer retries is a
+      WARNING and the run goes on.
+    - SIGTERM during training: the error and a ``terminated`` summary are written and flushed; then a
+      SIGTERM handler you installed before runs as usual, or else the process terminates as it
+      would have.
 
     Only the world-process-zero writes. ``evaluate()``/``predict()`` after training append to the
-    last run's files.
+    last run's files. A failure inside this callback is reported once and never stops training;
+    only a bad configuration (``ValueError``) or an unwritable log directory (``OSError``) is
+    raised, at train begin, before any step.
 
     Args:
         config: settings; ``None`` (as ``report_to`` builds it) reads the environment at train begin.
@@ -81,22 +101,40 @@ class TrainLogCallback(TrainerCallback):
         self.config = config
         self._run: _Run | None = None
         self._last_run: tuple[LogConfig, str] | None = None
+        self._failed_events: set[str] = set()
 
     # ------------------------------------------------------------------ run lifecycle
 
+    @never_raises
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = find_trainer()
+        if trainer is not None:  # present from the start (report_to, callbacks=[...]): guard every train()
+            guard_train(trainer, functools.partial(_report_to_callbacks, weakref.ref(trainer)))
+
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None,
                        **kwargs):
-        if self._run is not None:  # a previous train() ended without any event (e.g. a batch-size retry)
-            self._finish("abandoned")
+        if self._run is not None:
+            if self._run.retrying:
+                return self._resume_after_retry(args, state)
+            if self._run.state is state:  # the same instance twice in the callback list
+                return None
+            self._finish("abandoned")  # the previous train() ended without any event we could see
         if not writes_shared_files(state):
-            return
+            return None
         trainer = find_trainer()
         if not self._elected(trainer):
-            return
-        tlog, owns = self._open_logger()
+            return None
+        tlog, owns = self._open_logger()  # ValueError / OSError: a clear error before any step
+        try:
+            self._start_run(tlog, owns, trainer, args, state, model, train_dataloader, eval_dataloader)
+        except Exception as exc:
+            self._internal_error("on_train_begin", exc)
+        return None
+
+    def _start_run(self, tlog, owns, trainer, args, state, model, train_dataloader, eval_dataloader) -> None:
         per_device = int(args.per_device_train_batch_size)
         run = _Run(
-            logger=tlog, owns_logger=owns, state=state,
+            logger=tlog, owns_logger=owns, state=state, args=args,
             samples_per_step=(state.train_batch_size or per_device) * args.gradient_accumulation_steps
             * max(1, args.world_size),
             train_examples=_dataset_size(train_dataloader), per_device_batch_size=per_device,
@@ -104,29 +142,60 @@ class TrainLogCallback(TrainerCallback):
             interval_first_step=state.global_step + 1,
         )
         self._run = run
+        _OPEN_RUNS.add(self)
         COLLATE_STATS.drain()  # calls from before this run are not this run's
+        report = functools.partial(self._on_exception, run)
         if trainer is not None:
-            run.guard = TrainerGuard(trainer, self._on_exception)
+            run.guard = TrainerGuard(trainer, report)
+            guard_train(trainer, functools.partial(_report_to_callbacks, weakref.ref(trainer)))
+        run.sigterm = SigtermHook(functools.partial(self._on_sigterm, run))
+        remember_secrets(vars(args))  # to_dict() blanks hub_token: learn the value itself
         tlog.mark(state.global_step, state.epoch)
         tlog.log_hyperparameters(_hyperparameters(args, state, model, train_dataloader, eval_dataloader))
         resumed = f", resuming at global_step {state.global_step}" if state.global_step else ""
         tlog.log_message(f"Training started: max_steps={state.max_steps}, num_train_epochs="
                          f"{state.num_train_epochs}, world_size={args.world_size}{resumed}")
+        collator = getattr(trainer, "data_collator", None)
+        if isinstance(collator, TimedDataCollator) and args.dataloader_num_workers > 0:
+            tlog.log_message(f"TimedDataCollator runs in {args.dataloader_num_workers} DataLoader worker "
+                             "processes: its collate timings stay there and are not logged (the data wait "
+                             "between steps still is)", category="data")
         run.timer.mark(perf_counter())
 
+    def _resume_after_retry(self, args, state) -> None:
+        run = self._run
+        run.retrying = False
+        run.state, run.args = state, args
+        run.samples_per_step = (state.train_batch_size or run.per_device_batch_size) \
+            * args.gradient_accumulation_steps * max(1, args.world_size)
+        run.timer = StepTimer()
+        run.logger.log_message(f"Training restarted by auto_find_batch_size with train_batch_size="
+                               f"{state.train_batch_size}")
+        run.timer.mark(perf_counter())
+
+    @never_raises
     def on_train_end(self, args, state, control, **kwargs):
-        if self._run is not None:
+        if self._run is not None and self._run.state is state:
             self._finish("completed")
 
-    def _on_exception(self, error: BaseException) -> None:
-        run = self._run
-        if run is None:
+    def _on_exception(self, run: _Run, error: BaseException) -> None:
+        if run is not self._run:  # raised after this run's summary, e.g. by another callback's on_train_end
+            if not was_logged(error):
+                self._log_late_error(run, error)
             return
-        state = run.state
-        status = ("interrupted" if isinstance(error, KeyboardInterrupt)
-                  else "terminated" if isinstance(error, SystemExit) else "failed")
-        run.logger.mark(state.global_step, state.epoch)
-        run.logger.log_error(
+        state, tlog = run.state, run.logger
+        tlog.mark(state.global_step, state.epoch)
+        if run.args.auto_find_batch_size and not was_logged(error) and _is_out_of_memory(error):
+            tlog._warn(f"Out of memory at train_batch_size={state.train_batch_size}; auto_find_batch_size "
+                       f"retries with a smaller batch: {type(error).__name__}: {_format.safe_str(error)}")
+            mark_logged(error)
+            run.retrying = True
+            if run.guard is not None:
+                run.guard.remove()
+                run.guard = None
+            return
+        status = _status_of(error, run)
+        tlog.log_error(
             error, operation="training",
             context=f"trainer.train() stopped at global_step {state.global_step}, "
                     f"epoch {_format.fmt_epoch(state.epoch)}",
@@ -134,13 +203,33 @@ class TrainLogCallback(TrainerCallback):
                              "status": status})
         self._finish(status)
 
+    def _on_sigterm(self, run: _Run, error: TerminatedBySignal, final: bool) -> None:
+        if run is not self._run:
+            return
+        if not final:
+            run.logger.mark(run.state.global_step, run.state.epoch)
+            run.logger._warn(f"SIGTERM received at global_step {run.state.global_step}; passing it to the "
+                             "SIGTERM handler installed before seo_trainlog")
+            return
+        self._on_exception(run, error)
+
+    def _log_late_error(self, run: _Run, error: BaseException) -> None:
+        if self._last_run is None or run.logger.run_id != self._last_run[1]:
+            return
+        with self._logger_for_last_run() as tlog:
+            tlog.log_error(error, operation="training",
+                           context="raised after the training summary was written (e.g. in another "
+                                   "callback's on_train_end); the run's status is failed")
+            tlog.log_metrics("status", {"status": _status_of(error, run)})
+
     def _finish(self, status: str) -> None:
         run, self._run = self._run, None
+        _OPEN_RUNS.discard(self)
         if run is None:
             return
         state, tlog = run.state, run.logger
         try:
-            losses = [entry["loss"] for entry in state.log_history or ()
+            losses = [_format.to_number(entry["loss"]) for entry in state.log_history or ()
                       if "loss" in entry and _format.is_finite_number(entry["loss"])]
             extra: dict[str, Any] = {}
             if state.best_metric is not None:
@@ -149,8 +238,7 @@ class TrainLogCallback(TrainerCallback):
             tlog.mark(state.global_step, state.epoch)
             tlog.log_training_summary(
                 total_epochs=state.epoch or 0, total_steps=state.global_step,
-                final_loss=_format.to_number(losses[-1]) if losses else None,
-                best_loss=min(_format.to_number(loss) for loss in losses) if losses else None,
+                final_loss=losses[-1] if losses else None, best_loss=min(losses) if losses else None,
                 training_duration=perf_counter() - run.started_s,
                 early_stopping_triggered=status == "completed" and 0 < state.global_step < state.max_steps,
                 status=status, extra=extra)
@@ -158,6 +246,8 @@ class TrainLogCallback(TrainerCallback):
         finally:
             if run.guard is not None:
                 run.guard.remove()
+            if run.sigterm is not None:
+                run.sigterm.remove()
             self._last_run = (tlog.config, tlog.run_id)
             if run.owns_logger:
                 tlog.close()
@@ -179,24 +269,28 @@ class TrainLogCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ logging events
 
+    @never_raises
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
         run = self._run
-        if run is None:
-            with self._outside_run(state) as tlog:
+        if run is None or run.state is not state:
+            with self._logger_outside_run(state) as tlog:
                 if tlog is not None:
                     self._write_log(tlog, None, state, logs)
             return
         self._write_log(run.logger, run, state, logs)
         run.timer.mark(perf_counter())
 
+    @never_raises
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self._write_speed("evaluation", state, metrics or {})
 
+    @never_raises
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         self._write_speed("prediction", state, metrics or {})
 
+    @never_raises
     def on_epoch_begin(self, args, state, control, **kwargs):
         run = self._run
         if run is not None:
@@ -205,6 +299,7 @@ class TrainLogCallback(TrainerCallback):
                                    f"{state.global_step}", category="training_detailed")
             run.timer.mark(run.epoch_started_s)
 
+    @never_raises
     def on_epoch_end(self, args, state, control, **kwargs):
         run = self._run
         if run is None or run.epoch_started_s is None:
@@ -217,6 +312,7 @@ class TrainLogCallback(TrainerCallback):
                                                              "epoch": state.epoch})
         run.timer.mark(perf_counter())
 
+    @never_raises
     def on_save(self, args, state, control, **kwargs):
         run = self._run
         if run is None:
@@ -228,31 +324,38 @@ class TrainLogCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ helpers
 
-    def _write_log(self, tlog: TrainLogger, run: _Run | None, state, logs: Mapping[str, Any]) -> None:
+    def _write_log(self, tlog: TrainLogger, run: _Run | None, state, logs: Mapping[Any, Any]) -> None:
         tlog.mark(state.global_step, state.epoch)
-        epoch = logs.get("epoch", state.epoch)
-        if "loss" in logs:
+        values = _format.metric_values(logs)
+        for key, value in values.items():
+            if _format.is_non_finite_float(value):
+                tlog._warn(f"Non-finite value: {key}={value} at global_step {state.global_step}",
+                           key=key, value=value)
+        epoch = values.get("epoch", state.epoch)
+        if "loss" in values:
             timing = run.timer.drain(run.samples_per_step) if run is not None else {}
             collate = COLLATE_STATS.drain()
-            metrics = {key: value for key, value in logs.items() if key not in ("loss", "learning_rate", "epoch")}
-            tlog._progress(epoch, state.global_step, logs["loss"], logs.get("learning_rate"), None, metrics,
+            metrics = {key: value for key, value in values.items() if key not in ("loss", "learning_rate", "epoch")}
+            tlog._progress(epoch, state.global_step, values["loss"], values.get("learning_rate"), None, metrics,
                            timing={**timing, **collate})
             if run is not None:
                 self._write_interval(run, state.global_step, timing, collate)
             return
-        prefix = _speed_prefix(logs)
+        prefix = _speed_prefix(values)
         if prefix == "train":
-            tlog.log_model_performance("training", logs.get("train_runtime"), memory_usage=rss_mb(),
-                                       additional_metrics={k: v for k, v in logs.items()
+            tlog.log_model_performance("training", values.get("train_runtime"), memory_usage=rss_mb(),
+                                       additional_metrics={k: v for k, v in values.items()
                                                            if k not in ("train_runtime", "epoch")})
         elif prefix is not None:
-            metrics = {key: value for key, value in logs.items()
-                       if key.startswith(f"{prefix}_") and key != f"{prefix}_loss" and not key.endswith(_SPEED_SUFFIXES)}
-            tlog.log_evaluation(state.global_step, epoch, logs.get(f"{prefix}_loss"), metrics, metric_prefix=prefix,
-                                values=logs)
+            speed = {f"{prefix}{suffix}" for suffix in _SPEED_SUFFIXES}
+            metrics = {key: value for key, value in values.items()
+                       if key.startswith(f"{prefix}_") and key != f"{prefix}_loss" and key not in speed}
+            # collations since the last training log belong to this evaluation
+            tlog.log_evaluation(state.global_step, epoch, values.get(f"{prefix}_loss"), metrics, metric_prefix=prefix,
+                                values={**values, **COLLATE_STATS.drain()})
         else:
-            tlog.log_message(f"Logged: {_format.fmt_pairs(logs)}", category="training_detailed")
-            tlog.log_metrics("log", logs)
+            tlog.log_message(f"Logged: {_format.fmt_pairs(values)}", category="training_detailed")
+            tlog.log_metrics("log", values)
 
     def _write_interval(self, run: _Run, global_step: int, timing: Mapping[str, Any],
                         collate: Mapping[str, Any]) -> None:
@@ -272,40 +375,50 @@ class TrainLogCallback(TrainerCallback):
                 f"mean {collate['collate_mean_ms']:.3f} ms, max {collate['collate_max_ms']:.3f} ms",
                 category="data")
 
-    def _write_speed(self, operation: str, state, metrics: Mapping[str, Any]) -> None:
-        prefix = _speed_prefix(metrics)
-        with self._outside_run(state) if self._run is None else contextlib.nullcontext(self._run.logger) as tlog:
+    def _write_speed(self, operation: str, state, metrics: Mapping[Any, Any]) -> None:
+        values = _format.metric_values(metrics)
+        prefix = _speed_prefix(values)
+        run = self._run
+        with self._logger_outside_run(state) if run is None else contextlib.nullcontext(run.logger) as tlog:
             if tlog is None:
                 return
             tlog.mark(state.global_step, state.epoch)
-            runtime = metrics.get(f"{prefix}_runtime") if prefix else None
-            additional = {key: value for key, value in metrics.items() if key != f"{prefix}_runtime"}
+            runtime = values.get(f"{prefix}_runtime") if prefix else None
+            additional = {key: value for key, value in values.items() if key != f"{prefix}_runtime"}
             tlog.log_model_performance(operation, runtime, memory_usage=rss_mb(),
                                        additional_metrics={**additional, "global_step": state.global_step})
-        if self._run is not None:
-            self._run.timer.mark(perf_counter())
+        if run is not None:
+            run.timer.mark(perf_counter())
 
     def _elected(self, trainer) -> bool:
-        """Of several TrainLogCallbacks on one Trainer, only one writes: explicit config first."""
+        """Of several TrainLogCallbacks on one Trainer, only one writes: explicit config first. The
+        same instance added twice is removed from the list once (with a warning)."""
         if trainer is None:
             return True
-        peers = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainLogCallback)]
+        callbacks = trainer.callback_handler.callbacks
+        peers = [cb for cb in callbacks if isinstance(cb, TrainLogCallback)]
         if len(peers) <= 1:
             return True
+        if peers.count(self) > 1:
+            first = callbacks.index(self)
+            callbacks[first + 1:] = [cb for cb in callbacks[first + 1:] if cb is not self]
+            warnings.warn("The same TrainLogCallback was added twice to this Trainer; it is kept once.",
+                          RuntimeWarning, stacklevel=2)
+            peers = [cb for cb in callbacks if isinstance(cb, TrainLogCallback)]
         winner = next((cb for cb in peers if cb.config is not None), peers[0])
         return winner is self
 
     def _open_logger(self) -> tuple[TrainLogger, bool]:
-        """Join the innermost open TrainLogger (if this callback has no config of its own, or the
-        same one), else open a run of our own."""
+        """Join the innermost open, joinable TrainLogger (if this callback has no config of its own,
+        or an equal one), else open a run of our own, which no other callback joins."""
         active = innermost_open_logger()
         if active is not None and (self.config is None or self.config == active.config):
             return active, False
-        return TrainLogger(self.config or LogConfig.from_env()), True
+        return TrainLogger(self.config or LogConfig.from_env(), joinable=False), True
 
     @contextlib.contextmanager
-    def _outside_run(self, state) -> Iterator[TrainLogger | None]:
-        """A logger for events outside train(): an open TrainLogger, else the last run's files."""
+    def _logger_outside_run(self, state) -> Iterator[TrainLogger | None]:
+        """A logger for events outside train(): an open joinable TrainLogger, else the last run's files."""
         if not writes_shared_files(state) or not self._elected(find_trainer()):
             yield None
             return
@@ -313,52 +426,111 @@ class TrainLogCallback(TrainerCallback):
         if active is not None and (self.config is None or self.config == active.config):
             yield active
             return
+        with self._logger_for_last_run() as tlog:
+            yield tlog
+
+    @contextlib.contextmanager
+    def _logger_for_last_run(self) -> Iterator[TrainLogger]:
         if self._last_run is not None:
-            tlog = TrainLogger(self._last_run[0], run_id=self._last_run[1])
+            tlog = TrainLogger(self._last_run[0], run_id=self._last_run[1], joinable=False)
         else:
-            tlog = TrainLogger(self.config or LogConfig.from_env())
+            tlog = TrainLogger(self.config or LogConfig.from_env(), joinable=False)
             self._last_run = (tlog.config, tlog.run_id)
         try:
             yield tlog
         finally:
             tlog.close()
 
+    def _internal_error(self, event: str, exc: Exception) -> None:
+        if event in self._failed_events:
+            return
+        self._failed_events.add(event)
+        message = f"seo_trainlog {event} failed (training goes on): {type(exc).__name__}: {exc}"
+        run = self._run
+        if run is not None:
+            try:
+                run.logger._warn(message)
+            except Exception:
+                pass
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _report_to_callbacks(trainer_ref: Callable[[], Any], error: BaseException) -> None:
+    """Reporter of the ``train()`` wrapper: every TrainLogCallback of the trainer with an open run."""
+    trainer = trainer_ref()
+    if trainer is None:
+        return
+    for callback in list(trainer.callback_handler.callbacks):
+        if isinstance(callback, TrainLogCallback) and callback._run is not None:
+            callback._on_exception(callback._run, error)
+
+
+def _finish_runs_at_exit() -> None:
+    for callback in list(_OPEN_RUNS):
+        try:
+            callback._finish("abandoned")
+        except Exception:
+            pass
+
+
+atexit.register(_finish_runs_at_exit)
+
+
+def _status_of(error: BaseException, run: _Run) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, (SystemExit, TerminatedBySignal)) or (run.sigterm is not None and run.sigterm.received):
+        return "terminated"
+    return "failed"
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    try:
+        from accelerate.utils.memory import should_reduce_batch_size
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return False
+    return isinstance(error, Exception) and bool(should_reduce_batch_size(error))
+
 
 def _speed_prefix(metrics: Mapping[str, Any]) -> str | None:
-    """``eval`` for ``eval_runtime``, ``test`` for ``test_runtime``...; None without a runtime key."""
+    """``eval`` for ``eval_runtime``, ``test`` for ``test_runtime``...: the prefix of the speed metrics
+    Trainer adds (``<p>_runtime`` with ``<p>_samples_per_second``); None without them."""
     for key in metrics:
         if key.endswith("_runtime"):
-            return key[: -len("_runtime")]
+            prefix = key[: -len("_runtime")]
+            if f"{prefix}_samples_per_second" in metrics or f"{prefix}_steps_per_second" in metrics:
+                return prefix
     return None
 
 
 def _dataset_size(dataloader) -> int | None:
     try:
         return len(dataloader.dataset)
-    except (AttributeError, TypeError, NotImplementedError):
+    except Exception:
         return None
 
 
-def _hyperparameters(args, state, model, train_dataloader, eval_dataloader) -> dict[str, Any]:
-    """TrainingArguments (``to_dict`` blanks ``*_token`` fields), model facts, dataset sizes, run shape."""
+def _safely(build: Callable[[], Any]) -> Any:
     try:
-        training_args = args.to_dict()
-    except Exception:  # a broken field must not stop training; fall back to the raw values
-        training_args = {key: value for key, value in vars(args).items() if not key.startswith("_")}
-    values: dict[str, Any] = {"training_args": training_args}
+        return build()
+    except Exception as exc:
+        return f"<unavailable: {type(exc).__name__}: {_format.safe_str(exc)}>"
+
+
+def _hyperparameters(args, state, model, train_dataloader, eval_dataloader) -> dict[str, Any]:
+    """TrainingArguments (``to_dict`` blanks ``*_token`` fields), model facts, dataset sizes, run shape.
+    A part that cannot be read is written as ``<unavailable: ...>``; training is never stopped here."""
+    values: dict[str, Any] = {"training_args": _safely(args.to_dict)}
     if model is not None:
-        parameters = list(model.parameters())
+        parameters = _safely(lambda: list(model.parameters()))
         values["model"] = {
             "class": type(model).__name__,
-            "parameters": sum(p.numel() for p in parameters),
-            "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
+            "parameters": _safely(lambda: sum(p.numel() for p in parameters)),
+            "trainable_parameters": _safely(lambda: sum(p.numel() for p in parameters if p.requires_grad)),
         }
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_dict"):
-            try:
-                values["model"]["config"] = config.to_dict()
-            except Exception:
-                values["model"]["config"] = str(config)
+            values["model"]["config"] = _safely(config.to_dict)
     values["data"] = {"train_examples": _dataset_size(train_dataloader),
                       "eval_examples": _dataset_size(eval_dataloader)}
     values["run"] = {

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from loguru._string_parsers import parse_duration, parse_size
 
 from ._sinks import probe_file_options
 
@@ -47,6 +50,9 @@ class LogConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dir", _check_log_dir("log_dir", self.log_dir))
         object.__setattr__(self, "level", _check_level("level", self.level))
+        object.__setattr__(self, "console", _check_bool("console", self.console))
+        object.__setattr__(self, "debug", _check_bool("debug", self.debug))
+        object.__setattr__(self, "encoding", _check_encoding("encoding", self.encoding))
         object.__setattr__(self, "rotation", _check_rotation("rotation", self.rotation))
         object.__setattr__(self, "retention", _check_retention("retention", self.retention))
 
@@ -83,9 +89,9 @@ class LogConfig:
 
 
 def _check_log_dir(name: str, value: object) -> Path:
-    if not str(value).strip():
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise ValueError(f"{name}={value!r} is not valid; accepted values: a directory path")
-    return Path(value)  # type: ignore[arg-type]
+    return Path(value)
 
 
 def _check_level(name: str, value: object) -> str:
@@ -95,8 +101,10 @@ def _check_level(name: str, value: object) -> str:
     return level
 
 
-def _check_bool(name: str, value: str) -> bool:
-    lowered = value.lower()
+def _check_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower() if isinstance(value, str) else None
     if lowered in _TRUE:
         return True
     if lowered in _FALSE:
@@ -104,24 +112,53 @@ def _check_bool(name: str, value: str) -> bool:
     raise ValueError(f"{name}={value!r} is not valid; accepted values: {', '.join(_TRUE + _FALSE)}")
 
 
+def _check_encoding(name: str, value: object) -> str:
+    try:
+        return codecs.lookup(str(value)).name
+    except LookupError:
+        raise ValueError(f"{name}={value!r} is not valid; accepted values: a Python codec name such as "
+                         "'utf-8'") from None
+
+
 def _check_rotation(name: str, value: object) -> str | int:
+    accepted = "accepted values: a positive size such as '10 MB' or '500 KB', or a duration such as '1 day'"
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value <= 0):
+        raise ValueError(f"{name}={value!r} is not valid; {accepted}")
     try:
         probe_file_options(rotation=value)
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{name}={value!r} is not valid ({exc}); accepted values: a size such as '10 MB' "
-                         "or '500 KB', or a duration such as '1 day'") from None
+        raise ValueError(f"{name}={value!r} is not valid ({exc}); {accepted}") from None
+    if isinstance(value, str) and not _positive_size_or_duration(value):
+        raise ValueError(f"{name}={value!r} is not valid; {accepted}")
     return value  # type: ignore[return-value]
+
+
+def _positive_size_or_duration(text: str) -> bool:
+    """False for ``"0 B"``, ``"-5 MB"``, ``"0 days"``; true for other sizes, durations and times of day."""
+    try:
+        size = parse_size(text)
+    except ValueError:
+        size = None
+    if size is not None:
+        return size > 0
+    try:
+        duration = parse_duration(text)
+    except ValueError:
+        duration = None
+    return duration is None or duration.total_seconds() > 0
 
 
 def _check_retention(name: str, value: object) -> int | str:
     accepted = "accepted values: an integer >= 1 or a duration such as '7 days'"
-    parsed = int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else value
+    parsed = int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdecimal() else value
     if isinstance(parsed, bool) or (isinstance(parsed, int) and parsed < 1):
         raise ValueError(f"{name}={value!r} is not valid; {accepted}")
     try:
         probe_file_options(retention=parsed)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{name}={value!r} is not valid ({exc}); {accepted}") from None
+    if isinstance(parsed, str) and not _positive_size_or_duration(parsed):
+        raise ValueError(f"{name}={value!r} is not valid; {accepted}")
     return parsed  # type: ignore[return-value]
 
 

@@ -1,4 +1,5 @@
-"""Pure formatting: values in, lines out. Nothing here writes or reads a file."""
+"""Pure formatting: values in, lines out. Nothing here writes or reads a file, and nothing here
+raises on a value: an unprintable value becomes ``<unprintable TypeName>``."""
 
 from __future__ import annotations
 
@@ -12,23 +13,46 @@ from datetime import datetime
 from pathlib import PurePath
 from typing import Any
 
+from ._secrets import mask_mapping
+
 RULE = "=" * 80
+MAX_DEPTH = 16
+RESERVED_JSON_KEYS = ("time", "run_id", "event", "global_step", "epoch")
+# Characters that str.splitlines() and some JSON-lines readers treat as line breaks.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def safe_str(value: Any) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def to_number(value: Any) -> Any:
     """A 0-d tensor or numpy scalar becomes its Python number; anything else is returned unchanged."""
-    item = getattr(value, "item", None)
-    if item is not None and getattr(value, "ndim", None) == 0:
-        try:
+    try:
+        item = getattr(value, "item", None)
+        if item is not None and getattr(value, "ndim", None) == 0:
             return item()
-        except (TypeError, ValueError, RuntimeError):
-            return value
+    except Exception:
+        pass
     return value
 
 
 def is_finite_number(value: Any) -> bool:
     value = to_number(value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def is_non_finite_float(value: Any) -> bool:
+    value = to_number(value)
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def fmt_epoch(epoch: Any) -> str:
@@ -36,42 +60,71 @@ def fmt_epoch(epoch: Any) -> str:
     epoch = to_number(epoch)
     if epoch is None:
         return "n/a"
-    if isinstance(epoch, float) and not math.isfinite(epoch):
-        return str(epoch)
+    if not is_finite_number(epoch):
+        return fmt_value(epoch)
     text = f"{float(epoch):.2f}".rstrip("0").rstrip(".")
-    return text or "0"
+    return text if text not in ("", "-0") else "0"
 
 
 def fmt_value(value: Any, float_format: str = ".6f") -> str:
-    """One value of a ``k=v`` list: ints as ints, floats with ``float_format``, the rest as ``str``."""
+    """One value of a ``k=v`` list: ints as ints, floats with ``float_format``, arrays and tensors as
+    lists, enums as their value, anything else as its ``str``."""
     value = to_number(value)
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, int):
-        return str(value)
+        try:
+            return str(value)
+        except ValueError:  # more digits than Python converts
+            return f"<int of {value.bit_length()} bits>"
     if isinstance(value, float):
         return format(value, float_format) if math.isfinite(value) else str(value)
     if isinstance(value, enum.Enum):
-        return str(value.value)
-    return str(value)
+        return fmt_value(value.value, float_format)
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "tolist") or isinstance(value, (list, tuple, set, frozenset)):
+        return safe_str(to_jsonable(value))
+    return safe_str(value)
 
 
-def fmt_pairs(values: Mapping[str, Any], float_format: str = ".6f") -> str:
-    """``{"accuracy": 0.85, "batch_size": 32}`` -> ``accuracy=0.850000, batch_size=32``."""
-    return ", ".join(f"{key}={fmt_value(value, float_format)}" for key, value in values.items())
+def flatten(values: Mapping[Any, Any], separator: str = ".", prefix: str = "", _depth: int = 0) -> dict[str, Any]:
+    """Nested mappings become joined keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; keys become strings."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{safe_str(key)}"
+        if isinstance(value, Mapping) and value and _depth < MAX_DEPTH:
+            flat.update(flatten(value, separator, f"{name}{separator}", _depth + 1))
+        else:
+            flat[name] = value
+    return flat
+
+
+def metric_values(values: Mapping[Any, Any]) -> dict[str, Any]:
+    """Logged values as the files keep them: string keys, nested mappings (per-class metrics from
+    ``compute_metrics``) flattened with ``/``, 0-d tensors and numpy scalars as numbers, secrets masked."""
+    return {key: to_number(value) for key, value in flatten(mask_mapping(values), "/").items()}
+
+
+def fmt_pairs(values: Mapping[Any, Any], float_format: str = ".6f") -> str:
+    """``{"accuracy": 0.85, "batch_size": 32}`` -> ``accuracy=0.850000, batch_size=32`` (secrets masked,
+    nested mappings flattened with ``/``)."""
+    return ", ".join(f"{key}={fmt_value(value, float_format)}" for key, value in metric_values(values).items())
 
 
 def fmt_seconds(value: Any) -> str:
     value = to_number(value)
-    return f"{value:.4f}s" if is_finite_number(value) else f"{value}s"
+    return f"{value:.4f}s" if is_finite_number(value) else f"{fmt_value(value)}s"
 
 
 def fmt_loss(value: Any) -> str:
     value = to_number(value)
-    return f"{value:.6f}" if is_finite_number(value) else ("n/a" if value is None else str(value))
+    if value is None:
+        return "n/a"
+    return f"{value:.6f}" if is_finite_number(value) else fmt_value(value)
 
 
-def progress_lines(epoch: Any, step: int, loss: Any, learning_rate: Any,
+def progress_lines(epoch: Any, step: Any, loss: Any, learning_rate: Any,
                    validation_loss: Any = None, metrics: Mapping[str, Any] | None = None) -> list[str]:
     """The spec's training-progress lines.
 
@@ -79,8 +132,8 @@ def progress_lines(epoch: Any, step: int, loss: Any, learning_rate: Any,
     ``Metrics: accuracy=0.850000, f1_score=0.820000`` when given.
     """
     learning_rate = to_number(learning_rate)
-    lr_text = f"{learning_rate:.2e}" if is_finite_number(learning_rate) else str(learning_rate)
-    lines = [f"Epoch {fmt_epoch(epoch)}, Step {step}: Loss={fmt_loss(loss)}, LR={lr_text}"]
+    lr_text = f"{learning_rate:.2e}" if is_finite_number(learning_rate) else fmt_value(learning_rate)
+    lines = [f"Epoch {fmt_epoch(epoch)}, Step {fmt_value(step)}: Loss={fmt_loss(loss)}, LR={lr_text}"]
     lines += evaluation_lines(validation_loss, metrics)
     return lines
 
@@ -100,7 +153,7 @@ def performance_lines(operation: str, duration_s: Any, memory_mb: Any = None, gp
                       additional: Mapping[str, Any] | None = None) -> list[str]:
     """``forward_pass completed in 0.0500s``, ``Memory usage: 128.50MB``, ``GPU utilization: 45.20%``,
     ``Additional metrics: batch_size=32, sequence_length=512``."""
-    lines = [f"{operation} completed in {fmt_seconds(duration_s)}"]
+    lines = [f"{safe_str(operation)} completed in {fmt_seconds(duration_s)}"]
     if memory_mb is not None:
         lines.append(f"Memory usage: {fmt_value(memory_mb, '.2f')}MB")
     if gpu_util_pct is not None:
@@ -113,33 +166,39 @@ def performance_lines(operation: str, duration_s: Any, memory_mb: Any = None, gp
 def data_loading_lines(operation: str, dataset_size: Any, batch_size: Any, duration_s: Any,
                        memory_mb: Any = None) -> list[str]:
     """``dataset_creation: Dataset size=1000, Batch size=32, Duration=0.5000s``, ``Memory usage: 128.00MB``."""
-    lines = [f"{operation}: Dataset size={fmt_value(dataset_size)}, Batch size={fmt_value(batch_size)}, "
+    lines = [f"{safe_str(operation)}: Dataset size={fmt_value(dataset_size)}, Batch size={fmt_value(batch_size)}, "
              f"Duration={fmt_seconds(duration_s)}"]
     if memory_mb is not None:
         lines.append(f"Memory usage: {fmt_value(memory_mb, '.2f')}MB")
     return lines
 
 
-def error_lines(error: BaseException, context: str = "", operation: str = "",
+def error_lines(error: Any, context: str = "", operation: str = "",
                 additional_info: Mapping[str, Any] | None = None) -> list[str]:
     """``Error in forward_pass: ValueError: Invalid input format``, ``Context: ...``, ``Additional info: ...``."""
-    where = f"Error in {operation}" if operation else "Error"
-    lines = [f"{where}: {type(error).__name__}: {error}"]
+    where = f"Error in {safe_str(operation)}" if operation else "Error"
+    lines = [f"{where}: {type(error).__name__}: {safe_str(error)}"]
     if context:
-        lines.append(f"Context: {context}")
+        lines.append(f"Context: {safe_str(context)}")
     if additional_info:
         lines.append(f"Additional info: {fmt_pairs(additional_info)}")
     return lines
 
 
-def traceback_text(error: BaseException, hide_files: tuple[str, ...] = ()) -> str:
+def traceback_text(error: Any, hide_files: tuple[str, ...] = ()) -> str | None:
     """The standard traceback of ``error`` (no local variable values), without the trailing newline;
-    frames from files in ``hide_files`` (our own wrappers) are left out."""
-    report = traceback.TracebackException.from_exception(error)
-    if hide_files:
-        report.stack = traceback.StackSummary.from_list(
-            [frame for frame in report.stack if frame.filename not in hide_files])
-    return "".join(report.format()).rstrip("\n")
+    frames from files in ``hide_files`` (our own wrappers) are left out. ``None`` when ``error`` is
+    not a raised exception."""
+    if not isinstance(error, BaseException) or error.__traceback__ is None:
+        return None
+    try:
+        report = traceback.TracebackException.from_exception(error)
+        if hide_files:
+            report.stack = traceback.StackSummary.from_list(
+                [frame for frame in report.stack if frame.filename not in hide_files])
+        return "".join(report.format()).rstrip("\n")
+    except Exception:
+        return f"<traceback of {type(error).__name__} could not be formatted>"
 
 
 def summary_lines(total_epochs: Any, total_steps: Any, final_loss: Any, best_loss: Any,
@@ -157,7 +216,7 @@ def summary_lines(total_epochs: Any, total_steps: Any, final_loss: Any, best_los
         f"Training duration: {fmt_value(_as_float(training_duration_s), '.2f')}s",
         f"Early stopping triggered: {bool(early_stopping_triggered)}",
     ]
-    for key, value in (extra or {}).items():
+    for key, value in metric_values(extra or {}).items():
         lines.append(f"{key}: {fmt_value(value)}")
     lines.append(RULE)
     return lines
@@ -165,7 +224,7 @@ def summary_lines(total_epochs: Any, total_steps: Any, final_loss: Any, best_los
 
 def _as_float(value: Any) -> Any:
     value = to_number(value)
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    return float(value) if is_finite_number(value) else value
 
 
 def hyperparameter_lines(config: Mapping[str, Any]) -> list[str]:
@@ -176,55 +235,55 @@ def hyperparameter_lines(config: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings become dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def to_jsonable(value: Any) -> Any:
+def to_jsonable(value: Any, _depth: int = 0) -> Any:
     """A value ``json.dumps`` accepts under ``allow_nan=False``.
 
-    Tensors and numpy values become numbers or lists, NaN and infinities become ``None``, mappings
-    and sequences are converted recursively, dataclasses become dicts, enums their value, and
-    anything else its ``str``.
+    Tensors and numpy values become numbers or lists, NaN and infinities become ``None``, ints
+    beyond 64 bits become floats, mappings and sequences are converted recursively (keys become
+    strings), dataclasses and objects with ``to_dict()`` (quantization configs) become dicts, enums
+    their value, and anything else its ``str``.
     """
     value = to_number(value)
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**63:
+            return value
+        return to_jsonable(float(value)) if value.bit_length() < 1024 else None
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if _depth > MAX_DEPTH:
+        return "<nested too deep>"
     if isinstance(value, Mapping):
-        return {str(key): to_jsonable(item) for key, item in value.items()}
+        return {safe_str(key): to_jsonable(item, _depth + 1) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_jsonable(item) for item in value]
+        return [to_jsonable(item, _depth + 1) for item in value]
     if isinstance(value, enum.Enum):
-        return to_jsonable(value.value)
+        return to_jsonable(value.value, _depth + 1)
     if isinstance(value, PurePath):
         return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable({field.name: getattr(value, field.name) for field in dataclasses.fields(value)})
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        try:
-            return to_jsonable(tolist())
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    try:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+            return to_jsonable(fields, _depth + 1)
+        for method in ("tolist", "to_dict"):
+            convert = getattr(value, method, None)
+            if callable(convert) and not isinstance(value, type):
+                return to_jsonable(convert(), _depth + 1)
+    except Exception:
+        pass
+    return safe_str(value)
 
 
-def json_line(event: str, run_id: str, global_step: int | None, epoch: Any, values: Mapping[str, Any],
+def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Mapping[Any, Any],
               time: datetime | None = None) -> str:
-    """One strict JSON object (no NaN/Infinity tokens, no newline) for ``performance_metrics_*.log``.
+    """One strict JSON object (no NaN/Infinity tokens, no line break of any kind) for
+    ``performance_metrics_*.log``.
 
     Keys: ``time`` (ISO 8601 with UTC offset), ``run_id``, ``event``, ``global_step``, ``epoch``,
-    then ``values``; a value never overrides those five.
+    then ``values`` (secrets masked); a value named like one of those five is kept as ``user_<key>``.
     """
     record: dict[str, Any] = {
         "time": (time or datetime.now().astimezone()).isoformat(timespec="milliseconds"),
@@ -233,6 +292,11 @@ def json_line(event: str, run_id: str, global_step: int | None, epoch: Any, valu
         "global_step": to_jsonable(global_step),
         "epoch": to_jsonable(epoch),
     }
-    for key, value in values.items():
-        record.setdefault(str(key), to_jsonable(value))
-    return json.dumps(record, allow_nan=False, ensure_ascii=False)
+    for key, value in mask_mapping(values).items():
+        key = safe_str(key)
+        record[f"user_{key}" if key in RESERVED_JSON_KEYS else key] = to_jsonable(value)
+    text = json.dumps(record, allow_nan=False, ensure_ascii=False)
+    for raw, escaped in _LINE_BREAKS.items():
+        if raw in text:
+            text = text.replace(raw, escaped)
+    return text

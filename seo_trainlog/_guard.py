@@ -1,4 +1,9 @@
-"""Seeing an exception escape ``Trainer.train()``, which calls no callback event when it raises."""
+"""Seeing an exception escape ``Trainer.train()``, which calls no callback event when it raises.
+
+Callbacks are given neither the trainer nor any exception, so the callback finds its trainer on the
+call stack and wraps a few bound methods *of that one instance*: exceptions pass through the
+wrappers unchanged, after being reported. Nothing is patched on any class.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,16 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-# Methods the training loop looks up on the trainer after ``on_train_begin``: an instance attribute
-# set during ``on_train_begin`` therefore already wraps this very ``train()`` call. ``training_step``
-# (public API) is the fallback for Trainer versions without the private loop methods.
-GUARDED_METHODS = ("_run_epoch", "_finalize_training")
+# Looked up on the trainer by the training loop after ``on_train_begin``, so wrapping them then
+# already covers this very ``train()`` call: evaluation on start, every epoch (steps, logging,
+# evaluation, checkpoints), the end of training. ``training_step`` (public API) is the fallback for
+# Trainer versions without these private methods.
+LOOP_METHODS = ("_evaluate", "_run_epoch", "_finalize_training")
 FALLBACK_METHODS = ("training_step",)
 _MISSING = object()
+_TRAIN_WRAPPER = "_seo_trainlog_train_guard"
+
+Reporter = Callable[[BaseException], None]
 
 
 def find_trainer(max_depth: int = 16) -> Any | None:
@@ -32,40 +41,57 @@ def find_trainer(max_depth: int = 16) -> Any | None:
 
 
 class TrainerGuard:
-    """Wraps the trainer's loop methods on this one instance so that an exception escaping them
-    (``KeyboardInterrupt`` and ``SystemExit`` included) is reported to ``on_exception`` and then
-    re-raised unchanged. :meth:`remove` restores the instance exactly as it was."""
+    """For one run: wraps the trainer's loop methods and its callback handler's ``call_event`` (so
+    an exception raised by any callback is seen too). :meth:`remove` restores both objects exactly."""
 
-    def __init__(self, trainer: Any, on_exception: Callable[[BaseException], None]) -> None:
-        self._trainer = trainer
-        self._saved: dict[str, Any] = {}
-        names = [name for name in GUARDED_METHODS if callable(getattr(type(trainer), name, None))]
+    def __init__(self, trainer: Any, report: Reporter) -> None:
+        self._saved: list[tuple[Any, str, Any]] = []
+        names = [name for name in LOOP_METHODS if callable(getattr(type(trainer), name, None))]
         if not names:
             names = [name for name in FALLBACK_METHODS if callable(getattr(trainer, name, None))]
-        for name in names:
-            self._saved[name] = trainer.__dict__.get(name, _MISSING)
-            setattr(trainer, name, _reporting(getattr(trainer, name), on_exception))
+        targets = [(trainer, name) for name in names]
+        handler = getattr(trainer, "callback_handler", None)
+        if callable(getattr(handler, "call_event", None)):
+            targets.append((handler, "call_event"))
+        for owner, name in targets:
+            self._saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+            setattr(owner, name, _reporting(getattr(owner, name), report))
 
     def remove(self) -> None:
-        for name, previous in self._saved.items():
+        for owner, name, previous in reversed(self._saved):
             if previous is _MISSING:
-                self._trainer.__dict__.pop(name, None)
+                owner.__dict__.pop(name, None)
             else:
-                setattr(self._trainer, name, previous)
+                setattr(owner, name, previous)
         self._saved.clear()
 
 
-def _reporting(method: Callable[..., Any], on_exception: Callable[[BaseException], None]) -> Callable[..., Any]:
+def guard_train(trainer: Any, report: Reporter) -> None:
+    """Wrap ``trainer.train`` on this instance for every later call (idempotent): an exception
+    escaping any part of ``train()`` is reported. The wrapper stays for the trainer's lifetime and
+    does nothing but pass the call through when no run is open."""
+    current = trainer.__dict__.get("train")
+    if current is not None and getattr(current, _TRAIN_WRAPPER, False):
+        return
+    wrapper = _reporting(trainer.train, report)
+    setattr(wrapper, _TRAIN_WRAPPER, True)
+    trainer.train = wrapper
+
+
+def _reporting(method: Callable[..., Any], report: Reporter) -> Callable[..., Any]:
     @functools.wraps(method)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
         except BaseException as exc:
             try:
-                on_exception(exc)
+                report(exc)
             except Exception as report_failure:  # never replace the user's exception with ours
-                warnings.warn(f"seo_trainlog could not record {type(exc).__name__}: {report_failure!r}",
-                              RuntimeWarning, stacklevel=2)
+                try:
+                    warnings.warn(f"seo_trainlog could not record {type(exc).__name__}: {report_failure!r}",
+                                  RuntimeWarning, stacklevel=2)
+                except Exception:
+                    pass
             raise
 
     return guarded

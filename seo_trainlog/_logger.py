@@ -1,24 +1,35 @@
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from . import _format, _guard
-from ._categories import CATEGORIES
+from ._categories import CATEGORIES, TEXT_NAMES
 from ._config import LogConfig
 from ._rank import writes_shared_files
-from ._secrets import mask_mapping
-from ._sinks import RunSinks, claim_stamp, logger, open_sinks, prepare_log_dir
+from ._safety import never_raises
+from ._secrets import REDACTOR, mask_mapping
+from ._sinks import SINK_FAILURES, RunSinks, claim_stamp, logger, open_sinks, prepare_log_dir
 
 _OPEN: list[TrainLogger] = []
 _OWN_WRAPPERS = (_guard.__file__,)
+_LOGGED_MARK = "_seo_trainlog_logged"  # set on exceptions already written, so none is written twice
+
+def innermost_open_logger(joinable_only: bool = True) -> TrainLogger | None:
+    """The most recently opened, still open (and joinable) :class:`TrainLogger` of this process."""
+    for tlog in reversed(_OPEN):
+        if tlog.joinable or not joinable_only:
+            return tlog
+    return None
 
 
-def innermost_open_logger() -> TrainLogger | None:
-    """The most recently opened :class:`TrainLogger` of this process that is still open, if any."""
-    return _OPEN[-1] if _OPEN else None
+def was_logged(error: BaseException) -> bool:
+    return bool(getattr(error, _LOGGED_MARK, False))
 
 
 class TrainLogger:
@@ -32,45 +43,56 @@ class TrainLogger:
         logs/training_detailed_<stamp>.log    progress plus step timing (per logging step; per step at DEBUG)
         logs/model_performance_<stamp>.log    operation timings, memory, GPU utilisation
         logs/data_loading_<stamp>.log         dataset creation, data-loader wait, collate timings
-        logs/errors_<stamp>.log               the three error lines of each error, and WARNING+ records
-                                              of transformers/datasets/accelerate while the run is open
-        logs/error_tracking_<stamp>.log       errors with traceback, global_step and epoch
+        logs/errors_<stamp>.log               the three error lines of each error; warnings (non-finite
+                                              values, write failures, WARNING+ of transformers/datasets/
+                                              accelerate while the run is open)
+        logs/error_tracking_<stamp>.log       errors and warnings with traceback, global_step and epoch
         logs/performance_metrics_<stamp>.log  one strict JSON object per line (see below)
         logs/debug_<stamp>.log                everything at DEBUG (only with ``LogConfig.debug``)
 
     Each file rotates at ``config.rotation`` and keeps ``config.retention`` rotated files of its own
-    category and run. Text lines read ``[2024-01-15 14:30:25] TRAINING - INFO - <message>``.
+    category and run; every file is line-buffered, so a record is on disk when its method returns.
+    Text lines read ``[2024-01-15 14:30:25] TRAINING - INFO - <message>``; a traceback continues on
+    the following lines.
 
     Every JSON line holds ``time`` (ISO 8601), ``run_id`` (the stamp), ``event``, ``global_step``,
-    ``epoch`` and the event's values; NaN and infinities are written as ``null``, tensors as numbers.
+    ``epoch`` and the event's values: NaN and infinities are written as ``null``, tensors and numpy
+    values as numbers or lists, nested mappings of logged values are flattened with ``/``
+    (``eval_f1/commercial``), a value named like one of the five keys is kept as ``user_<key>``.
     ``pandas.read_json(path, lines=True)`` loads the file.
 
-    Only the world-process-zero writes (see ``RANK``); on other ranks every method does nothing.
-    Secrets in hyperparameters (keys containing token, secret, password, api_key, ...) are masked.
+    Values never make a method raise: a value that cannot be written as given is written as text
+    and a WARNING says so. Secrets are masked everywhere: values under secret-looking keys (token,
+    secret, password, api_key, credential...) and the values of such environment variables
+    (``HF_TOKEN``, ``WANDB_API_KEY``...), wherever they would appear, exception messages included.
+    Only the world-process-zero writes (``RANK``); on other ranks every method does nothing.
 
     Args:
         config: the settings; ``None`` reads :meth:`LogConfig.from_env`.
         run_id: append to the files of this existing run stamp instead of starting a new run.
+        joinable: while this logger is open, a :class:`~seo_trainlog.TrainLogCallback` without an
+            explicit config (or with an equal one) writes into this run instead of opening its own.
 
     Raises:
         OSError: when the log directory cannot be created or written (names the path and reason).
         ValueError: from :meth:`LogConfig.from_env` for a bad environment variable.
 
     Use as a context manager, or call :meth:`close` (it removes exactly the handlers it added).
-    While open, a :class:`~seo_trainlog.TrainLogCallback` without an explicit config writes into this
-    logger's run instead of opening its own.
     """
 
-    def __init__(self, config: LogConfig | None = None, *, run_id: str | None = None) -> None:
+    def __init__(self, config: LogConfig | None = None, *, run_id: str | None = None,
+                 joinable: bool = True) -> None:
         self.config = config if config is not None else LogConfig.from_env()
         self.writes = writes_shared_files()
+        self.joinable = joinable
         self.global_step: int | None = None
         self.epoch: float | None = None
         self.files: dict[str, Path] = {}
         self.log_dir = self.config.log_dir
-        self._sinks = RunSinks()
-        self._reported: set[int] = set()
         self.closed = False
+        self._sinks = RunSinks()
+        self._failed_methods: set[str] = set()
+        REDACTOR.add_environment(os.environ)
         if self.writes:
             self.log_dir = prepare_log_dir(self.config.log_dir)
             self.run_id = run_id or claim_stamp(self.log_dir, CATEGORIES[0].prefix)
@@ -89,6 +111,7 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ the spec's six methods
 
+    @never_raises
     def log_training_progress(self, epoch: float, step: int, loss: float, learning_rate: float,
                               validation_loss: float | None = None,
                               metrics: Mapping[str, float] | None = None) -> None:
@@ -104,8 +127,9 @@ class TrainLogger:
             validation_loss: evaluation loss, if one was computed at this step.
             metrics: further numbers (e.g. ``grad_norm``, ``accuracy``).
         """
-        self._progress(epoch, step, loss, learning_rate, validation_loss, metrics, timing=None)
+        self._progress(epoch, step, loss, learning_rate, validation_loss, self._mapping("metrics", metrics), None)
 
+    @never_raises
     def log_model_performance(self, operation: str, duration: float, memory_usage: float | None = None,
                               gpu_utilization: float | None = None,
                               additional_metrics: Mapping[str, Any] | None = None) -> None:
@@ -121,12 +145,14 @@ class TrainLogger:
         """
         if not self.writes:
             return
-        lines = _format.performance_lines(operation, duration, memory_usage, gpu_utilization, additional_metrics)
+        additional = self._mapping("additional_metrics", additional_metrics)
+        lines = _format.performance_lines(operation, duration, memory_usage, gpu_utilization, additional)
         self._write("model", "INFO", lines)
         self.log_metrics("model", {"operation": operation, "duration_s": duration, "memory_mb": memory_usage,
-                                   "gpu_util_pct": gpu_utilization, **(additional_metrics or {})})
+                                   "gpu_util_pct": gpu_utilization, **_format.metric_values(additional)})
         self._console(lines[0])
 
+    @never_raises
     def log_data_loading(self, operation: str, dataset_size: int, batch_size: int, duration: float,
                          memory_usage: float | None = None) -> None:
         """Write ``<operation>: Dataset size=1000, Batch size=32, Duration=0.5000s`` and, when given,
@@ -147,31 +173,43 @@ class TrainLogger:
                                   "duration_s": duration, "memory_mb": memory_usage})
         self._console(lines[0])
 
+    @never_raises
     def log_error(self, error: BaseException, context: str = "", operation: str = "",
                   additional_info: Mapping[str, Any] | None = None) -> None:
         """Write ``Error in <operation>: <Type>: <message>``, ``Context: ...``, ``Additional info: k=v``
         at ERROR to the error logs; ``error_tracking`` also gets ``global_step``/``epoch`` and the
         traceback (standard format, never local variable values); plus a JSON ``error`` event.
 
-        The lines are on disk (the files are line-buffered) when this returns.
+        Args:
+            error: the exception (anything else is written as text, with a warning).
+
+        The lines are on disk (the files are line-buffered) when this returns. An exception is
+        written once: logging the same exception object again does nothing.
         """
         if not self.writes:
             return
-        self._reported.add(id(error))
-        lines = _format.error_lines(error, context, operation, additional_info)
+        if isinstance(error, BaseException):
+            if was_logged(error):
+                return
+            mark_logged(error)
+        else:
+            self._warn(f"log_error() expects an exception instance, got {type(error).__name__}; "
+                       "written as text")
+        info = self._mapping("additional_info", additional_info)
+        lines = _format.error_lines(error, context, operation, info)
         self._write("errors", "ERROR", lines)
+        trace = _format.traceback_text(error, _OWN_WRAPPERS)
         detail = [f"Training state: global_step={_format.fmt_value(self.global_step)}, "
                   f"epoch={_format.fmt_epoch(self.epoch)}"]
-        trace = _format.traceback_text(error, _OWN_WRAPPERS) if error.__traceback__ is not None else None
         if trace is not None:
             detail.append(trace)
         self._write("error_tracking", "ERROR", detail)
-        self.log_metrics("error", {"error_type": type(error).__name__, "message": str(error),
+        self.log_metrics("error", {"error_type": type(error).__name__, "message": _format.safe_str(error),
                                    "operation": operation, "context": context,
-                                   "additional_info": dict(additional_info or {}),
-                                   "traceback": trace})
+                                   "additional_info": _format.metric_values(info), "traceback": trace})
         self._console(lines[0])
 
+    @never_raises
     def log_training_summary(self, total_epochs: float, total_steps: int, final_loss: float | None,
                              best_loss: float | None, training_duration: float,
                              early_stopping_triggered: bool = False, *, status: str = "completed",
@@ -186,7 +224,7 @@ class TrainLogger:
         """
         if not self.writes:
             return
-        extra = {"Status": status, **(extra or {})}
+        extra = {"Status": status, **self._mapping("extra", extra)}
         lines = _format.summary_lines(total_epochs, total_steps, final_loss, best_loss, training_duration,
                                       early_stopping_triggered, extra)
         self._write("training", "INFO", lines)
@@ -199,19 +237,21 @@ class TrainLogger:
                       f"{_format.fmt_epoch(total_epochs)} epochs, final loss {_format.fmt_loss(final_loss)}, "
                       f"best loss {_format.fmt_loss(best_loss)}, {_format.fmt_value(training_duration, '.2f')}s")
 
+    @never_raises
     def log_hyperparameters(self, config: Mapping[str, Any]) -> None:
         """Write a ``HYPERPARAMETERS`` block (one ``key: value`` line per flattened key) to the
         training logs and a JSON ``hyperparameters`` event with the nested values. Values under
         secret-looking keys are replaced by ``<redacted>``."""
         if not self.writes:
             return
-        masked = mask_mapping(config)
+        masked = mask_mapping(self._mapping("config", config))
         self._write("training", "INFO", _format.hyperparameter_lines(masked))
         self.log_metrics("hyperparameters", {"hyperparameters": masked})
         self._console(f"hyperparameters: {len(_format.flatten(masked))} values logged")
 
     # ------------------------------------------------------------------ further public methods
 
+    @never_raises
     def log_evaluation(self, global_step: int | None, epoch: float | None, loss: float | None,
                        metrics: Mapping[str, Any], *, metric_prefix: str = "eval",
                        values: Mapping[str, Any] | None = None) -> None:
@@ -221,43 +261,58 @@ class TrainLogger:
         if not self.writes:
             return
         self.mark(global_step, epoch)
+        metrics = self._mapping("metrics", metrics)
         label = "Validation Loss" if metric_prefix == "eval" else f"{metric_prefix.capitalize()} Loss"
         lines = _format.evaluation_lines(loss, metrics, label)
         self._write("training", "INFO", lines)
-        json_values = {"metric_prefix": metric_prefix, **(values if values is not None else metrics)}
+        json_values = {"metric_prefix": metric_prefix,
+                       **_format.metric_values(self._mapping("values", values) if values is not None else metrics)}
         if metric_prefix == "eval" and loss is not None:
             json_values.setdefault("validation_loss", loss)
         self.log_metrics("eval", json_values)
         if lines:
             self._console(f"step {_format.fmt_value(global_step)}: " + "; ".join(lines))
 
+    @never_raises
     def log_metrics(self, event: str, values: Mapping[str, Any]) -> None:
         """Write one JSON line ``{"time", "run_id", "event", "global_step", "epoch", **values}`` to
         ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known)."""
-        if self.writes:
-            self._log["metrics"].info(_format.json_line(event, self.run_id, self.global_step, self.epoch, values))
+        if self.closed:
+            self._closed_warning("log_metrics")
+        elif self.writes:
+            self._log["metrics"].info(_format.json_line(_format.safe_str(event), self.run_id, self.global_step,
+                                                        self.epoch, self._mapping("values", values)))
 
     def log_message(self, message: str, level: str = "INFO", category: str = "general") -> None:
-        """Write one free text line to ``category``'s log (``general``, ``training``,
-        ``training_detailed``, ``model``, ``data``, ``errors``, ``error_tracking``).
+        """Write one free text line to a text category's log: ``general``, ``training``,
+        ``training_detailed``, ``model``, ``data``, ``errors``, ``error_tracking`` (``debug`` gets
+        every category's records when it is on).
 
         Raises:
-            KeyError: for an unknown category.
+            ValueError: for another category (``metrics`` holds JSON only: use :meth:`log_metrics`)
+                or a level loguru does not know.
         """
+        if category not in TEXT_NAMES or category == "debug":
+            names = ", ".join(sorted(TEXT_NAMES - {"debug"}))
+            raise ValueError(f"category={category!r} is not valid; accepted values: {names}")
+        if level not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"level={level!r} is not valid; accepted values: DEBUG, INFO, WARNING, ERROR, CRITICAL")
         if self.writes:
-            self._log[category].log(level, message)
+            self._write(category, level, [_format.safe_str(message)])
 
     def mark(self, global_step: int | None, epoch: float | None) -> None:
-        """Record the latest ``global_step``/``epoch``; later JSON lines and errors carry them."""
-        if global_step is not None:
-            self.global_step = int(global_step)
-        if epoch is not None:
+        """Record the latest ``global_step``/``epoch``; later JSON lines and errors carry them.
+        Values that are not finite numbers are ignored."""
+        if _format.is_finite_number(global_step):
+            self.global_step = int(_format.to_number(global_step))
+        if _format.is_finite_number(epoch):
             self.epoch = _format.to_number(epoch)
 
     def close(self) -> None:
         """Flush and remove exactly the handlers this logger added. Safe to call twice."""
         if self.closed:
             return
+        self._report_sink_failures()
         self.closed = True
         if self in _OPEN:
             _OPEN.remove(self)
@@ -268,7 +323,7 @@ class TrainLogger:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc is not None and id(exc) not in self._reported and not self.closed:
+        if exc is not None and not self.closed:
             self.log_error(exc, context="inside the TrainLogger block", operation="run")
         self.close()
 
@@ -282,19 +337,76 @@ class TrainLogger:
         if not self.writes:
             return
         self.mark(step, epoch)
+        metrics = _format.metric_values(metrics or {})
         lines = _format.progress_lines(epoch, step, loss, learning_rate, validation_loss, metrics)
         self._write("training", "INFO", lines)
-        values = {"loss": loss, "learning_rate": learning_rate, **(metrics or {}), **(timing or {})}
+        values = {"loss": loss, "learning_rate": learning_rate, **metrics}
+        for key, value in (timing or {}).items():
+            values.setdefault(key, value)
         if validation_loss is not None:
             values["validation_loss"] = validation_loss
         self.log_metrics("train", values)
         self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
 
+    def _warn(self, message: str, **values: Any) -> None:
+        """A WARNING in the error logs (and the general log) plus a JSON ``warning`` event."""
+        self._write("errors", "WARNING", [message])
+        self.log_metrics("warning", {"message": message, **values})
+
+    def _mapping(self, name: str, value: Any) -> Mapping[Any, Any]:
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):
+            return value
+        self._warn(f"{name} should be a mapping, got {type(value).__name__}; written as {name}=<value>")
+        return {name: value}
+
     def _write(self, category: str, level: str, lines: list[str]) -> None:
+        if self.closed:
+            self._closed_warning(category)
+            return
         log = self._log[category]
         for line in lines:
             log.log(level, line)
+        self._report_sink_failures()
+
+    def _report_sink_failures(self) -> None:
+        for notice in SINK_FAILURES.take():
+            self._log["errors"].warning(f"seo_trainlog: {notice}")
+            _stderr_notice(notice)
 
     def _console(self, text: str) -> None:
         if self.writes and self.config.console:
             self._console_log.info(text)
+
+    def _internal_error(self, method: str, exc: Exception) -> None:
+        if method in self._failed_methods:
+            return
+        self._failed_methods.add(method)
+        message = f"seo_trainlog {method}() failed and skipped this record: {type(exc).__name__}: {exc}"
+        try:
+            self._log["errors"].warning(message)
+        except Exception:
+            pass
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _closed_warning(self, where: str) -> None:
+        if "closed" not in self._failed_methods:
+            self._failed_methods.add("closed")
+            warnings.warn(f"TrainLogger run {self.run_id} is closed; a {where} record was not written",
+                          RuntimeWarning, stacklevel=3)
+
+
+def mark_logged(error: BaseException) -> None:
+    try:
+        setattr(error, _LOGGED_MARK, True)
+    except Exception:  # an exception type that refuses attributes: it may be written twice
+        pass
+
+
+def _stderr_notice(notice: str) -> None:
+    try:
+        if sys.stderr is not None:
+            sys.stderr.write(f"seo_trainlog: {notice}\n")
+    except Exception:
+        pass

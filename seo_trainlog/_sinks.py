@@ -7,19 +7,24 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loguru._file_sink import FileSink
 from loguru._logger import Core, Logger
 
 from ._categories import CATEGORIES, Category, accepted_names
+from ._secrets import REDACTOR
 
 # An independent loguru logger: a Core of its own, so that our records never reach the user's
 # handlers on ``loguru.logger`` (its default stderr handler included), and the user's
 # ``logger.remove()`` never removes ours. This is what ``loguru.logger`` itself is built from.
+# Every record's message passes the secret redactor first.
 logger = Logger(core=Core(), exception=None, depth=0, record=False, lazy=False, colors=False, raw=False,
-                capture=True, patchers=[], extra={})
+                capture=True, patchers=[REDACTOR.redact_record], extra={})
 
 # loguru appends the newline to a format string itself.
 TEXT_FORMAT = "[{time:YYYY-MM-DD HH:mm:ss}] {extra[seo_label]} - {level} - {message}"
@@ -30,16 +35,14 @@ BRIDGED_LIBRARIES = ("transformers", "datasets", "accelerate")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def probe_file_options(rotation: object = None, retention: object = None) -> None:
+def probe_file_options(rotation: object = None, retention: object = None, encoding: str = "utf-8") -> None:
     """Let loguru validate ``rotation``/``retention`` without creating any file (``delay=True``).
 
     Raises:
         ValueError, TypeError: as loguru raises them for a value it cannot parse.
     """
     path = os.path.join(tempfile.gettempdir(), "seo_trainlog-option-probe.log")
-    handler_id = logger.add(path, rotation=rotation, retention=retention, delay=True, catch=False,
-                            filter=lambda record: False)
-    logger.remove(handler_id)
+    FileSink(path, rotation=rotation, retention=retention, encoding=encoding, delay=True)
 
 
 def claim_stamp(log_dir: Path, first_prefix: str) -> str:
@@ -79,6 +82,109 @@ def file_path(log_dir: Path, category: Category, stamp: str) -> Path:
     return log_dir / f"{category.prefix}_{stamp}.log"
 
 
+class SinkFailures:
+    """Write failures of our sinks, reported once per sink by the next record written elsewhere.
+
+    A sink cannot log from inside its own ``write`` (loguru holds the handler's lock), so failures
+    are queued here and :class:`~seo_trainlog.TrainLogger` turns them into WARNING records.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+
+    def add(self, message: str) -> None:
+        with self._lock:
+            self._pending.append(message)
+
+    def take(self) -> list[str]:
+        if not self._pending:
+            return []
+        with self._lock:
+            pending, self._pending = self._pending, []
+        return pending
+
+
+SINK_FAILURES = SinkFailures()
+
+
+class GuardedFileSink:
+    """A loguru ``FileSink`` (rotation, retention, UTF-8, line-buffered) that survives write trouble.
+
+    A failed write (disk full, file system gone) or rotation (rename refused) never reaches the
+    training: it is reported once through :data:`SINK_FAILURES`, the record is retried once, and
+    the sink keeps trying on later records; a rotation that keeps failing is switched off so that
+    records go on being appended to the current file. ``watch=True`` reopens a file someone removed.
+    """
+
+    def __init__(self, path: Path, **options: object) -> None:
+        self.path = path
+        self._sink = FileSink(_escape_braces(str(path)), watch=True, errors="backslashreplace", **options)
+        self._failing = False
+        self.failed_writes = 0
+
+    def write(self, message: str) -> None:
+        try:
+            self._sink.write(message)
+        except Exception as error:
+            self._recover(message, error)
+            return
+        if self._failing:
+            self._failing = False
+            SINK_FAILURES.add(f"writing to {self.path} works again after {self.failed_writes} lost records")
+
+    def _recover(self, message: str, error: Exception) -> None:
+        rotation_failed = self._sink._rotation_function is not None and _raised_in_rotation(error)
+        if rotation_failed:
+            self._sink._rotation_function = None  # keep appending to the current file instead
+        try:
+            self._sink.write(message)
+        except Exception as retry_error:
+            self.failed_writes += 1
+            if not self._failing:
+                self._failing = True
+                SINK_FAILURES.add(f"cannot write to {self.path}: {type(retry_error).__name__}: {retry_error}; "
+                                  "training goes on and the file is retried with every record")
+            return
+        if rotation_failed:
+            SINK_FAILURES.add(f"rotation of {self.path} failed ({type(error).__name__}: {error}); rotation is "
+                              "off for this file and records are appended to it")
+
+    def stop(self) -> None:
+        try:
+            self._sink.stop()
+        except Exception as exc:
+            SINK_FAILURES.add(f"closing {self.path} failed: {type(exc).__name__}: {exc}")
+
+
+def _raised_in_rotation(error: Exception) -> bool:
+    return any(frame.name == "_terminate_file" for frame in traceback.extract_tb(error.__traceback__))
+
+
+def _escape_braces(path: str) -> str:
+    # loguru formats a file path with ``{time}``; a directory named "exp_{lr}" must stay literal.
+    return path.replace("{", "{{").replace("}", "}}")
+
+
+class ConsoleSink:
+    """Writes to the ``sys.stderr`` of the moment (notebooks and pytest replace it); a stderr that
+    fails (closed, binary) switches the console off instead of failing the training."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+
+    def write(self, message: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            stream = sys.stderr
+            if stream is not None:
+                stream.write(message)
+        except Exception as exc:
+            self.enabled = False
+            SINK_FAILURES.add(f"console output switched off: sys.stderr failed ({type(exc).__name__}: {exc})")
+
+
 @dataclass
 class RunSinks:
     """The handlers one run added, so that exactly these are removed at close."""
@@ -100,7 +206,11 @@ class RunSinks:
 
 
 def open_sinks(config, run_id: str, log_dir: Path) -> RunSinks:
-    """Add one filtered file sink per enabled category, the console sink and the stdlib bridge."""
+    """Add one filtered file sink per enabled category, the console sink and the stdlib bridge.
+
+    Raises:
+        OSError: when a file cannot be opened (nothing stays added).
+    """
     sinks = RunSinks()
     try:
         for category in CATEGORIES:
@@ -110,21 +220,20 @@ def open_sinks(config, run_id: str, log_dir: Path) -> RunSinks:
             level = category.level
             if category.follows_config_level and LEVEL_NO[config.level] > LEVEL_NO[level]:
                 level = config.level
+            sink = GuardedFileSink(path, rotation=config.rotation, retention=config.retention,
+                                   encoding=config.encoding)
             sinks.handler_ids.append(logger.add(
-                str(path),
+                sink,
                 level=level,
                 format=JSON_FORMAT if category.json else TEXT_FORMAT,
                 filter=_category_filter(run_id, accepted_names(category)),
-                rotation=config.rotation,
-                retention=config.retention,
-                encoding=config.encoding,
                 backtrace=False,
                 diagnose=False,
             ))
             sinks.files[category.name] = path
         if config.console:
             sinks.handler_ids.append(logger.add(
-                _write_console, level="INFO", format=CONSOLE_FORMAT, colorize=False,
+                ConsoleSink(), level="INFO", format=CONSOLE_FORMAT, colorize=False,
                 filter=_category_filter(run_id, frozenset({"console"})), backtrace=False, diagnose=False,
             ))
         bridge = StdlibBridge(logger.bind(seo_run=run_id, seo_cat="errors"))
@@ -146,16 +255,15 @@ def _category_filter(run_id: str, names: frozenset[str]):
     return accept
 
 
-def _write_console(message: str) -> None:
-    # Looked up at write time: a replaced sys.stderr (notebooks, pytest) still receives the line.
-    sys.stderr.write(message)
-
-
 class StdlibBridge(logging.Handler):
     """Forwards WARNING+ records of the ``transformers``/``datasets``/``accelerate`` stdlib loggers
     into the run's error logs (and so the general log) while the run is open, labelled with the
-    library's name and stripped of terminal colour codes. It changes no logger's level or
-    propagation."""
+    library's name and stripped of terminal colour codes.
+
+    It changes no logger's level or propagation, and when it is the only handler a record meets
+    (accelerate without any logging configured), the record still goes to ``logging.lastResort``
+    (stderr) as it would without us.
+    """
 
     def __init__(self, run_logger) -> None:
         super().__init__(level=logging.WARNING)
@@ -166,5 +274,17 @@ class StdlibBridge(logging.Handler):
             level = record.levelname if record.levelname in LEVEL_NO else record.levelno
             label = record.name.split(".", 1)[0].upper()
             self._log.bind(seo_label=label).log(level, _ANSI_ESCAPE.sub("", record.getMessage()))
+            if not self._others_handle(record):
+                last_resort = logging.lastResort
+                if last_resort is not None and record.levelno >= last_resort.level:
+                    last_resort.handle(record)
         except Exception:
             self.handleError(record)
+
+    def _others_handle(self, record: logging.LogRecord) -> bool:
+        current: logging.Logger | None = logging.getLogger(record.name)
+        while current is not None:
+            if any(handler is not self and not isinstance(handler, StdlibBridge) for handler in current.handlers):
+                return True
+            current = current.parent if current.propagate else None
+        return False

@@ -112,3 +112,35 @@ class RunFiles:
 @pytest.fixture
 def log_dir(tmp_path) -> Path:
     return tmp_path / "logs"
+
+
+def all_text(log_dir: Path) -> str:
+    """Everything under the log directory, as one string (for 'never appears anywhere' checks)."""
+    return "".join(path.read_text(encoding="utf-8") for path in sorted(Path(log_dir).rglob("*")) if path.is_file())
+
+
+def json_rows(log_dir: Path) -> list[dict]:
+    """Every line of every metrics file, parsed strictly (lines split on '\\n' only)."""
+    rows = []
+    for path in sorted(Path(log_dir).glob("performance_metrics_*")):
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+class StepHook:
+    """A callback that runs ``action(trainer, state)`` at the end of step ``at_step``."""
+
+    def __init__(self, at_step: int, action):
+        from transformers import TrainerCallback
+
+        hook = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == hook.at_step:
+                    hook.action(hook.trainer, state)
+
+        self.at_step, self.action, self.trainer = at_step, action, None
+        self.callback = _Callback()

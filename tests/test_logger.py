@@ -256,7 +256,8 @@ def test_from_env_reads_every_variable():
     ("SEO_TRAINLOG_LEVEL", "verbose", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("SEO_TRAINLOG_DEBUG", "maybe", "1, true, yes, on, 0, false, no, off"),
     ("SEO_TRAINLOG_CONSOLE", "2", "1, true, yes, on, 0, false, no, off"),
-    ("SEO_TRAINLOG_ROTATION", "often", "a size such as '10 MB'"),
+    ("SEO_TRAINLOG_ROTATION", "often", "a positive size such as '10 MB'"),
+    ("SEO_TRAINLOG_ROTATION", "0 B", "a positive size such as '10 MB'"),
     ("SEO_TRAINLOG_RETENTION", "0", "an integer >= 1"),
     ("SEO_TRAINLOG_RETENTION", "forever", "an integer >= 1"),
 ])

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-import math
 
 import pytest
 from conftest import RunFiles

@@ -1,0 +1,557 @@
+"""Bad values, crashes, signals, secrets and disk trouble: keep training, lose nothing, leak nothing."""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import LINE, RunFiles, StepHook, all_text, json_rows, tiny_model
+from loguru._file_sink import FileSink
+from transformers import DataCollatorWithPadding, TrainerCallback
+
+import seo_trainlog
+from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback, TrainLogger
+
+HERE = Path(__file__).resolve().parent
+
+
+def quiet(log_dir, **changes):
+    return LogConfig(log_dir=log_dir, console=False, **changes)
+
+
+def with_callback(trainer, log_dir, **config):
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, **config)))
+    return trainer
+
+
+def our_handler_count() -> int:
+    return len(seo_trainlog.logger._core.handlers)
+
+
+def progress_steps(run: RunFiles) -> list[int]:
+    return [int(m.split("Step ")[1].split(":")[0]) for m in run.messages("training_progress") if m.startswith("Epoch ")]
+
+
+# ---------------------------------------------------------------------------------------- values
+
+
+def test_logged_values_of_every_kind_become_strict_json(make_trainer, log_dir, tiny_dataset):
+    def odd_metrics(eval_pred):
+        return {"per_class": {"commercial": np.float64(0.5), "navigational": torch.tensor(0.25)},
+                "confusion": np.array([[1, 2], [3, 4]]), "note": "fine", "missing": None}
+
+    hook = StepHook(2, lambda trainer, state: trainer.log({
+        "grad_scale": torch.tensor(2.0), "np_scalar": np.float32(1.5), "array": np.arange(3), "text": "héllo",
+        "nothing": None, 7: "int key", "nested": {"a": {"b": torch.tensor(3)}}, "event": "mine"}))
+    trainer = make_trainer(max_steps=4, eval_strategy="steps", eval_steps=4, eval_dataset=tiny_dataset.select(range(8)),
+                           compute_metrics=odd_metrics, callbacks=[hook.callback])
+    hook.trainer = with_callback(trainer, log_dir)
+    trainer.train()
+
+    text = all_text(log_dir)
+    assert "tensor(" not in text and "NaN" not in text
+    rows = json_rows(log_dir)
+    custom = next(row for row in rows if row["event"] == "log")
+    assert custom["grad_scale"] == 2.0 and custom["np_scalar"] == 1.5 and custom["array"] == [0, 1, 2]
+    assert custom["text"] == "héllo" and custom["nothing"] is None and custom["7"] == "int key"
+    assert custom["nested/a/b"] == 3 and custom["user_event"] == "mine" and custom["event"] == "log"
+    evaluation = next(row for row in rows if row["event"] == "eval")
+    assert evaluation["eval_per_class/commercial"] == 0.5 and evaluation["eval_per_class/navigational"] == 0.25
+    assert evaluation["eval_confusion"] == [[1, 2], [3, 4]] and evaluation["eval_note"] == "fine"
+    metrics_line = next(m for m in RunFiles(log_dir).messages("training_progress") if m.startswith("Metrics: eval_"))
+    assert "eval_per_class/commercial=0.500000" in metrics_line and "eval_confusion=[[1, 2], [3, 4]]" in metrics_line
+
+
+def test_non_finite_values_warn_once_per_key_and_are_null_in_json(make_trainer, log_dir):
+    def nan_logits(module, args, output):
+        return output * float("nan")
+
+    trainer = with_callback(make_trainer(max_steps=4, logging_nan_inf_filter=False), log_dir)
+    hook = StepHook(2, lambda t, state: t.model.classifier.register_forward_hook(nan_logits))
+    trainer.add_callback(hook.callback)
+    hook.trainer = trainer
+    trainer.train()
+
+    run = RunFiles(log_dir)
+    warnings_ = [m for m in run.messages("errors") if m.startswith("Non-finite value: ")]
+    assert "Non-finite value: loss=nan at global_step 3" in warnings_
+    assert "Non-finite value: grad_norm=nan at global_step 3" in warnings_
+    assert len(warnings_) == len(set(warnings_))
+    assert set(warnings_) <= set(run.messages("error_tracking"))
+    train = run.records("train")
+    assert train[2]["loss"] is None and train[0]["loss"] is not None
+    finite = [row["loss"] for row in trainer.state.log_history if "loss" in row and np.isfinite(row["loss"])]
+    assert f"Best loss: {min(finite):.6f}" in run.messages("training_progress")
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+@dataclass
+class Extra:
+    depth: int
+    where: Path
+
+
+def test_hyperparameters_json_cannot_take_are_written_readably(make_trainer, log_dir):
+    from transformers import BitsAndBytesConfig
+
+    model = tiny_model()
+    model.config.colour = Colour.RED
+    model.config.cache_dir = Path("/tmp/cache")
+    model.config.compute_dtype = torch.bfloat16
+    model.config.extra = Extra(3, Path("/x"))
+    model.config.labels_seen = {"a"}
+    model.config.nothing = None
+    model.config.quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    trainer = with_callback(make_trainer(max_steps=1, model=model), log_dir)
+    trainer.train()
+    hyper = RunFiles(log_dir).records("hyperparameters")[0]["hyperparameters"]
+    config = hyper["model"]["config"]
+    assert config["colour"] == "red" and config["cache_dir"] == "/tmp/cache"
+    assert config["compute_dtype"] == "torch.bfloat16"
+    assert config["extra"] == {"depth": 3, "where": "/x"} and config["labels_seen"] == ["a"]
+    assert config["nothing"] is None and config["quantization_config"]["load_in_8bit"] is True
+    assert isinstance(hyper["training_args"]["accelerator_config"], dict)
+
+
+def test_unicode_round_trips_through_every_file(make_trainer, log_dir):
+    names = {"精度": 0.5, "🚀_speed": 1.0, "דיוק": 0.25}
+    hook = StepHook(1, lambda trainer, state: trainer.log(dict(names)))
+    trainer = make_trainer(max_steps=2, run_name="実験-🚀-ניסוי", callbacks=[hook.callback])
+    hook.trainer = with_callback(trainer, log_dir)
+    hook2 = StepHook(2, lambda t, s: (_ for _ in ()).throw(ValueError("失敗 💥 כישלון")))
+    trainer.add_callback(hook2.callback)
+    with pytest.raises(ValueError):
+        trainer.train()
+    text = all_text(log_dir)
+    for fragment in ("精度=0.500000", "🚀_speed=1.000000", "דיוק=0.250000", "実験-🚀-ניסוי", "失敗 💥 כישלון"):
+        assert fragment in text
+    assert any(row.get("精度") == 0.5 for row in json_rows(log_dir))
+
+
+# ---------------------------------------------------------------------------------------- secrets
+
+
+def test_secrets_never_reach_any_file(make_trainer, log_dir, monkeypatch):
+    hub_token = "hf_SECRETabc123456"
+    monkeypatch.setenv("WANDB_API_KEY", "wandbSECRET9876")
+    monkeypatch.setenv("HF_TOKEN", "hfenvSECRET5555")
+    model = tiny_model()
+    model.config.db_password = "pw-SECRET-777"
+    model.config.sessionToken = "sessionSECRET42"
+    model.config.credentials = {"user": "bob", "pass": "nested-SECRET-1"}
+    model.config.owner = "alice"
+
+    def leak(trainer, state):
+        trainer.log({"api_key": "logged-SECRET-2"})
+        raise RuntimeError(f"upload failed with token {hub_token} and {os.environ['HF_TOKEN']}")
+
+    hook = StepHook(2, leak)
+    trainer = make_trainer(max_steps=4, hub_token=hub_token, model=model, callbacks=[hook.callback])
+    hook.trainer = with_callback(trainer, log_dir, debug=True, level="DEBUG")
+    with pytest.raises(RuntimeError, match="upload failed"):
+        trainer.train()
+    text = all_text(log_dir)
+    for secret in (hub_token, "wandbSECRET9876", "hfenvSECRET5555", "pw-SECRET-777", "sessionSECRET42",
+                   "nested-SECRET-1", "logged-SECRET-2"):
+        assert secret not in text, secret
+    assert "upload failed with token <redacted> and <redacted>" in text
+    assert "owner: alice" in text  # only what sits under a secret key is masked
+
+
+def test_tracebacks_carry_no_local_variables(make_trainer, log_dir):
+    def fail(trainer, state):
+        local_value = "LOCAL-VALUE-1234"  # noqa: F841 - must not show up in the logs
+        raise KeyError("missing")
+
+    hook = StepHook(1, fail)
+    trainer = make_trainer(max_steps=2, callbacks=[hook.callback])
+    hook.trainer = with_callback(trainer, log_dir)
+    with pytest.raises(KeyError):
+        trainer.train()
+    text = all_text(log_dir)
+    assert "raise KeyError(\"missing\")" in text and "LOCAL-VALUE-1234" not in text
+
+
+# ---------------------------------------------------------------------------------------- crashes and signals
+
+
+def run_child(log_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
+    return subprocess.run([sys.executable, str(HERE / "sigterm_child.py"), str(log_dir), *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sigterm_is_recorded_and_still_terminates(log_dir):
+    result = run_child(log_dir, "default")
+    assert result.returncode == -signal.SIGTERM, result.stderr[-2000:]
+    assert "training finished" not in result.stdout
+    run = RunFiles(log_dir)
+    assert run.messages("errors")[0] == "Error in training: TerminatedBySignal: received SIGTERM (signal 15)"
+    assert "global_step=3" in run.messages("errors")[2]
+    tracking = run.path("error_tracking").read_text()
+    assert "Training state: global_step=3, epoch=" in tracking and "os.kill(os.getpid(), signal.SIGTERM)" in tracking
+    assert run.records("summary")[0]["status"] == "terminated"
+    assert "Status: terminated" in run.messages("training_progress")
+
+
+def test_sigterm_runs_the_users_own_handler(log_dir, tmp_path):
+    flag = tmp_path / "flag"
+    result = run_child(log_dir, "user", str(flag))
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert flag.read_text() == "user handler ran"
+    run = RunFiles(log_dir)
+    assert any(m.startswith("SIGTERM received at global_step 3") for m in run.messages("errors"))
+    assert run.records("summary")[0]["status"] == "terminated"
+    assert run.messages("errors")[-3] == "Error in training: SystemExit: 3"
+
+
+def test_failing_collator_is_logged_with_context_and_reraised(make_trainer, log_dir, tokenizer):
+    error = ValueError("cannot pad a feature")
+    calls = []
+
+    def flaky(features):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return DataCollatorWithPadding(tokenizer)(features)
+
+    trainer = with_callback(make_trainer(max_steps=5, data_collator=TimedDataCollator(flaky)), log_dir)
+    with pytest.raises(ValueError) as info:
+        trainer.train()
+    assert info.value is error
+    run = RunFiles(log_dir)
+    assert run.messages("errors") == [
+        "Error in collate: ValueError: cannot pad a feature",
+        "Context: the data collator failed on a batch",
+        "Additional info: batch_size=8, feature_keys=['attention_mask', 'input_ids', 'labels', 'token_type_ids']",
+    ]
+    assert run.records("summary")[0]["status"] == "failed"
+    assert "input_ids=" not in all_text(log_dir)
+
+
+# ---------------------------------------------------------------------------------------- disk trouble
+
+
+def test_a_failing_disk_is_reported_once_and_logging_resumes(log_dir, monkeypatch):
+    real_write = FileSink.write
+    disk = {"full": True}
+
+    def disk_full(self, message):
+        if "training_progress" in self._path and disk["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, message)
+
+    tlog = TrainLogger(quiet(log_dir))
+    monkeypatch.setattr(FileSink, "write", disk_full)
+    for step in range(1, 6):
+        tlog.log_training_progress(0.1, step, 0.5, 1e-4)  # returns normally: training would go on
+    disk["full"] = False
+    for step in range(6, 9):
+        tlog.log_training_progress(0.2, step, 0.4, 1e-4)
+    tlog.close()
+    run = RunFiles(log_dir, tlog.run_id)
+    assert progress_steps(run) == [6, 7, 8]
+    notices = [m for m in run.messages("errors") if m.startswith("seo_trainlog: ")]
+    assert len(notices) == 2
+    assert notices[0].startswith(f"seo_trainlog: cannot write to {tlog.files['training']}: OSError: [Errno 28]")
+    assert notices[1] == f"seo_trainlog: writing to {tlog.files['training']} works again after 5 lost records"
+    assert [row["global_step"] for row in run.records("train")] == list(range(1, 9))  # other files kept all
+
+
+def test_a_refused_rotation_keeps_every_record(log_dir, monkeypatch):
+    def refuse(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied", source)
+
+    tlog = TrainLogger(quiet(log_dir, rotation="1 KB"))
+    monkeypatch.setattr(os, "rename", refuse)
+    for step in range(1, 101):
+        tlog.log_training_progress(0.01 * step, step, 1.0 / step, 1e-4)
+    tlog.close()
+    run = RunFiles(log_dir, tlog.run_id)
+    assert progress_steps(run) == list(range(1, 101))
+    notices = [m for m in run.messages("errors") if "rotation of" in m and "training_progress" in m]
+    assert len(notices) == 1 and "PermissionError" in notices[0]
+
+
+def test_a_removed_file_is_recreated(log_dir):
+    tlog = TrainLogger(quiet(log_dir))
+    tlog.log_training_progress(1, 1, 0.5, 1e-4)
+    tlog.files["training"].unlink()
+    tlog.log_training_progress(1, 2, 0.4, 1e-4)
+    tlog.close()
+    assert progress_steps(RunFiles(log_dir, tlog.run_id)) == [2]
+
+
+def test_rotation_under_load_keeps_every_line_in_order(log_dir):
+    log_dir.mkdir()
+    (log_dir / "unrelated.log").write_text("keep")
+    with TrainLogger(quiet(log_dir, rotation="3 MB", retention=5)) as tlog:
+        for index in range(200_000):
+            tlog.log_message(f"progress record {index:06d}", category="training")
+    for prefix in ("training_progress", "training_detailed", "seo_engine"):
+        files = sorted(log_dir.glob(f"{prefix}_{tlog.run_id}.*.log"))
+        assert 1 <= len(files) <= 5, (prefix, files)
+        files.append(log_dir / f"{prefix}_{tlog.run_id}.log")
+        lines = [line for path in files for line in path.read_text(encoding="utf-8").split("\n") if line]
+        records = [LINE.match(line).group(4) for line in lines]
+        records = [r for r in records if r.startswith("progress record ")]
+        assert records == [f"progress record {index:06d}" for index in range(200_000)], prefix
+    assert (log_dir / "unrelated.log").read_text() == "keep"
+    assert sorted(p.name for p in log_dir.glob(f"errors_{tlog.run_id}*")) == [f"errors_{tlog.run_id}.log"]
+
+
+# ---------------------------------------------------------------------------------------- exceptions anywhere
+
+
+def test_exceptions_outside_the_epoch_loop_are_logged_and_cleaned_up(make_trainer, log_dir, tiny_dataset):
+    def broken_metric(eval_pred):
+        raise ValueError("metric boom")
+
+    trainer = with_callback(make_trainer(max_steps=2, eval_on_start=True, eval_strategy="steps", eval_steps=1,
+                                         eval_dataset=tiny_dataset.select(range(8)), compute_metrics=broken_metric),
+                            log_dir)
+    before = our_handler_count()
+    with pytest.raises(ValueError, match="metric boom"):
+        trainer.train()
+    assert our_handler_count() == before
+    assert "_evaluate" not in vars(trainer) and "call_event" not in vars(trainer.callback_handler)
+    run = RunFiles(log_dir)
+    assert run.messages("errors")[0] == "Error in training: ValueError: metric boom"
+    assert run.records("summary")[0]["status"] == "failed"
+
+
+class RaiseIn(TrainerCallback):
+    def __init__(self, event: str):
+        self.event = event
+
+    def __getattribute__(self, name):
+        if name == object.__getattribute__(self, "event"):
+            def fail(*args, **kwargs):
+                raise RuntimeError(f"user callback failed in {name}")
+            return fail
+        return object.__getattribute__(self, name)
+
+
+@pytest.mark.parametrize("event", ["on_epoch_begin", "on_step_end", "on_train_begin"])
+def test_a_failing_user_callback_is_logged(make_trainer, log_dir, monkeypatch, event):
+    monkeypatch.setenv("SEO_TRAINLOG_DIR", str(log_dir))
+    monkeypatch.setenv("SEO_TRAINLOG_CONSOLE", "0")
+    # report_to: our callback sits before the user's, and train() itself is guarded from the start
+    trainer = make_trainer(max_steps=2, report_to="seo_trainlog", callbacks=[RaiseIn(event)])
+    before = our_handler_count()
+    with pytest.raises(RuntimeError, match=f"user callback failed in {event}"):
+        trainer.train()
+    assert our_handler_count() == before
+    run = RunFiles(log_dir)
+    assert run.messages("errors")[0] == f"Error in training: RuntimeError: user callback failed in {event}"
+    assert run.records("summary")[0]["status"] == "failed"
+
+
+def test_an_exception_after_the_summary_is_still_recorded(make_trainer, log_dir):
+    trainer = with_callback(make_trainer(max_steps=2), log_dir)
+    trainer.add_callback(RaiseIn("on_train_end"))
+    with pytest.raises(RuntimeError, match="on_train_end"):
+        trainer.train()
+    run = RunFiles(log_dir)
+    assert "Status: completed" in run.messages("training_progress")
+    assert run.messages("errors")[0] == "Error in training: RuntimeError: user callback failed in on_train_end"
+    assert run.records()[-1] == {**run.records()[-1], "event": "status", "status": "failed"}
+
+
+def test_an_out_of_memory_retry_stays_one_run(make_trainer, log_dir):
+    trainer = with_callback(make_trainer(max_steps=3, auto_find_batch_size=True, per_device_train_batch_size=8), log_dir)
+
+    def oom_at_batch_8(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] == 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.model.register_forward_pre_hook(oom_at_batch_8, with_kwargs=True)
+    trainer.train()
+    assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
+    run = RunFiles(log_dir)
+    assert [m for m in run.messages("errors") if m.startswith("Out of memory")][0].startswith(
+        "Out of memory at train_batch_size=8; auto_find_batch_size retries")
+    # accelerate retries with 90 % of the batch size
+    assert "Training restarted by auto_find_batch_size with train_batch_size=7" in run.messages("seo_engine")
+    assert progress_steps(run) == [1, 2, 3]
+    assert run.records("summary")[0]["status"] == "completed"
+
+
+def test_the_same_callback_added_twice_writes_once(make_trainer, log_dir):
+    callback = TrainLogCallback(quiet(log_dir))
+    trainer = make_trainer(max_steps=3, callbacks=[callback])
+    trainer.add_callback(callback)
+    with pytest.warns(RuntimeWarning, match="added twice"):
+        trainer.train()
+    assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
+    assert progress_steps(RunFiles(log_dir)) == [1, 2, 3]
+
+
+def test_two_trainers_at_once_keep_their_own_runs(make_trainer, tmp_path, log_dir):
+    config = quiet(log_dir)
+    trainers = [make_trainer(max_steps=8, output_dir=str(tmp_path / f"out{i}")) for i in range(2)]
+    for trainer in trainers:
+        trainer.add_callback(TrainLogCallback(config))
+    threads = [threading.Thread(target=trainer.train) for trainer in trainers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stamps = sorted(p.name[len("seo_engine_"):-4] for p in log_dir.glob("seo_engine_*.log"))
+    assert len(stamps) == 2
+    for stamp in stamps:
+        run = RunFiles(log_dir, stamp)
+        assert progress_steps(run) == list(range(1, 9))
+        assert run.messages("training_progress").count("TRAINING SUMMARY") == 1
+
+
+def test_an_unreadable_model_config_does_not_stop_training(make_trainer, log_dir):
+    model = tiny_model()
+    model.config.lock = threading.Lock()
+    trainer = with_callback(make_trainer(max_steps=2, model=model), log_dir)
+    trainer.train()
+    run = RunFiles(log_dir)
+    assert progress_steps(run) == [1, 2]
+    assert run.records("hyperparameters")[0]["hyperparameters"]["model"]["config"].startswith("<unavailable: TypeError")
+
+
+def test_a_metric_named_runtime_does_not_hijack_evaluation(make_trainer, log_dir, tiny_dataset):
+    def metrics(eval_pred):
+        return {"decode_runtime": 0.5, "accuracy": 0.75}
+
+    trainer = with_callback(make_trainer(max_steps=2, eval_strategy="steps", eval_steps=2, compute_metrics=metrics,
+                                         eval_dataset=tiny_dataset.select(range(8))), log_dir)
+    trainer.train()
+    run = RunFiles(log_dir)
+    assert "Metrics: eval_decode_runtime=0.500000, eval_accuracy=0.750000" in run.messages("training_progress")
+    runtime = next(row["eval_runtime"] for row in trainer.state.log_history if "eval_runtime" in row)
+    assert f"evaluation completed in {runtime:.4f}s" in run.messages("model_performance")
+
+
+def test_a_broken_stderr_switches_the_console_off(make_trainer, log_dir, monkeypatch):
+    class Closed:
+        def write(self, text):
+            raise ValueError("I/O operation on closed file")
+
+    trainer = make_trainer(max_steps=3)
+    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=True)))
+    monkeypatch.setattr(sys, "stderr", Closed())
+    trainer.train()
+    run = RunFiles(log_dir)
+    assert progress_steps(run) == [1, 2, 3]
+    assert [m for m in run.messages("errors") if "console output switched off" in m]
+
+
+def test_accelerate_warnings_still_reach_stderr_while_a_run_is_open(log_dir, capsys):
+    accelerate_logger = logging.getLogger("accelerate.test_module")
+    root_handlers = logging.getLogger().handlers[:]
+    logging.getLogger().handlers.clear()  # no logging configured, as in a plain script
+    try:
+        with TrainLogger(quiet(log_dir)):
+            accelerate_logger.warning("during the run")
+    finally:
+        logging.getLogger().handlers[:] = root_handlers
+    assert "during the run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- TrainLogger misuse
+
+
+def test_train_logger_methods_survive_bad_values(log_dir):
+    with TrainLogger(quiet(log_dir)) as tlog, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tlog.log_training_progress("epoch-one", 1, 0.5, 1e-3)
+        tlog.log_training_progress(1, 2, 0.5, 1e-3, metrics=[1, 2])
+        tlog.log_error("oops")
+        tlog.log_error(ValueError)
+        tlog.log_hyperparameters(None)
+        tlog.log_metrics("e", None)
+        tlog.log_model_performance("op", 1.0, additional_metrics={"huge": 10**5000})
+        loop: dict = {}
+        loop["self"] = loop
+        tlog.log_hyperparameters({"loop": loop, "api_key": np.array([1, 2])})
+        tlog.log_error(RuntimeError("after the bad calls"))
+    run = RunFiles(log_dir, tlog.run_id)
+    assert run.messages("training_progress")[0] == "Epoch epoch-one, Step 1: Loss=0.500000, LR=1.00e-03"
+    assert "Metrics: metrics=[1, 2]" in run.messages("training_progress")
+    errors = run.messages("errors")
+    assert "Error: str: oops" in errors and "Error: type: <class 'ValueError'>" in errors
+    assert "Error: RuntimeError: after the bad calls" in errors
+    assert "Additional metrics: huge=<int of 16610 bits>" in run.messages("model_performance")
+    for row in json_rows(log_dir):
+        assert row["run_id"] == tlog.run_id
+    assert "Training state: global_step=2, epoch=1" in run.path("error_tracking").read_text()
+
+
+def test_an_exception_logged_inside_the_block_does_not_hide_the_one_escaping_it(log_dir):
+    with pytest.raises(ValueError, match="FATAL"):
+        with TrainLogger(quiet(log_dir)) as tlog:
+            for attempt in range(3):
+                try:
+                    raise ValueError(f"transient {attempt}")
+                except ValueError as error:
+                    tlog.log_error(error)
+            raise ValueError("FATAL escaping the block")
+    errors = [m for m in RunFiles(log_dir, tlog.run_id).messages("errors") if m.startswith("Error")]
+    assert errors == ["Error: ValueError: transient 0", "Error: ValueError: transient 1",
+                      "Error: ValueError: transient 2", "Error in run: ValueError: FATAL escaping the block"]
+
+
+def test_log_message_refuses_the_json_category(log_dir):
+    with TrainLogger(quiet(log_dir)) as tlog:
+        with pytest.raises(ValueError, match="category='metrics' is not valid"):
+            tlog.log_message("text", category="metrics")
+    assert all(json.loads(line) for line in tlog.files["metrics"].read_text().split("\n") if line)
+
+
+def test_writing_after_close_warns(log_dir):
+    tlog = TrainLogger(quiet(log_dir))
+    tlog.close()
+    with pytest.warns(RuntimeWarning, match="is closed"):
+        tlog.log_training_progress(1, 1, 0.5, 1e-3)
+
+
+def test_line_separators_never_split_a_json_line(log_dir):
+    with TrainLogger(quiet(log_dir)) as tlog:
+        tlog.log_error(ValueError("first\u2028second\x85third\u2029"))
+    lines = tlog.files["metrics"].read_text(encoding="utf-8").splitlines()
+    assert all(json.loads(line) for line in lines)
+    assert json.loads(lines[-1])["message"] == "first\u2028second\x85third\u2029"
+
+
+def test_braces_in_the_log_directory_are_literal(tmp_path):
+    log_dir = tmp_path / "exp_{lr}_{time}"
+    with TrainLogger(quiet(log_dir)) as tlog:
+        tlog.log_training_progress(1, 1, 0.5, 1e-3)
+    assert tlog.files["training"].parent == log_dir.resolve()
+    assert progress_steps(RunFiles(log_dir, tlog.run_id)) == [1]
+
+
+# ---------------------------------------------------------------------------------------- collator edges
+
+
+def test_collator_passes_arguments_and_attributes_through(tokenizer):
+    from transformers import default_data_collator
+
+    features = [{"input_ids": [1, 2], "labels": 0}, {"input_ids": [3, 4], "labels": 1}]
+    wrapped = TimedDataCollator(default_data_collator)
+    assert type(wrapped(features, return_tensors="np")["input_ids"]).__name__ == "ndarray"
+    inner = DataCollatorWithPadding(tokenizer)
+    TimedDataCollator(inner).padding = "max_length"
+    assert inner.padding == "max_length"
