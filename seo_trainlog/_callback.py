@@ -18,8 +18,8 @@ from ._collator import TimedDataCollator
 from ._config import LogConfig
 from ._guard import TrainerGuard, find_trainer, guard_train
 from ._logger import TrainLogger, innermost_open_logger, mark_logged, was_logged
-from ._monitor import rss_mb
-from ._rank import writes_shared_files
+from ._monitor import ResourceSampler, cuda_memory, rss_mb
+from ._rank import process_role, writes_shared_files
 from ._safety import never_raises
 from ._secrets import remember_secrets
 from ._signals import SigtermHook, TerminatedBySignal
@@ -45,6 +45,7 @@ class _Run:
     epoch_started_s: float | None = None
     guard: TrainerGuard | None = None
     sigterm: SigtermHook | None = None
+    sampler: ResourceSampler | None = None
     retrying: bool = False
 
 
@@ -149,6 +150,11 @@ class TrainLogCallback(TrainerCallback):
             run.guard = TrainerGuard(trainer, report)
             guard_train(trainer, functools.partial(_report_to_callbacks, weakref.ref(trainer)))
         run.sigterm = SigtermHook(functools.partial(self._on_sigterm, run))
+        role = process_role()
+        run.sampler = ResourceSampler(tlog.config.sample_interval_s,
+                                      notice=functools.partial(tlog.log_message, category="model"),
+                                      local_rank=role.local_rank if role.world_size > 1 else None)
+        run.sampler.start()
         remember_secrets(vars(args))  # to_dict() blanks hub_token: learn the value itself
         tlog.mark(state.global_step, state.epoch)
         tlog.log_hyperparameters(_hyperparameters(args, state, model, train_dataloader, eval_dataloader))
@@ -231,7 +237,7 @@ class TrainLogCallback(TrainerCallback):
         try:
             losses = [_format.to_number(entry["loss"]) for entry in state.log_history or ()
                       if "loss" in entry and _format.is_finite_number(entry["loss"])]
-            extra: dict[str, Any] = {}
+            extra = _run_resources(run)
             if state.best_metric is not None:
                 extra["best_metric"] = state.best_metric
                 extra["best_model_checkpoint"] = state.best_model_checkpoint
@@ -248,6 +254,8 @@ class TrainLogCallback(TrainerCallback):
                 run.guard.remove()
             if run.sigterm is not None:
                 run.sigterm.remove()
+            if run.sampler is not None:
+                run.sampler.stop()
             self._last_run = (tlog.config, tlog.run_id)
             if run.owns_logger:
                 tlog.close()
@@ -297,7 +305,7 @@ class TrainLogCallback(TrainerCallback):
             run.epoch_started_s = perf_counter()
             run.logger.log_message(f"Epoch {math.floor(state.epoch or 0) + 1} started at global_step "
                                    f"{state.global_step}", category="training_detailed")
-            run.timer.mark(run.epoch_started_s)
+            run.timer.new_epoch()
 
     @never_raises
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -335,11 +343,12 @@ class TrainLogCallback(TrainerCallback):
         if "loss" in values:
             timing = run.timer.drain(run.samples_per_step) if run is not None else {}
             collate = COLLATE_STATS.drain()
+            resources = {**run.sampler.drain(), **cuda_memory()} if run is not None and run.sampler else {}
             metrics = {key: value for key, value in values.items() if key not in ("loss", "learning_rate", "epoch")}
             tlog._progress(epoch, state.global_step, values["loss"], values.get("learning_rate"), None, metrics,
-                           timing={**timing, **collate})
+                           timing={**timing, **collate, **resources})
             if run is not None:
-                self._write_interval(run, state.global_step, timing, collate)
+                self._write_interval(run, state.global_step, timing, collate, resources)
             return
         prefix = _speed_prefix(values)
         if prefix == "train":
@@ -358,7 +367,7 @@ class TrainLogCallback(TrainerCallback):
             tlog.log_metrics("log", values)
 
     def _write_interval(self, run: _Run, global_step: int, timing: Mapping[str, Any],
-                        collate: Mapping[str, Any]) -> None:
+                        collate: Mapping[str, Any], resources: Mapping[str, Any]) -> None:
         tlog, first = run.logger, run.interval_first_step
         run.interval_first_step = global_step + 1
         if timing:
@@ -369,11 +378,32 @@ class TrainLogCallback(TrainerCallback):
             tlog._write("data", "INFO", _format.data_loading_lines(
                 "dataloader", run.train_examples if run.train_examples is not None else "n/a",
                 run.per_device_batch_size, timing["data_wait_s"] * timing["steps"]))
+            if timing["data_wait_pct"] > tlog.config.data_wait_warn_pct:
+                tlog._warn(
+                    f"Data loading bottleneck: {timing['data_wait_pct']:.1f}% of the time of steps {first}-"
+                    f"{global_step} was spent waiting for data (threshold {tlog.config.data_wait_warn_pct:g}%). "
+                    f"Try dataloader_num_workers > 0 (now {run.args.dataloader_num_workers}), "
+                    "dataloader_pin_memory=True on GPU, or tokenising and preparing the data ahead of time "
+                    "(datasets.map) instead of in the collator.",
+                    data_wait_pct=timing["data_wait_pct"], first_step=first, last_step=global_step)
+            self._write_resources(run, first, global_step, timing, resources)
         if collate:
             tlog.log_message(
                 f"Collate: batches={collate['collate_calls']}, total {collate['collate_time_s']:.4f}s, "
                 f"mean {collate['collate_mean_ms']:.3f} ms, max {collate['collate_max_ms']:.3f} ms",
                 category="data")
+
+    @staticmethod
+    def _write_resources(run: _Run, first: int, last: int, timing: Mapping[str, Any],
+                         resources: Mapping[str, Any]) -> None:
+        """The interval in the spec's model-performance lines: wall time, peak RSS, mean GPU
+        utilisation, then the mean of every other reading."""
+        gpu_util = _gpu_utilisations(resources)
+        additional = {key: value for key, value in resources.items() if not key.endswith(("_min", "_max"))}
+        additional.update(data_wait_pct=timing["data_wait_pct"], samples_per_second=timing["samples_per_second"])
+        run.logger._write("model", "INFO", _format.performance_lines(
+            f"steps_{first}-{last}", timing["interval_s"], resources.get("rss_mb_max"),
+            sum(gpu_util) / len(gpu_util) if gpu_util else None, additional))
 
     def _write_speed(self, operation: str, state, metrics: Mapping[Any, Any]) -> None:
         values = _format.metric_values(metrics)
@@ -453,6 +483,30 @@ class TrainLogCallback(TrainerCallback):
             except Exception:
                 pass
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _gpu_utilisations(readings: Mapping[str, Any]) -> list[float]:
+    """The mean ``gpu{i}_util_pct`` of each device among the readings."""
+    return [value for key, value in readings.items()
+            if key.startswith("gpu") and key.endswith("_util_pct") and "_mem_" not in key]
+
+
+def _run_resources(run: _Run) -> dict[str, Any]:
+    """For the summary: peak RSS (MiB), mean GPU utilisation (percent, mean over devices and samples)
+    and the share of step time spent waiting for data (percent), over the whole run."""
+    extra: dict[str, Any] = {}
+    if run.sampler is not None:
+        run.sampler.sample()
+        totals = run.sampler.stats.totals()
+        if "rss_mb_max" in totals:
+            extra["peak_rss_mb"] = totals["rss_mb_max"]
+        gpu_util = _gpu_utilisations(totals)
+        if gpu_util:
+            extra["mean_gpu_util_pct"] = sum(gpu_util) / len(gpu_util)
+    wait = run.timer.total_data_wait_pct()
+    if wait is not None:
+        extra["data_wait_pct"] = wait
+    return extra
 
 
 def _report_to_callbacks(trainer_ref: Callable[[], Any], error: BaseException) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,12 @@ class LogConfig:
             such as ``"7 days"``. Retention only ever matches the files of the same category and run.
             Default ``5``.
         encoding: Encoding of every file. Default ``"utf-8"``.
+        sample_interval_s: Seconds between two resource readings (memory, CPU, GPU) of the background
+            sampler; ``0`` turns the thread off (one reading is then taken at each logging step).
+            Default ``2.0``.
+        data_wait_warn_pct: A logging interval in which more than this share (percent) of the step
+            wall time was spent waiting for data gets one data-loading bottleneck WARNING.
+            Default ``20.0``.
 
     Raises:
         ValueError: at construction, for an unknown level, an invalid rotation or retention, or an
@@ -46,6 +53,8 @@ class LogConfig:
     rotation: str | int = "10 MB"
     retention: int | str = 5
     encoding: str = "utf-8"
+    sample_interval_s: float = 2.0
+    data_wait_warn_pct: float = 20.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dir", _check_log_dir("log_dir", self.log_dir))
@@ -55,6 +64,10 @@ class LogConfig:
         object.__setattr__(self, "encoding", _check_encoding("encoding", self.encoding))
         object.__setattr__(self, "rotation", _check_rotation("rotation", self.rotation))
         object.__setattr__(self, "retention", _check_retention("retention", self.retention))
+        object.__setattr__(self, "sample_interval_s", _check_number("sample_interval_s", self.sample_interval_s,
+                                                                    0.0, 3600.0))
+        object.__setattr__(self, "data_wait_warn_pct", _check_number("data_wait_warn_pct", self.data_wait_warn_pct,
+                                                                     0.0, 100.0))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LogConfig:
@@ -67,6 +80,8 @@ class LogConfig:
         ``SEO_TRAINLOG_CONSOLE``      ``1``/``0``: concise console lines
         ``SEO_TRAINLOG_ROTATION``     loguru size or duration, e.g. ``10 MB``, ``1 day``
         ``SEO_TRAINLOG_RETENTION``    rotated files kept (integer >= 1) or a duration ``7 days``
+        ``SEO_TRAINLOG_SAMPLE_INTERVAL``       seconds between resource readings, ``0``: no thread
+        ``SEO_TRAINLOG_DATA_WAIT_WARN_PCT``    data-wait share (percent) that warns of a bottleneck
         ============================  ==========================================================
 
         Args:
@@ -110,6 +125,16 @@ def _check_bool(name: str, value: object) -> bool:
     if lowered in _FALSE:
         return False
     raise ValueError(f"{name}={value!r} is not valid; accepted values: {', '.join(_TRUE + _FALSE)}")
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> float:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not low <= number <= high:
+        raise ValueError(f"{name}={value!r} is not valid; accepted values: a number from {low:g} to {high:g}")
+    return number
 
 
 def _check_encoding(name: str, value: object) -> str:
@@ -169,6 +194,8 @@ _ENV_FIELDS = (
     ("SEO_TRAINLOG_DEBUG", "debug"),
     ("SEO_TRAINLOG_ROTATION", "rotation"),
     ("SEO_TRAINLOG_RETENTION", "retention"),
+    ("SEO_TRAINLOG_SAMPLE_INTERVAL", "sample_interval_s"),
+    ("SEO_TRAINLOG_DATA_WAIT_WARN_PCT", "data_wait_warn_pct"),
 )
 _PARSERS = {
     "log_dir": _check_log_dir,
@@ -177,4 +204,6 @@ _PARSERS = {
     "debug": _check_bool,
     "rotation": _check_rotation,
     "retention": _check_retention,
+    "sample_interval_s": functools.partial(_check_number, low=0.0, high=3600.0),
+    "data_wait_warn_pct": functools.partial(_check_number, low=0.0, high=100.0),
 }

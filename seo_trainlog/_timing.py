@@ -6,23 +6,31 @@ from __future__ import annotations
 class StepTimer:
     """Wall time of optimizer steps and of the waits between them.
 
-    ``mark(now)`` notes the end of any Trainer event (step end, log, evaluation, save, epoch start);
-    ``step_begin(now)`` adds the time since the last mark to the data wait (the loop was fetching
-    and collating the next batches), ``step_end(now)`` adds the time since ``step_begin`` to the
-    step time (forward, backward, optimizer). Times come from ``time.perf_counter`` (seconds).
+    ``mark(now)`` notes the end of any Trainer event between two steps (step end, log, evaluation,
+    save); ``step_begin(now)`` adds the time since the last mark to the data wait (the loop was
+    fetching and collating the next batches), ``step_end(now)`` adds the time since ``step_begin`` to
+    the step time (forward, backward, optimizer). ``new_epoch()``: the first step of an epoch has no
+    step before it, so no wait is counted for it (the data loader's start-up is in the epoch's time).
+    Times come from ``time.perf_counter`` (seconds).
     """
 
-    __slots__ = ("steps", "step_time_s", "data_wait_s", "_last_mark", "_step_started")
+    __slots__ = ("steps", "step_time_s", "data_wait_s", "total_step_time_s", "total_data_wait_s", "_last_mark",
+                 "_step_started")
 
     def __init__(self) -> None:
         self.steps = 0
         self.step_time_s = 0.0
         self.data_wait_s = 0.0
+        self.total_step_time_s = 0.0
+        self.total_data_wait_s = 0.0
         self._last_mark: float | None = None
         self._step_started: float | None = None
 
     def mark(self, now: float) -> None:
         self._last_mark = now
+
+    def new_epoch(self) -> None:
+        self._last_mark = None
 
     def step_begin(self, now: float) -> None:
         if self._last_mark is not None:
@@ -43,6 +51,8 @@ class StepTimer:
         ``data_wait_pct`` (share of step + wait time), ``samples_per_second``. Empty if no step ran."""
         steps, step_time, wait = self.steps, self.step_time_s, self.data_wait_s
         self.steps, self.step_time_s, self.data_wait_s = 0, 0.0, 0.0
+        self.total_step_time_s += step_time
+        self.total_data_wait_s += wait
         if steps == 0:
             return {}
         busy = step_time + wait
@@ -52,7 +62,13 @@ class StepTimer:
             "data_wait_s": wait / steps,
             "data_wait_pct": 100.0 * wait / busy if busy > 0 else 0.0,
             "samples_per_second": steps * samples_per_step / busy if busy > 0 else 0.0,
+            "interval_s": busy,
         }
+
+    def total_data_wait_pct(self) -> float | None:
+        """Share (percent) of all drained step + wait time that was data wait; None before any step."""
+        busy = self.total_step_time_s + self.total_data_wait_s
+        return 100.0 * self.total_data_wait_s / busy if busy > 0 else None
 
 
 class CollateStats:

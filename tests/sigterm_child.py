@@ -10,11 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import WORDS, tiny_model  # noqa: E402
+from conftest import WORDS, quiet, tiny_model  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import BertTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from seo_trainlog import LogConfig, TrainLogCallback  # noqa: E402
+from seo_trainlog import TrainLogCallback  # noqa: E402
 
 log_dir, mode = sys.argv[1], sys.argv[2]
 if mode == "user":
@@ -41,6 +41,6 @@ trainer = Trainer(model=tiny_model(), train_dataset=data, data_collator=DataColl
                                          per_device_train_batch_size=4, report_to="none", use_cpu=True,
                                          save_strategy="no", disable_tqdm=True),
                   callbacks=[SendSigterm()])
-trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+trainer.add_callback(TrainLogCallback(quiet(log_dir)))
 trainer.train()
 print("training finished without termination")

@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from conftest import LINE, RunFiles
+from conftest import LINE, RunFiles, quiet
 from loguru import logger as loguru_logger
 
 import seo_trainlog
@@ -16,9 +16,6 @@ from seo_trainlog import LogConfig, TrainLogger
 
 STAMP = re.compile(r"^[a-z_]+?_(\d{8}_\d{6}(?:_\d+)?)\.log$")
 
-
-def quiet(log_dir, **changes):
-    return LogConfig(log_dir=log_dir, console=False, **changes)
 
 
 def our_handler_count() -> int:

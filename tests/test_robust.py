@@ -18,18 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LINE, RunFiles, StepHook, all_text, json_rows, tiny_model
+from conftest import LINE, RunFiles, StepHook, all_text, json_rows, quiet, tiny_model
 from loguru._file_sink import FileSink
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 import seo_trainlog
-from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback, TrainLogger
+from seo_trainlog import TimedDataCollator, TrainLogCallback, TrainLogger
 
 HERE = Path(__file__).resolve().parent
 
-
-def quiet(log_dir, **changes):
-    return LogConfig(log_dir=log_dir, console=False, **changes)
 
 
 def with_callback(trainer, log_dir, **config):
@@ -450,7 +447,7 @@ def test_a_broken_stderr_switches_the_console_off(make_trainer, log_dir, monkeyp
             raise ValueError("I/O operation on closed file")
 
     trainer = make_trainer(max_steps=3)
-    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=True)))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, console=True)))
     monkeypatch.setattr(sys, "stderr", Closed())
     trainer.train()
     run = RunFiles(log_dir)

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 
 import pytest
-from conftest import RunFiles
+from conftest import RunFiles, quiet
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback
 
-from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback
+from seo_trainlog import TimedDataCollator, TrainLogCallback
 
 SPEC_FILES = ("seo_engine", "training_progress", "training_detailed", "model_performance", "data_loading",
               "errors", "error_tracking", "performance_metrics")
@@ -13,7 +13,7 @@ SPEC_FILES = ("seo_engine", "training_progress", "training_detailed", "model_per
 
 def test_add_callback_run_writes_every_file(make_trainer, log_dir, tokenizer):
     trainer = make_trainer(max_steps=6, data_collator=TimedDataCollator(DataCollatorWithPadding(tokenizer)))
-    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
     trainer.train()
 
     run = RunFiles(log_dir)
@@ -45,7 +45,9 @@ def test_add_callback_run_writes_every_file(make_trainer, log_dir, tokenizer):
         f"Final loss: {train_losses[-1]:.6f}",
         f"Best loss: {min(train_losses):.6f}",
     ]
-    assert summary[start + 7:start + 10] == ["Early stopping triggered: False", "Status: completed", "=" * 80]
+    assert summary[start + 7:start + 9] == ["Early stopping triggered: False", "Status: completed"]
+    assert summary[start + 9].startswith("peak_rss_mb: ") and summary[start + 10].startswith("data_wait_pct: ")
+    assert summary[start + 11] == "=" * 80
     duration = float(summary[start + 6].removeprefix("Training duration: ").removesuffix("s"))
     assert 0 < duration < 60
     assert [m for m in run.messages("data_loading") if m.startswith("Collate: ")]
@@ -78,7 +80,7 @@ def test_report_to_and_add_callback_together_write_once(make_trainer, log_dir, t
     env_dir = tmp_path / "env_logs"
     monkeypatch.setenv("SEO_TRAINLOG_DIR", str(env_dir))
     trainer = make_trainer(max_steps=3, report_to="seo_trainlog")
-    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
     handlers_before = our_handler_count()
     trainer.train()
     assert not env_dir.exists()  # the explicitly configured callback is the one that writes
@@ -98,7 +100,7 @@ def test_users_loguru_handlers_survive_a_run(make_trainer, log_dir):
         count = len(logger._core.handlers)
         logger.info("mine before")
         trainer = make_trainer(max_steps=2)
-        trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+        trainer.add_callback(TrainLogCallback(quiet(log_dir)))
         trainer.train()
         logger.info("mine after")
         assert [str(m).strip() for m in received] == ["mine before", "mine after"]
@@ -121,7 +123,7 @@ class FailOnCall:
 
 def test_exception_at_step_3_is_logged_and_the_next_train_works(make_trainer, log_dir):
     trainer = make_trainer(max_steps=5)
-    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
     handlers_before = our_handler_count()
     hook = trainer.model.register_forward_pre_hook(
         FailOnCall(3, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")))
@@ -156,7 +158,7 @@ def test_exception_at_step_3_is_logged_and_the_next_train_works(make_trainer, lo
 
 def test_keyboard_interrupt_marks_the_run_interrupted(make_trainer, log_dir):
     trainer = make_trainer(max_steps=5)
-    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
     trainer.model.register_forward_pre_hook(FailOnCall(2, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
@@ -173,7 +175,7 @@ def accuracy(eval_pred):
 def test_each_evaluation_is_recorded_once(make_trainer, log_dir, tiny_dataset):
     trainer = make_trainer(max_steps=6, eval_strategy="steps", eval_steps=3, eval_dataset=tiny_dataset.select(range(16)),
                            compute_metrics=accuracy)
-    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
     trainer.train()
     run = RunFiles(log_dir)
     evals = [row for row in trainer.state.log_history if "eval_loss" in row]
@@ -211,7 +213,7 @@ def test_early_stopping_is_detected(make_trainer, log_dir, tiny_dataset, monkeyp
 
 def test_evaluate_after_training_appends_to_the_same_run(make_trainer, log_dir, tiny_dataset):
     trainer = make_trainer(max_steps=2, compute_metrics=accuracy)
-    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False)))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
     handlers_before = our_handler_count()
     trainer.train()
     metrics = trainer.evaluate(tiny_dataset.select(range(8)), metric_key_prefix="test")
@@ -229,7 +231,7 @@ def test_callback_joins_an_open_train_logger(make_trainer, log_dir, monkeypatch)
     from seo_trainlog import TrainLogger
 
     monkeypatch.setenv("SEO_TRAINLOG_DIR", str(log_dir / "unused"))
-    with TrainLogger(LogConfig(log_dir=log_dir, console=False)) as tlog:
+    with TrainLogger(quiet(log_dir)) as tlog:
         tlog.log_data_loading("dataset_creation", 64, 8, 0.01)
         make_trainer(max_steps=2, report_to="seo_trainlog").train()
         tlog.log_message("after training")
@@ -243,7 +245,7 @@ def test_callback_joins_an_open_train_logger(make_trainer, log_dir, monkeypatch)
 
 def test_debug_level_writes_a_line_per_step(make_trainer, log_dir):
     trainer = make_trainer(max_steps=4, logging_steps=2)
-    trainer.add_callback(TrainLogCallback(LogConfig(log_dir=log_dir, console=False, level="DEBUG")))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, level="DEBUG")))
     trainer.train()
     run = RunFiles(log_dir)
     per_step = [m.split(":")[0] for m in run.messages("training_detailed") if m.startswith("Step ")]
