@@ -16,6 +16,7 @@ from ._safety import never_raises
 from ._secrets import REDACTOR, mask_mapping
 from ._sinks import SINK_FAILURES, RunSinks, claim_stamp, logger, open_sinks, prepare_log_dir
 
+SCHEMA_VERSION = 1  # of the JSON metrics lines; readers refuse files of a newer schema
 _OPEN: list[TrainLogger] = []
 _OWN_WRAPPERS = (_guard.__file__,)
 _LOGGED_MARK = "_seo_trainlog_logged"  # set on exceptions already written, so none is written twice
@@ -106,7 +107,8 @@ class TrainLogger:
         _OPEN.append(self)
         if run_id is None:
             self.log_message(f"Run {self.run_id} started: log directory {self.log_dir}")
-            self.log_metrics("run_start", {"log_dir": str(self.log_dir)})
+            self.log_metrics("run_start", {"log_dir": str(self.log_dir), "schema_version": SCHEMA_VERSION,
+                                           "seo_trainlog_version": _version()})
             self._console(f"run {self.run_id} started, logs in {self.log_dir}")
 
     # ------------------------------------------------------------------ the spec's six methods
@@ -395,6 +397,15 @@ class TrainLogger:
             self._failed_methods.add("closed")
             warnings.warn(f"TrainLogger run {self.run_id} is closed; a {where} record was not written",
                           RuntimeWarning, stacklevel=3)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("seo_trainlog")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def mark_logged(error: BaseException) -> None:
