@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import datetime
 import functools
 import os
 from collections.abc import Mapping
@@ -31,15 +32,36 @@ class LogConfig:
         rotation: When a log file is rotated, in loguru's syntax: a size such as ``"10 MB"`` or
             ``"500 KB"``, or a duration such as ``"1 day"``. Default ``"10 MB"``.
         retention: How many rotated files each log file keeps (an ``int`` >= 1), or a loguru duration
-            such as ``"7 days"``. Retention only ever matches the files of the same category and run.
-            Default ``5``.
+            such as ``"7 days"``. Retention only ever matches the files of the same category and run,
+            and only rotated files: with ``rotation=None`` nothing is ever deleted. Default ``5``.
         encoding: Encoding of every file. Default ``"utf-8"``.
         sample_interval_s: Seconds between two resource readings (memory, CPU, GPU) of the background
             sampler; ``0`` turns the thread off (one reading is then taken at each logging step).
             Default ``2.0``.
         data_wait_warn_pct: A logging interval in which more than this share (percent) of the step
             wall time was spent waiting for data gets one data-loading bottleneck WARNING.
-            Default ``20.0``.
+            Default ``20.0``; also the threshold of the ``data_wait`` anomaly.
+        detect_anomalies: Run the anomaly detectors (:class:`~seo_trainlog._anomaly.AnomalyDetector`)
+            on every logged value during training. Default ``True``.
+        anomaly_window: Length of the rolling windows of the anomaly detectors, in logged ``train``
+            records (one per ``logging_steps``), from 5 to 10000. Default ``20``.
+        loss_spike_z: A training loss whose robust z-score (distance above the window's median in
+            units of 1.4826 x its median absolute deviation) exceeds this is a ``loss_spike``.
+            Default ``6.0``.
+        grad_norm_jump: A ``grad_norm`` above this many times the window's median is a
+            ``grad_explosion``. Default ``10.0``.
+        throughput_drop_pct: ``samples_per_second`` more than this many percent below the window's
+            median is a ``throughput_drop``. Default ``50.0``.
+        memory_creep_mb: Steady growth (MiB) of ``rss_mb``, ``gpu<i>_mem_used_mb`` or
+            ``cuda<i>_allocated_mb`` across one full window that makes a ``memory_creep``.
+            Default ``256.0``.
+        plateau_evals: A ``plateau`` is this many evaluations in a row without a new best
+            ``eval_loss``. Default ``5``.
+        plateau_min_delta: How much (in ``eval_loss`` units) an evaluation must beat the best so far
+            to count as an improvement. Default ``0.0``.
+        alert_cmd: Shell command run for each anomaly during training, with the anomaly as one JSON
+            object on its stdin; ``None``: no command. Default ``None``.
+        alert_timeout_s: Seconds the alert command may run before it is killed. Default ``10.0``.
 
     Raises:
         ValueError: at construction, for an unknown level, an invalid rotation or retention, or an
@@ -55,6 +77,16 @@ class LogConfig:
     encoding: str = "utf-8"
     sample_interval_s: float = 2.0
     data_wait_warn_pct: float = 20.0
+    detect_anomalies: bool = True
+    anomaly_window: int = 20
+    loss_spike_z: float = 6.0
+    grad_norm_jump: float = 10.0
+    throughput_drop_pct: float = 50.0
+    memory_creep_mb: float = 256.0
+    plateau_evals: int = 5
+    plateau_min_delta: float = 0.0
+    alert_cmd: str | None = None
+    alert_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dir", _check_log_dir("log_dir", self.log_dir))
@@ -68,6 +100,8 @@ class LogConfig:
                                                                     0.0, 3600.0))
         object.__setattr__(self, "data_wait_warn_pct", _check_number("data_wait_warn_pct", self.data_wait_warn_pct,
                                                                      0.0, 100.0))
+        for name in _ANOMALY_FIELDS:
+            object.__setattr__(self, name, _PARSERS[name](name, getattr(self, name)))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LogConfig:
@@ -82,6 +116,16 @@ class LogConfig:
         ``SEO_TRAINLOG_RETENTION``    rotated files kept (integer >= 1) or a duration ``7 days``
         ``SEO_TRAINLOG_SAMPLE_INTERVAL``       seconds between resource readings, ``0``: no thread
         ``SEO_TRAINLOG_DATA_WAIT_WARN_PCT``    data-wait share (percent) that warns of a bottleneck
+        ``SEO_TRAINLOG_DETECT_ANOMALIES``      ``1``/``0``: anomaly detection during training
+        ``SEO_TRAINLOG_ANOMALY_WINDOW``        rolling window of the detectors, in logged records
+        ``SEO_TRAINLOG_LOSS_SPIKE_Z``          robust z-score of a loss spike
+        ``SEO_TRAINLOG_GRAD_NORM_JUMP``        grad_norm over this many times its median
+        ``SEO_TRAINLOG_THROUGHPUT_DROP_PCT``   samples/s this many percent below its median
+        ``SEO_TRAINLOG_MEMORY_CREEP_MB``       steady memory growth (MiB) over one window
+        ``SEO_TRAINLOG_PLATEAU_EVALS``         evaluations without a new best eval_loss
+        ``SEO_TRAINLOG_PLATEAU_MIN_DELTA``     improvement of eval_loss that counts
+        ``SEO_TRAINLOG_ALERT_CMD``             shell command receiving each anomaly as JSON on stdin
+        ``SEO_TRAINLOG_ALERT_TIMEOUT``         seconds the alert command may run
         ============================  ==========================================================
 
         Args:
@@ -137,8 +181,22 @@ def _check_number(name: str, value: object, low: float, high: float) -> float:
     return number
 
 
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    number = int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdecimal() else value
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+        raise ValueError(f"{name}={value!r} is not valid; accepted values: an integer from {low} to {high}")
+    return number
+
+
+def _check_command(name: str, value: object) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    raise ValueError(f"{name}={value!r} is not valid; accepted values: a shell command, or None")
+
+
 def _check_encoding(name: str, value: object) -> str:
     try:
+        "é ✓".encode(str(value))  # also refuses bytes-to-bytes codecs such as "hex" or "rot13"
         return codecs.lookup(str(value)).name
     except LookupError:
         raise ValueError(f"{name}={value!r} is not valid; accepted values: a Python codec name such as "
@@ -147,7 +205,7 @@ def _check_encoding(name: str, value: object) -> str:
 
 def _check_rotation(name: str, value: object) -> str | int:
     accepted = "accepted values: a positive size such as '10 MB' or '500 KB', or a duration such as '1 day'"
-    if isinstance(value, bool) or (isinstance(value, (int, float)) and value <= 0):
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value <= 0) or _non_positive_duration(value):
         raise ValueError(f"{name}={value!r} is not valid; {accepted}")
     try:
         probe_file_options(rotation=value)
@@ -156,6 +214,10 @@ def _check_rotation(name: str, value: object) -> str | int:
     if isinstance(value, str) and not _positive_size_or_duration(value):
         raise ValueError(f"{name}={value!r} is not valid; {accepted}")
     return value  # type: ignore[return-value]
+
+
+def _non_positive_duration(value: object) -> bool:
+    return isinstance(value, datetime.timedelta) and value.total_seconds() <= 0
 
 
 def _positive_size_or_duration(text: str) -> bool:
@@ -176,7 +238,7 @@ def _positive_size_or_duration(text: str) -> bool:
 def _check_retention(name: str, value: object) -> int | str:
     accepted = "accepted values: an integer >= 1 or a duration such as '7 days'"
     parsed = int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdecimal() else value
-    if isinstance(parsed, bool) or (isinstance(parsed, int) and parsed < 1):
+    if isinstance(parsed, bool) or (isinstance(parsed, int) and parsed < 1) or _non_positive_duration(parsed):
         raise ValueError(f"{name}={value!r} is not valid; {accepted}")
     try:
         probe_file_options(retention=parsed)
@@ -196,6 +258,16 @@ _ENV_FIELDS = (
     ("SEO_TRAINLOG_RETENTION", "retention"),
     ("SEO_TRAINLOG_SAMPLE_INTERVAL", "sample_interval_s"),
     ("SEO_TRAINLOG_DATA_WAIT_WARN_PCT", "data_wait_warn_pct"),
+    ("SEO_TRAINLOG_DETECT_ANOMALIES", "detect_anomalies"),
+    ("SEO_TRAINLOG_ANOMALY_WINDOW", "anomaly_window"),
+    ("SEO_TRAINLOG_LOSS_SPIKE_Z", "loss_spike_z"),
+    ("SEO_TRAINLOG_GRAD_NORM_JUMP", "grad_norm_jump"),
+    ("SEO_TRAINLOG_THROUGHPUT_DROP_PCT", "throughput_drop_pct"),
+    ("SEO_TRAINLOG_MEMORY_CREEP_MB", "memory_creep_mb"),
+    ("SEO_TRAINLOG_PLATEAU_EVALS", "plateau_evals"),
+    ("SEO_TRAINLOG_PLATEAU_MIN_DELTA", "plateau_min_delta"),
+    ("SEO_TRAINLOG_ALERT_CMD", "alert_cmd"),
+    ("SEO_TRAINLOG_ALERT_TIMEOUT", "alert_timeout_s"),
 )
 _PARSERS = {
     "log_dir": _check_log_dir,
@@ -206,4 +278,16 @@ _PARSERS = {
     "retention": _check_retention,
     "sample_interval_s": functools.partial(_check_number, low=0.0, high=3600.0),
     "data_wait_warn_pct": functools.partial(_check_number, low=0.0, high=100.0),
+    "detect_anomalies": _check_bool,
+    "anomaly_window": functools.partial(_check_int, low=5, high=10_000),
+    "loss_spike_z": functools.partial(_check_number, low=1.0, high=1e6),
+    "grad_norm_jump": functools.partial(_check_number, low=1.0, high=1e6),
+    "throughput_drop_pct": functools.partial(_check_number, low=1.0, high=99.0),
+    "memory_creep_mb": functools.partial(_check_number, low=1.0, high=1e9),
+    "plateau_evals": functools.partial(_check_int, low=1, high=10_000),
+    "plateau_min_delta": functools.partial(_check_number, low=0.0, high=1e9),
+    "alert_cmd": _check_command,
+    "alert_timeout_s": functools.partial(_check_number, low=0.1, high=3600.0),
 }
+_ANOMALY_FIELDS = ("detect_anomalies", "anomaly_window", "loss_spike_z", "grad_norm_jump", "throughput_drop_pct",
+                   "memory_creep_mb", "plateau_evals", "plateau_min_delta", "alert_cmd", "alert_timeout_s")

@@ -1,0 +1,314 @@
+"""One run's records, aggregated into what ``seo-trainlog`` shows: the summary, bounded series for the
+plots, the hyperparameters, errors and anomalies. Fed one record at a time; memory stays bounded."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from ._anomaly import AnomalyDetector, eval_prefix, settings_of
+from ._config import LogConfig
+
+MAX_POINTS = 2000  # per plotted series (a run with more train records keeps every k-th)
+MAX_KEPT = 50  # errors and warnings kept for the report (all are counted)
+MAX_ANOMALIES = 200  # anomalies kept (all are counted)
+TRAIN_COLUMNS = ("loss", "learning_rate", "grad_norm", "samples_per_second", "rss_mb", "gpu_util_pct",
+                 "gpu_mem_used_mb")
+_LOWER_IS_BETTER = frozenset({"loss", "error", "err", "wer", "cer", "perplexity", "ppl", "mae", "mse", "rmse"})
+SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+_PEAK_KEY = re.compile(r"rss_mb_max$|gpu\d+_mem_used_mb_max$|cuda\d+_max_allocated_mb$")  # psutil, NVML, torch.cuda
+NO_SUMMARY = "no_summary"
+
+
+class Series:
+    """Rows ``(global_step, *columns)`` built from a stream of records, at most ``2 * max_points``:
+    every ``stride``-th record offered is kept, and when the rows fill up every other one is dropped
+    and the stride doubles (so a run of any length is covered evenly). The last record offered is
+    always included. ``build(record)`` makes a row; it is called only for the records kept."""
+
+    def __init__(self, columns: tuple[str, ...], build: Callable[[dict[str, Any]], tuple[Any, ...]],
+                 max_points: int = MAX_POINTS) -> None:
+        self.columns = columns
+        self.max_points = max_points
+        self.stride = 1
+        self._build = build
+        self._offered = 0
+        self._rows: list[tuple[Any, ...]] = []
+        self._last: dict[str, Any] | None = None
+
+    def offer(self, record: dict[str, Any]) -> None:
+        self._offered += 1
+        if (self._offered - 1) % self.stride:
+            self._last = record
+            return
+        self._last = None
+        self._rows.append(self._build(record))
+        if len(self._rows) >= 2 * self.max_points:
+            del self._rows[1::2]
+            self.stride *= 2
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return self._rows + ([self._build(self._last)] if self._last is not None else [])
+
+    def column(self, name: str) -> tuple[list[Any], list[Any]]:
+        """``(global_steps, values)`` of one column, rows without a finite value left out."""
+        index = self.columns.index(name) + 1
+        pairs = [(row[0], row[index]) for row in self.rows() if _is_number(row[index]) and row[0] is not None]
+        return [step for step, _ in pairs], [value for _, value in pairs]
+
+
+class RunAnalysis:
+    """What ``seo-trainlog`` reports about one run, built by :meth:`add`-ing its records in order.
+
+    Sources: ``train`` records give the losses, throughput, data wait and resource readings;
+    ``eval`` records the evaluation metrics; ``hyperparameters`` the hyperparameters (and
+    ``run.max_steps``); ``summary`` the status, duration, early stopping and the run totals the
+    callback measured; ``error``/``warning`` records are counted; anomalies come from an
+    :class:`AnomalyDetector` run over the records plus the ``anomaly`` records already in the file
+    (one found both ways counts once).
+    """
+
+    def __init__(self, run_id: str, config: LogConfig | None = None, max_points: int = MAX_POINTS) -> None:
+        self.run_id = run_id
+        self.config = config or LogConfig()
+        self.detector: AnomalyDetector | None = AnomalyDetector(self.config)
+        self.train = Series(("epoch",) + TRAIN_COLUMNS, self._train_row, max_points)
+        self.evals = Series(("eval_loss",), _eval_row, max_points)
+        self.hyperparameters: dict[str, Any] | None = None
+        self.errors: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
+        self.anomalies: list[dict[str, Any]] = []
+        self.records = 0
+        self._first_time: str | None = None
+        self._last_time: str | None = None
+        self._global_step: int = -1
+        self._epoch: float = -math.inf
+        self._summary: dict[str, Any] = {}
+        self._status: str | None = None
+        self._final_loss: float | None = None
+        self._best_loss: tuple[float, Any] | None = None
+        self._best_eval: dict[str, tuple[float, Any]] = {}
+        self._last_eval: dict[str, dict[str, Any]] = {}
+        self._evaluations = 0
+        self._interval_s = self._samples = self._steps = self._wait_s = 0.0
+        self._peaks: dict[str, float] = {}
+        self._gpu_util_sum = 0.0
+        self._gpu_util_count = 0
+        self._keys: frozenset[str] = frozenset()
+        self._gpu_util_keys: list[str] = []  # of the train records with the keys ``_keys`` (the latest)
+        self._gpu_memory_keys: list[str] = []
+        self._peak_keys: list[str] = []
+        self._counts = {"error": 0, "warning": 0, "anomaly": 0}
+        self._recent: dict[str, OrderedDict[tuple[str, Any], None]] = {"found": OrderedDict(),
+                                                                         "logged": OrderedDict()}
+
+    def add_all(self, records: Iterable[dict[str, Any]]) -> RunAnalysis:
+        for record in records:
+            self.add(record)
+        return self
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records += 1
+        event, step, epoch = record.get("event"), record.get("global_step"), record.get("epoch")
+        if self._first_time is None:
+            self._first_time = record.get("time")
+        self._last_time = record.get("time", self._last_time)
+        if type(step) is int and step > self._global_step:
+            self._global_step = step
+        if (type(epoch) is float or type(epoch) is int) and epoch > self._epoch:
+            self._epoch = epoch
+        if event == "train":
+            self._add_train(record, step)
+        elif event == "eval":
+            self._add_eval(record, step)
+        elif event == "summary":
+            self._summary = record
+            self._status = record.get("status")
+        elif event == "status":
+            self._status = record.get("status", self._status)
+        elif event == "hyperparameters":
+            self.hyperparameters = record.get("hyperparameters")
+        elif event == "error":
+            self._counts["error"] += 1
+            if len(self.errors) < MAX_KEPT:
+                self.errors.append(record)
+        elif event == "warning":
+            self._counts["warning"] += 1
+            if len(self.warnings) < MAX_KEPT:
+                self.warnings.append(str(record.get("message")))
+        elif event == "anomaly":
+            self._note_anomaly("logged", record.get("kind"), record.get("user_global_step", step), record)
+        elif event == "detector" and _same_settings(record, self.config):
+            # the run already fed every record to the same detector with these settings: its anomaly
+            # records are what detection here would find, so they are used as they are
+            self.detector = None
+
+    def _add_train(self, record: dict[str, Any], step: Any) -> None:
+        if self.detector is not None:
+            for anomaly in self.detector.update("train", record, step):
+                self._note_anomaly("found", anomaly.kind, step, anomaly.to_dict())
+        loss = record.get("loss")  # parsed JSON: a float is finite (NaN and infinities are null)
+        if type(loss) is float or type(loss) is int:
+            self._final_loss = loss
+            if self._best_loss is None or loss < self._best_loss[0]:
+                self._best_loss = (loss, step)
+        interval = record.get("interval_s")
+        if type(interval) is float:
+            self._interval_s += interval
+            self._samples += (record.get("samples_per_second") or 0.0) * interval
+            self._steps += record.get("steps") or 0
+            self._wait_s += (record.get("data_wait_pct") or 0.0) * interval / 100
+        if record.keys() != self._keys:
+            self._keys = frozenset(record)
+            self._gpu_util_keys = [key for key in record if is_gpu_util_key(key)]
+            self._gpu_memory_keys = [key for key in record if key.startswith("gpu") and key.endswith("_mem_used_mb")]
+            self._peak_keys = [key for key in record if _PEAK_KEY.match(key)]
+        peaks = self._peaks
+        for key in self._peak_keys:
+            value = record[key]
+            if (type(value) is float or type(value) is int) and value > peaks.get(key, -math.inf):
+                peaks[key] = value
+        if self._gpu_util_keys:
+            utils = [record[key] for key in self._gpu_util_keys if _is_number(record[key])]
+            if utils:
+                self._gpu_util_sum += sum(utils) / len(utils)
+                self._gpu_util_count += 1
+        self.train.offer(record)
+
+    def _train_row(self, record: dict[str, Any]) -> tuple[Any, ...]:
+        """``global_step``, ``epoch``, then :data:`TRAIN_COLUMNS`: ``gpu_util_pct`` is the mean over the
+        record's GPUs, ``gpu_mem_used_mb`` their sum (MiB, NVML). Built for kept rows only, and for the
+        last one, whose keys are those of the latest train record (``_gpu_*_keys``)."""
+        utils = [record[key] for key in self._gpu_util_keys if _is_number(record.get(key))]
+        used = [record[key] for key in self._gpu_memory_keys if _is_number(record.get(key))]
+        return (record.get("global_step"), record.get("epoch"), record.get("loss"), record.get("learning_rate"),
+                record.get("grad_norm"), record.get("samples_per_second"), record.get("rss_mb"),
+                sum(utils) / len(utils) if utils else None, sum(used) if used else None)
+
+    def _add_eval(self, record: dict[str, Any], step: Any) -> None:
+        if self.detector is not None:
+            for anomaly in self.detector.update("eval", record, step):
+                self._note_anomaly("found", anomaly.kind, step, anomaly.to_dict())
+        prefix = eval_prefix(record)
+        metrics = {key: value for key, value in record.items()
+                   if key.startswith(f"{prefix}_") and not key.endswith(SPEED_SUFFIXES)}
+        self._last_eval[prefix] = {"global_step": step, **metrics}
+        if prefix != "eval":
+            return
+        self._evaluations += 1
+        self.evals.offer(record)
+        for key, value in metrics.items():
+            if _is_number(value):
+                best = self._best_eval.get(key)
+                lower = lower_is_better(key)
+                if best is None or (value < best[0] if lower else value > best[0]):
+                    self._best_eval[key] = (value, step)
+
+    def _note_anomaly(self, source: str, kind: Any, step: Any, details: Mapping[str, Any]) -> None:
+        """Count an anomaly once, whether the detector found it here, the file holds it, or both
+        (matched on kind and global_step among the recent ones of the other source)."""
+        key = (kind, step)
+        other = self._recent["logged" if source == "found" else "found"]
+        if key in other:
+            del other[key]
+            return
+        recent = self._recent[source]
+        recent[key] = None
+        if len(recent) > 256:
+            recent.popitem(last=False)
+        self._counts["anomaly"] += 1
+        if len(self.anomalies) < MAX_ANOMALIES:
+            self.anomalies.append({"kind": kind, "global_step": step, "message": details.get("message"),
+                                   "value": details.get("value"), "threshold": details.get("threshold"),
+                                   "source": "logged" if source == "logged" else "detected"})
+
+    def _peak(self, key: str, value: Any) -> None:
+        if _is_number(value) and value > self._peaks.get(key, -math.inf):
+            self._peaks[key] = value
+
+    def summary(self) -> dict[str, Any]:
+        """The run in one JSON-ready dict (units in the key names; ``None`` where unknown):
+
+        ``run_id``, ``status`` (the summary's ``completed``/``failed``/``interrupted``/``terminated``/
+        ``abandoned``, or ``no_summary`` while a run is still writing or when it ended without one),
+        ``started``/``last_record`` (ISO times), ``wall_time_s`` (between them),
+        ``training_duration_s``, ``global_step``, ``max_steps``, ``epoch``, ``final_loss``,
+        ``best_loss`` with ``best_loss_step``, ``evaluations``, ``best_eval`` (``{metric: {"value",
+        "global_step"}}``: lowest for losses and errors, highest otherwise), ``last_eval``
+        (``{prefix: {metric: value, "global_step"}}``, e.g. ``eval``, ``test``), ``best_metric`` and
+        ``best_model_checkpoint`` (Trainer's), ``samples_per_second`` and ``steps_per_second`` (over
+        the logged step intervals, data wait included, evaluation excluded), ``data_wait_pct``,
+        ``peak_rss_mb``, ``peak_gpu_mem_mb`` (``{key: MiB}``), ``mean_gpu_util_pct``,
+        ``early_stopping_triggered``, ``errors``, ``warnings``, ``anomaly_count``, ``anomalies``.
+        """
+        summary, busy = self._summary, self._interval_s
+        run = (self.hyperparameters or {}).get("run") if isinstance(self.hyperparameters, dict) else None
+        peaks = {key.removesuffix("_max"): value for key, value in self._peaks.items()}
+        peak_rss = max((v for v in (peaks.pop("rss_mb", None), summary.get("peak_rss_mb")) if _is_number(v)),
+                       default=None)
+        return {
+            "run_id": self.run_id,
+            "status": self._status or NO_SUMMARY,
+            "started": self._first_time,
+            "last_record": self._last_time,
+            "wall_time_s": _seconds_between(self._first_time, self._last_time),
+            "training_duration_s": summary.get("training_duration_s"),
+            "global_step": self._global_step if self._global_step >= 0 else None,
+            "max_steps": run.get("max_steps") if isinstance(run, dict) else None,
+            "epoch": self._epoch if self._epoch > -math.inf else None,
+            "final_loss": self._final_loss,
+            "best_loss": self._best_loss[0] if self._best_loss else None,
+            "best_loss_step": self._best_loss[1] if self._best_loss else None,
+            "evaluations": self._evaluations,
+            "best_eval": {key: {"value": value, "global_step": step} for key, (value, step) in self._best_eval.items()},
+            "last_eval": self._last_eval,
+            "best_metric": summary.get("best_metric"),
+            "best_model_checkpoint": summary.get("best_model_checkpoint"),
+            "samples_per_second": self._samples / busy if busy else None,
+            "steps_per_second": self._steps / busy if busy else None,
+            "data_wait_pct": summary.get("data_wait_pct", 100 * self._wait_s / busy if busy else None),
+            "peak_rss_mb": peak_rss,
+            "peak_gpu_mem_mb": peaks,
+            "mean_gpu_util_pct": summary.get("mean_gpu_util_pct", self._gpu_util_sum / self._gpu_util_count
+                                             if self._gpu_util_count else None),
+            "early_stopping_triggered": summary.get("early_stopping_triggered"),
+            "errors": self._counts["error"],
+            "warnings": self._counts["warning"],
+            "anomaly_count": self._counts["anomaly"],
+            "anomalies": self.anomalies,
+        }
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for losses and errors (``eval_loss``, ``eval_wer``, ``eval_mse``...): a word of the name
+    (split on ``_`` and ``/``) is one of loss, error, err, wer, cer, perplexity, ppl, mae, mse, rmse."""
+    return not _LOWER_IS_BETTER.isdisjoint(metric.replace("/", "_").split("_"))
+
+
+def is_gpu_util_key(key: str) -> bool:
+    """``gpu<i>_util_pct`` (NVML), not ``gpu<i>_mem_util_pct``."""
+    return key.startswith("gpu") and key.endswith("_util_pct") and "_mem_" not in key
+
+
+def _eval_row(record: dict[str, Any]) -> tuple[Any, ...]:
+    return record.get("global_step"), record.get("eval_loss")
+
+
+def _is_number(value: Any) -> bool:
+    return (type(value) is float and math.isfinite(value)) or type(value) is int
+
+
+def _seconds_between(first: str | None, last: str | None) -> float | None:
+    try:
+        return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _same_settings(record: Mapping[str, Any], config: LogConfig) -> bool:
+    settings = record.get("settings")
+    return isinstance(settings, Mapping) and dict(settings) == settings_of(config)

@@ -1,0 +1,136 @@
+"""A run summary (:meth:`RunAnalysis.summary`) as text: label/value rows and comparison rows, shared
+by the terminal tables and the HTML report; and the rich tables built from them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from ._analysis import NO_SUMMARY
+from ._format import fmt_epoch
+
+STATUS_TEXT = {NO_SUMMARY: "no summary: still running, or ended without one"}
+COMPARISON_HEADERS = ("run", "status", "started", "steps", "epochs", "final loss", "best eval_loss",
+                      "duration", "samples/s", "peak RSS", "errors", "anomalies")
+
+
+def number(value: Any, digits: int = 4) -> str:
+    """``value`` with ``digits`` significant digits (``1.235``, ``0.0001235``); ``n/a`` when unknown."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a" if value is None else str(value)
+    return str(value) if isinstance(value, int) else f"{value:.{digits}g}"
+
+
+def duration(seconds: Any) -> str:
+    """``42.3 s``, ``12 min 5 s``, ``3 h 02 min``; ``n/a`` when unknown."""
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def status_text(status: str) -> str:
+    return STATUS_TEXT.get(status, status)
+
+
+def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(label, value)`` rows of one run, in reading order."""
+    rows = [("run", summary["run_id"]), ("status", status_text(summary["status"])),
+            ("started", str(summary["started"] or "n/a"))]
+    if summary["training_duration_s"] is not None:
+        rows.append(("duration", duration(summary["training_duration_s"])))
+    else:
+        rows.append(("duration", f"{duration(summary['wall_time_s'])} (first to last record)"))
+    max_steps = summary["max_steps"]
+    steps = number(summary["global_step"]) + (f" / {max_steps}" if isinstance(max_steps, int) and max_steps > 0 else "")
+    rows += [("steps", steps), ("epochs", fmt_epoch(summary["epoch"])),
+             ("final loss", number(summary["final_loss"], 6)),
+             ("best loss", _at(summary["best_loss"], summary["best_loss_step"]))]
+    for metric, best in summary["best_eval"].items():
+        rows.append((f"best {metric}", _at(best["value"], best["global_step"])))
+    for prefix, values in summary["last_eval"].items():
+        if prefix != "eval":
+            pairs = ", ".join(f"{k}={number(v)}" for k, v in values.items() if k != "global_step")
+            rows.append((f"{prefix} metrics", f"{pairs} (step {values['global_step']})"))
+    if summary["best_metric"] is not None:
+        rows.append(("Trainer best_metric", f"{number(summary['best_metric'], 6)} "
+                                            f"({summary['best_model_checkpoint'] or 'no checkpoint'})"))
+    rows += [
+        ("throughput", f"{number(summary['samples_per_second'])} samples/s, "
+                       f"{number(summary['steps_per_second'])} steps/s"),
+        ("data wait", _unit(summary["data_wait_pct"], "% of step time", 3)),
+        ("peak memory", ", ".join([f"RSS {_unit(summary['peak_rss_mb'], ' MiB', 5)}"]
+                                  + [f"{key} {_unit(v, ' MiB', 5)}" for key, v in summary["peak_gpu_mem_mb"].items()])),
+        ("mean GPU utilisation", _unit(summary["mean_gpu_util_pct"], "%", 3)),
+        ("early stopping", {True: "yes", False: "no"}.get(summary["early_stopping_triggered"], "n/a")),
+        ("errors / warnings", f"{summary['errors']} errors, {summary['warnings']} warnings"),
+        ("anomalies", anomalies_text(summary)),
+    ]
+    return rows
+
+
+def anomalies_text(summary: Mapping[str, Any], most: int = 5) -> str:
+    found = summary["anomalies"]
+    if not summary["anomaly_count"]:
+        return "none"
+    listed = ", ".join(f"{a['kind']} at step {a['global_step']}" for a in found[:most])
+    more = summary["anomaly_count"] - min(most, len(found))
+    return f"{summary['anomaly_count']}: {listed}" + (f" and {more} more" if more else "")
+
+
+def comparison_row(summary: Mapping[str, Any]) -> tuple[str, ...]:
+    """One run's cells under :data:`COMPARISON_HEADERS`."""
+    best_eval = summary["best_eval"].get("eval_loss")
+    started = summary["started"][:19].replace("T", " ") if summary["started"] else "n/a"
+    return (summary["run_id"], status_text(summary["status"]), started,
+            number(summary["global_step"]), fmt_epoch(summary["epoch"]), number(summary["final_loss"], 6),
+            _at(best_eval["value"], best_eval["global_step"]) if best_eval else "n/a",
+            duration(summary["training_duration_s"] if summary["training_duration_s"] is not None
+                     else summary["wall_time_s"]),
+            number(summary["samples_per_second"]), _unit(summary["peak_rss_mb"], " MiB", 5),
+            str(summary["errors"]), str(summary["anomaly_count"]))
+
+
+def summary_table(summary: Mapping[str, Any]) -> Table:
+    table = Table(title=f"Run {summary['run_id']}", show_header=False, title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("")
+    for label, value in summary_rows(summary):
+        table.add_row(Text(label), Text(value))
+    return table
+
+
+def anomaly_table(anomalies: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title="Anomalies", title_justify="left")
+    for header in ("global_step", "kind", "source", "message"):
+        table.add_column(header)
+    for anomaly in anomalies:
+        table.add_row(*(Text("" if anomaly[key] is None else str(anomaly[key]))
+                        for key in ("global_step", "kind", "source", "message")))
+    return table
+
+
+def comparison_table(summaries: Sequence[Mapping[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for header in COMPARISON_HEADERS:
+        table.add_column(header, no_wrap=header == "run")
+    for summary in summaries:
+        table.add_row(*map(Text, comparison_row(summary)))
+    return table
+
+
+def _at(value: Any, step: Any) -> str:
+    return "n/a" if value is None else f"{number(value, 6)} at step {step}"
+
+
+def _unit(value: Any, unit: str, digits: int) -> str:
+    return "n/a" if value is None else f"{number(value, digits)}{unit}"

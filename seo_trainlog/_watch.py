@@ -1,0 +1,224 @@
+"""``seo-trainlog watch``: a live terminal view (rich ``Live``) of a run as training writes its JSON
+metrics. :class:`WatchState` takes the records, :func:`render_frame` draws one frame from it (pure),
+:func:`watch` follows the files and redraws."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from ._analysis import SPEED_SUFFIXES, is_gpu_util_key
+from ._anomaly import AnomalyDetector, eval_prefix
+from ._config import LogConfig
+from ._present import duration, number, status_text
+from ._reader import LogReadError, RunFollower, find_runs, select_run
+
+SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
+SPARK_POINTS = 60  # losses in the sparkline
+MAX_ALERTS = 6  # latest anomalies shown
+LATEST_KEYS = ("loss", "learning_rate", "grad_norm", "samples_per_second", "step_time_s", "data_wait_pct")
+
+
+class WatchState:
+    """What the live view shows, updated by :meth:`add` with each record of one run (bounded memory):
+    progress (``global_step`` of the latest record, ``run.max_steps`` of the ``hyperparameters``
+    record), the latest ``train`` and ``eval`` values, the last :data:`SPARK_POINTS` losses, the
+    latest anomalies (from an :class:`AnomalyDetector` and from ``anomaly`` records, once each), and
+    the ``summary`` status once it is written."""
+
+    def __init__(self, run_id: str, config: LogConfig | None = None) -> None:
+        self.run_id = run_id
+        self.detector = AnomalyDetector(config or LogConfig())
+        self.records = 0
+        self.global_step: int | None = None
+        self.epoch: float | None = None
+        self.max_steps: int | None = None
+        self.latest_train: dict[str, Any] = {}
+        self.latest_eval: dict[str, Any] = {}
+        self.losses: deque[float] = deque(maxlen=SPARK_POINTS)
+        self.alerts: deque[tuple[str, Any, str]] = deque(maxlen=MAX_ALERTS)
+        self.anomaly_count = 0
+        self.status: str | None = None
+        self._first_train: tuple[datetime, int] | None = None
+        self._last_train: tuple[datetime, int] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True once the run's ``summary`` record was read."""
+        return self.status is not None
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        self.records += 1
+        event, step = record.get("event"), record.get("global_step")
+        if isinstance(step, int):
+            self.global_step = step
+        if isinstance(record.get("epoch"), (int, float)):
+            self.epoch = record["epoch"]
+        for anomaly in self.detector.update(str(event), record, step):
+            self._alert(anomaly.kind, anomaly.global_step, anomaly.message)
+        if event == "train":
+            self.latest_train = dict(record)
+            if isinstance(record.get("loss"), (int, float)):
+                self.losses.append(record["loss"])
+            stamp = _time(record.get("time"))
+            if stamp is not None and isinstance(step, int):
+                self._first_train = self._first_train or (stamp, step)
+                self._last_train = (stamp, step)
+        elif event == "eval" and eval_prefix(record) == "eval":
+            self.latest_eval = {key: value for key, value in record.items() if key.startswith("eval_")
+                                and not key.endswith(SPEED_SUFFIXES) and isinstance(value, (int, float))}
+        elif event == "hyperparameters":
+            run = (record.get("hyperparameters") or {}).get("run")
+            if isinstance(run, dict) and isinstance(run.get("max_steps"), int) and run["max_steps"] > 0:
+                self.max_steps = run["max_steps"]
+        elif event == "anomaly":
+            self._alert(record.get("kind"), record.get("user_global_step", step), record.get("message"))
+        elif event in ("summary", "status"):
+            self.status = record.get("status") or "unknown"
+
+    def eta_s(self) -> float | None:
+        """Seconds to ``max_steps`` at the mean pace (steps per second of record time) since the first
+        ``train`` record; ``None`` when unknown or finished."""
+        if self.finished or self.max_steps is None or self._first_train is None or self._last_train is None:
+            return None
+        (start, first_step), (now, last_step) = self._first_train, self._last_train
+        elapsed = (now - start).total_seconds()
+        if last_step <= first_step or elapsed <= 0:
+            return None
+        return max(0, self.max_steps - last_step) * elapsed / (last_step - first_step)
+
+    def _alert(self, kind: Any, step: Any, message: Any) -> None:
+        if any(kind == seen_kind and step == seen_step for seen_kind, seen_step, _ in self.alerts):
+            return  # found by the detector here and logged by the callback: once
+        self.anomaly_count += 1
+        self.alerts.append((kind, step, str(message)))
+
+
+def sparkline(values: list[float] | deque[float]) -> str:
+    """One block character per value, ``▁`` for the lowest to ``█`` for the highest."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    if high == low:
+        return SPARK_BLOCKS[0] * len(values)
+    return "".join(SPARK_BLOCKS[round((value - low) / (high - low) * (len(SPARK_BLOCKS) - 1))] for value in values)
+
+
+def render_frame(state: WatchState) -> RenderableType:
+    """One frame of the live view: progress and ETA, latest metrics with a loss sparkline, resource
+    gauges, alerts."""
+    status = status_text(state.status) if state.finished else "running"
+    progress = Table.grid(padding=(0, 1))
+    step_text = f"global_step {number(state.global_step)}"
+    if state.max_steps:
+        done = min(state.global_step or 0, state.max_steps)
+        progress.add_row(ProgressBar(total=state.max_steps, completed=done, width=40),
+                         Text(f"{step_text} / {state.max_steps} ({100 * done / state.max_steps:.1f}%)"))
+    else:
+        progress.add_row(Text(f"{step_text} (max_steps not logged yet)"))
+    eta = state.eta_s()
+    progress.add_row(Text(f"epoch {number(state.epoch, 3)}"), Text(f"ETA {duration(eta)}" if eta is not None else ""))
+
+    metrics = Table(show_header=False, box=None, padding=(0, 1))
+    for key in LATEST_KEYS:
+        if key in state.latest_train:
+            metrics.add_row(Text(key), Text(number(state.latest_train[key], 5)))
+    for key, value in state.latest_eval.items():
+        metrics.add_row(Text(key), Text(number(value, 5)))
+    metrics.add_row(Text("loss trend"), Text(sparkline(state.losses), style="cyan"))
+
+    return Group(
+        Panel(progress, title=f"run {state.run_id}: {status}", title_align="left"),
+        Panel(metrics, title="latest metrics", title_align="left"),
+        Panel(_gauges(state.latest_train), title="resources", title_align="left"),
+        Panel(_alerts(state), title=f"alerts ({state.anomaly_count})", title_align="left"),
+    )
+
+
+def watch(log_dir: str | os.PathLike[str], run_id: str | None, config: LogConfig, console: Console, *,
+          interval_s: float = 1.0, timeout_s: float | None = None,
+          sleep: Callable[[float], None] = time.sleep) -> int:
+    """Follow a run (``run_id``, else the latest one; while the directory is missing or holds no run,
+    wait for training to start) and redraw every ``interval_s`` seconds until its summary is read
+    (returns 0) or ``timeout_s`` seconds have passed (returns 1).
+
+    Raises:
+        LogReadError: ``run_id`` is not in the directory, or a complete line is broken.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    waiting = False
+    while True:
+        try:
+            runs = find_runs(log_dir)
+            break
+        except LogReadError:  # no directory or no run yet: training has not started
+            if _expired(deadline):
+                print(f"seo-trainlog: no run appeared in {log_dir} within {timeout_s:g} s", file=sys.stderr)
+                return 1
+            if not waiting:
+                waiting = True
+                console.print(f"waiting for a run in {log_dir} (Ctrl-C to stop)")
+            sleep(interval_s)
+    run = select_run(runs, run_id)
+    follower, state = RunFollower(run), WatchState(run.run_id, config)
+    try:
+        with Live(render_frame(state), console=console, auto_refresh=False) as live:
+            while True:
+                for record in follower.poll():
+                    state.add(record)
+                live.update(render_frame(state), refresh=True)
+                if state.finished:
+                    return 0
+                if _expired(deadline):
+                    return 1
+                sleep(interval_s)
+    finally:
+        follower.close()
+
+
+def _gauges(train: Mapping[str, Any]) -> RenderableType:
+    table = Table.grid(padding=(0, 1))
+    total_mb = (train.get("sys_mem_used_mb") or 0) + (train.get("sys_mem_available_mb") or 0)
+    rows = [("RSS", train.get("rss_mb"), total_mb or None, "MiB"), ("CPU", train.get("cpu_pct"), None, "% of one core")]
+    for key, value in train.items():
+        if is_gpu_util_key(key):
+            rows.append((f"{key[: -len('_util_pct')]} util", value, 100.0, "%"))
+        elif key.startswith("gpu") and key.endswith("_mem_used_mb"):
+            device = key[: -len("_mem_used_mb")]
+            rows.append((f"{device} memory", value, train.get(f"{device}_mem_total_mb"), "MiB"))
+    for label, value, total, unit in rows:
+        if not isinstance(value, (int, float)):
+            continue
+        bar = ProgressBar(total=total, completed=min(value, total), width=30) if total else Text("")
+        text = f"{value:,.0f} of {total:,.0f} MiB" if unit == "MiB" and total else f"{value:,.1f} {unit}"
+        table.add_row(Text(label), bar, Text(text))
+    return table if table.row_count else Text("no resource readings yet")
+
+
+def _alerts(state: WatchState) -> RenderableType:
+    if not state.alerts:
+        return Text("none", style="green")
+    return Group(*(Text(f"step {step}: {message}", style="bold red") for _, step, message in state.alerts))
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _time(text: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,155 @@
+"""``seo-trainlog``: read a log directory's JSON metrics back.
+
+Commands (``seo-trainlog COMMAND --help`` for each)::
+
+    seo-trainlog summarize LOG_DIR [--run RUN_ID] [--list] [--json]
+    seo-trainlog plot LOG_DIR -o FILE.png [--run RUN_ID]
+    seo-trainlog report LOG_DIR -o FILE.html [--run RUN_ID]
+    seo-trainlog watch LOG_DIR [--run RUN_ID] [--interval S] [--timeout S]
+
+Exit status: 0 on success; 2 for a usage error or a log directory that cannot be read (a missing or
+empty directory, an unknown run, a broken line, metrics of a newer schema: one line on stderr,
+never a traceback); ``watch`` waits for a missing directory or a first run, and exits 1 when
+``--timeout`` ends it before the run's summary, 130 on Ctrl-C.
+Anomaly thresholds come from the ``SEO_TRAINLOG_*`` variables (:meth:`LogConfig.from_env`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from . import _present
+from ._analysis import RunAnalysis
+from ._config import LogConfig
+from ._format import to_jsonable
+from ._reader import LogReadError, MetricsRun, find_runs, read_records, select_run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``seo-trainlog`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (LogReadError, OSError) as exc:
+        print(f"seo-trainlog: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seo-trainlog", description="Summaries, plots, reports and a live view "
+                                     "of seo_trainlog's JSON metrics (performance_metrics_<run>.log).")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("log_dir", metavar="LOG_DIR", type=Path, help="the log directory")
+        sub.add_argument("--run", metavar="RUN_ID", help="the run stamp (default: the latest run)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    summarize = command("summarize", _summarize, "a table of one run: status, losses, evaluation, throughput, "
+                        "memory, errors and anomalies")
+    summarize.add_argument("--list", action="store_true", help="one line per run instead")
+    summarize.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    plot = command("plot", _plot, "a PNG figure of loss, eval loss, learning rate, throughput and memory")
+    plot.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png")
+    report = command("report", _report, "one self-contained HTML file: summary, plots, hyperparameters, errors, "
+                     "anomalies, and a comparison of the directory's runs")
+    report.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.html")
+    watch = command("watch", _watch, "follow a run live as training writes it (Ctrl-C to stop)")
+    watch.add_argument("--interval", type=_positive, default=1.0, metavar="S", help="seconds between refreshes")
+    watch.add_argument("--timeout", type=_positive, default=None, metavar="S", help="stop after S seconds")
+    return parser
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    runs = find_runs(args.log_dir)
+    config = _config()
+    console = Console()
+    if args.list:
+        summaries = [_analyse(run, config).summary() for run in runs]
+        if args.json:
+            _print_json({"log_dir": str(args.log_dir), "runs": summaries})
+        else:
+            console.print(_present.comparison_table(summaries, f"Runs in {args.log_dir}"))
+        return 0
+    summary = _analyse(select_run(runs, args.run), config).summary()
+    if args.json:
+        _print_json(summary)
+        return 0
+    console.print(_present.summary_table(summary))
+    if summary["anomalies"]:
+        console.print(_present.anomaly_table(summary["anomalies"]))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from ._plots import save_figure
+
+    analysis = _analyse(select_run(find_runs(args.log_dir), args.run), _config())
+    save_figure(analysis, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ._report import write_report
+
+    runs = find_runs(args.log_dir)
+    chosen = select_run(runs, args.run)
+    config = _config()
+    analyses = [_analyse(run, config) for run in runs]
+    write_report(args.output, next(a for a in analyses if a.run_id == chosen.run_id), analyses)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from ._watch import watch
+
+    return watch(args.log_dir, args.run, _config(), Console(), interval_s=args.interval, timeout_s=args.timeout)
+
+
+def _analyse(run: MetricsRun, config: LogConfig) -> RunAnalysis:
+    return RunAnalysis(run.run_id, config).add_all(read_records(run, _warn))
+
+
+def _config() -> LogConfig:
+    try:
+        return LogConfig.from_env()
+    except ValueError as exc:
+        raise LogReadError(str(exc)) from None
+
+
+def _warn(message: str) -> None:
+    print(f"seo-trainlog: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _print_json(value: object) -> None:
+    sys.stdout.write(json.dumps(to_jsonable(value), ensure_ascii=False) + "\n")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _one_line(error: object) -> str:
+    return " ".join(str(error).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
