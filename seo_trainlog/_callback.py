@@ -3,10 +3,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import math
-import warnings
+import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -14,15 +15,18 @@ from typing import Any
 from transformers import TrainerCallback
 
 from . import _format
+from ._alerts import AlertDispatcher, AlertHook
+from ._anomaly import AnomalyDetector, settings_of
 from ._collator import TimedDataCollator
 from ._config import LogConfig
-from ._guard import TrainerGuard, find_trainer, guard_train
-from ._logger import TrainLogger, innermost_open_logger, mark_logged, was_logged
+from ._guard import TrainerGuard, find_trainer
+from ._logger import TrainLogger, innermost_open_logger
 from ._monitor import ResourceSampler, cuda_memory, rss_mb
-from ._rank import process_role, writes_shared_files
-from ._safety import never_raises
+from ._rank import writes_shared_files
+from ._safety import mark_logged, never_raises, safe_warn, was_logged
 from ._secrets import remember_secrets
 from ._signals import SigtermHook, TerminatedBySignal
+from ._sinks import logging_busy
 from ._timing import COLLATE_STATS, StepTimer
 
 _SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
@@ -46,7 +50,11 @@ class _Run:
     guard: TrainerGuard | None = None
     sigterm: SigtermHook | None = None
     sampler: ResourceSampler | None = None
+    collator: TimedDataCollator | None = None
+    detector: AnomalyDetector | None = None
+    alerts: AlertDispatcher | None = None
     retrying: bool = False
+    pid: int = field(default_factory=os.getpid)
 
 
 class TrainLogCallback(TrainerCallback):
@@ -86,31 +94,41 @@ class TrainLogCallback(TrainerCallback):
     only a bad configuration (``ValueError``) or an unwritable log directory (``OSError``) is
     raised, at train begin, before any step.
 
+    Anomalies (``LogConfig.detect_anomalies``): every logged ``train``/``eval`` record goes through
+    the same :class:`~seo_trainlog._anomaly.AnomalyDetector` that ``seo-trainlog`` runs afterwards;
+    each anomaly is written once (a WARNING in the error logs and a JSON ``anomaly`` event) and
+    handed to the alert hooks and ``LogConfig.alert_cmd`` in a background thread.
+
     Args:
         config: settings; ``None`` (as ``report_to`` builds it) reads the environment at train begin.
+        alert_hooks: callables, each called with every anomaly as a dict (``kind``, ``global_step``,
+            ``message``, ``value``, ``threshold``), in a background thread; one that raises is
+            reported once.
 
     Environment (read only when ``config`` is ``None``, see :meth:`LogConfig.from_env`):
         SEO_TRAINLOG_DIR, SEO_TRAINLOG_LEVEL, SEO_TRAINLOG_DEBUG, SEO_TRAINLOG_CONSOLE,
-        SEO_TRAINLOG_ROTATION, SEO_TRAINLOG_RETENTION.
+        SEO_TRAINLOG_ROTATION, SEO_TRAINLOG_RETENTION, SEO_TRAINLOG_SAMPLE_INTERVAL,
+        SEO_TRAINLOG_DATA_WAIT_WARN_PCT, SEO_TRAINLOG_DETECT_ANOMALIES, SEO_TRAINLOG_ANOMALY_WINDOW,
+        SEO_TRAINLOG_LOSS_SPIKE_Z, SEO_TRAINLOG_GRAD_NORM_JUMP, SEO_TRAINLOG_THROUGHPUT_DROP_PCT,
+        SEO_TRAINLOG_MEMORY_CREEP_MB, SEO_TRAINLOG_PLATEAU_EVALS, SEO_TRAINLOG_PLATEAU_MIN_DELTA,
+        SEO_TRAINLOG_ALERT_CMD, SEO_TRAINLOG_ALERT_TIMEOUT.
 
     Raises:
         ValueError: at train begin, for a bad environment variable.
         OSError: at train begin, when the log directory cannot be written.
     """
 
-    def __init__(self, config: LogConfig | None = None) -> None:
+    def __init__(self, config: LogConfig | None = None, alert_hooks: Sequence[AlertHook] = ()) -> None:
+        for hook in alert_hooks:
+            if not callable(hook):
+                raise TypeError(f"alert_hooks must be callables, got {type(hook).__name__}")
         self.config = config
+        self.alert_hooks = list(alert_hooks)
         self._run: _Run | None = None
         self._last_run: tuple[LogConfig, str] | None = None
         self._failed_events: set[str] = set()
 
     # ------------------------------------------------------------------ run lifecycle
-
-    @never_raises
-    def on_init_end(self, args, state, control, **kwargs):
-        trainer = find_trainer()
-        if trainer is not None:  # present from the start (report_to, callbacks=[...]): guard every train()
-            guard_train(trainer, functools.partial(_report_to_callbacks, weakref.ref(trainer)))
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None,
                        **kwargs):
@@ -120,8 +138,6 @@ class TrainLogCallback(TrainerCallback):
             if self._run.state is state:  # the same instance twice in the callback list
                 return None
             self._finish("abandoned")  # the previous train() ended without any event we could see
-        if not writes_shared_files(state):
-            return None
         trainer = find_trainer()
         if not self._elected(trainer):
             return None
@@ -144,33 +160,57 @@ class TrainLogCallback(TrainerCallback):
         )
         self._run = run
         _OPEN_RUNS.add(self)
-        COLLATE_STATS.drain()  # calls from before this run are not this run's
-        report = functools.partial(self._on_exception, run)
         if trainer is not None:
-            run.guard = TrainerGuard(trainer, report)
-            guard_train(trainer, functools.partial(_report_to_callbacks, weakref.ref(trainer)))
-        run.sigterm = SigtermHook(functools.partial(self._on_sigterm, run))
-        role = process_role()
-        run.sampler = ResourceSampler(tlog.config.sample_interval_s,
-                                      notice=functools.partial(tlog.log_message, category="model"),
-                                      local_rank=role.local_rank if role.world_size > 1 else None)
-        run.sampler.start()
+            self._guard(run, trainer)
+        run.sigterm = SigtermHook(functools.partial(self._on_sigterm, run), busy=logging_busy)
+        config = tlog.config
+        if tlog.writes and config.detect_anomalies:
+            run.detector = AnomalyDetector(config)
+            tlog.log_metrics("detector", {"settings": settings_of(config)})
+            if self.alert_hooks or config.alert_cmd:
+                run.alerts = AlertDispatcher(self.alert_hooks, config.alert_cmd, config.alert_timeout_s,
+                                             report_failure=tlog._warn)
+        if tlog.writes:  # other ranks record only their errors
+            role = tlog.role
+            run.sampler = ResourceSampler(tlog.config.sample_interval_s,
+                                          notice=functools.partial(tlog.log_message, category="model"),
+                                          local_rank=role.local_rank if role.world_size > 1 else None)
+            run.sampler.start()
         remember_secrets(vars(args))  # to_dict() blanks hub_token: learn the value itself
         tlog.mark(state.global_step, state.epoch)
         tlog.log_hyperparameters(_hyperparameters(args, state, model, train_dataloader, eval_dataloader))
         resumed = f", resuming at global_step {state.global_step}" if state.global_step else ""
+        trial = f", hyperparameter search trial {state.trial_name or ''} {state.trial_params}" \
+            if state.is_hyper_param_search or state.trial_params else ""
         tlog.log_message(f"Training started: max_steps={state.max_steps}, num_train_epochs="
-                         f"{state.num_train_epochs}, world_size={args.world_size}{resumed}")
+                         f"{state.num_train_epochs}, world_size={args.world_size}{resumed}{trial}")
         collator = getattr(trainer, "data_collator", None)
-        if isinstance(collator, TimedDataCollator) and args.dataloader_num_workers > 0:
-            tlog.log_message(f"TimedDataCollator runs in {args.dataloader_num_workers} DataLoader worker "
-                             "processes: its collate timings stay there and are not logged (the data wait "
-                             "between steps still is)", category="data")
+        if isinstance(collator, TimedDataCollator):
+            run.collator = collator
+            if args.dataloader_num_workers > 0:
+                collator.enable_worker_timings(args.dataloader_multiprocessing_context)
+            collator.drain_worker_timings()
+        COLLATE_STATS.drain()  # calls from before this run are not this run's
         run.timer.mark(perf_counter())
+
+    def _guard(self, run: _Run, trainer) -> None:
+        callbacks = trainer.callback_handler.callbacks
+        later = callbacks[callbacks.index(self) + 1:] if self in callbacks else []
+        run.guard = TrainerGuard(trainer, functools.partial(self._on_exception, run), later_callbacks=later,
+                                 on_finalized=functools.partial(self._after_training, run))
+
+    def _after_training(self, run: _Run) -> None:
+        """``_finalize_training`` returned: normally our ``on_train_end`` has finished the run already;
+        if this callback was removed from the trainer mid-run, finish it now."""
+        if run is self._run:
+            self._finish("completed")
 
     def _resume_after_retry(self, args, state) -> None:
         run = self._run
         run.retrying = False
+        trainer = find_trainer()
+        if trainer is not None:
+            self._guard(run, trainer)
         run.state, run.args = state, args
         run.samples_per_step = (state.train_batch_size or run.per_device_batch_size) \
             * args.gradient_accumulation_steps * max(1, args.world_size)
@@ -185,9 +225,13 @@ class TrainLogCallback(TrainerCallback):
             self._finish("completed")
 
     def _on_exception(self, run: _Run, error: BaseException) -> None:
+        if os.getpid() != run.pid:  # a forked child's exception is not this run's
+            return
         if run is not self._run:  # raised after this run's summary, e.g. by another callback's on_train_end
             if not was_logged(error):
                 self._log_late_error(run, error)
+            return
+        if run.retrying:  # the out-of-memory error, seen again by an outer wrapper
             return
         state, tlog = run.state, run.logger
         tlog.mark(state.global_step, state.epoch)
@@ -208,14 +252,17 @@ class TrainLogCallback(TrainerCallback):
             additional_info={"global_step": state.global_step, "epoch": state.epoch, "max_steps": state.max_steps,
                              "status": status})
         self._finish(status)
+        if isinstance(error, TerminatedBySignal) and run.sigterm is not None and run.sigterm.final:
+            run.sigterm.resend()  # the signal came while we were writing: now it may do its work
 
     def _on_sigterm(self, run: _Run, error: TerminatedBySignal, final: bool) -> None:
         if run is not self._run:
             return
         if not final:
             run.logger.mark(run.state.global_step, run.state.epoch)
-            run.logger._warn(f"SIGTERM received at global_step {run.state.global_step}; passing it to the "
-                             "SIGTERM handler installed before seo_trainlog")
+            what = ("passing it to the SIGTERM handler installed before seo_trainlog" if run.sigterm is None
+                    or callable(run.sigterm._previous) else "it stays ignored (SIG_IGN was set before)")
+            run.logger._warn(f"SIGTERM received at global_step {run.state.global_step}; {what}")
             return
         self._on_exception(run, error)
 
@@ -229,19 +276,24 @@ class TrainLogCallback(TrainerCallback):
             tlog.log_metrics("status", {"status": _status_of(error, run)})
 
     def _finish(self, status: str) -> None:
-        run, self._run = self._run, None
-        _OPEN_RUNS.discard(self)
-        if run is None:
+        run = self._run
+        if run is None or os.getpid() != run.pid:  # a forked child never closes its parent's run
             return
+        self._run = None
+        _OPEN_RUNS.discard(self)
         state, tlog = run.state, run.logger
         try:
             losses = [_format.to_number(entry["loss"]) for entry in state.log_history or ()
                       if "loss" in entry and _format.is_finite_number(entry["loss"])]
             extra = _run_resources(run)
+            if state.trial_params:
+                extra["trial_name"] = state.trial_name
+                extra["trial_params"] = state.trial_params
             if state.best_metric is not None:
                 extra["best_metric"] = state.best_metric
                 extra["best_model_checkpoint"] = state.best_model_checkpoint
             tlog.mark(state.global_step, state.epoch)
+            self._write_remaining_collate(run)
             tlog.log_training_summary(
                 total_epochs=state.epoch or 0, total_steps=state.global_step,
                 final_loss=losses[-1] if losses else None, best_loss=min(losses) if losses else None,
@@ -256,6 +308,8 @@ class TrainLogCallback(TrainerCallback):
                 run.sigterm.remove()
             if run.sampler is not None:
                 run.sampler.stop()
+            if run.alerts is not None:
+                run.alerts.close(wait_s=tlog.config.alert_timeout_s)
             self._last_run = (tlog.config, tlog.run_id)
             if run.owns_logger:
                 tlog.close()
@@ -342,13 +396,16 @@ class TrainLogCallback(TrainerCallback):
         epoch = values.get("epoch", state.epoch)
         if "loss" in values:
             timing = run.timer.drain(run.samples_per_step) if run is not None else {}
+            if run is not None and run.collator is not None:
+                run.collator.drain_worker_timings()
             collate = COLLATE_STATS.drain()
             resources = {**run.sampler.drain(), **cuda_memory()} if run is not None and run.sampler else {}
             metrics = {key: value for key, value in values.items() if key not in ("loss", "learning_rate", "epoch")}
-            tlog._progress(epoch, state.global_step, values["loss"], values.get("learning_rate"), None, metrics,
-                           timing={**timing, **collate, **resources})
+            line = tlog._progress(epoch, state.global_step, values["loss"], values.get("learning_rate"), None,
+                                  metrics, timing={**timing, **collate, **resources})
             if run is not None:
                 self._write_interval(run, state.global_step, timing, collate, resources)
+                self._detect(run, "train", line)
             return
         prefix = _speed_prefix(values)
         if prefix == "train":
@@ -360,11 +417,28 @@ class TrainLogCallback(TrainerCallback):
             metrics = {key: value for key, value in values.items()
                        if key.startswith(f"{prefix}_") and key != f"{prefix}_loss" and key not in speed}
             # collations since the last training log belong to this evaluation
-            tlog.log_evaluation(state.global_step, epoch, values.get(f"{prefix}_loss"), metrics, metric_prefix=prefix,
-                                values={**values, **COLLATE_STATS.drain()})
+            line = tlog.log_evaluation(state.global_step, epoch, values.get(f"{prefix}_loss"), metrics,
+                                       metric_prefix=prefix, values={**values, **COLLATE_STATS.drain()})
+            if run is not None:
+                self._detect(run, "eval", line)
         else:
+            values.pop("epoch", None)  # every JSON line has its epoch already
             tlog.log_message(f"Logged: {_format.fmt_pairs(values)}", category="training_detailed")
             tlog.log_metrics("log", values)
+
+    @staticmethod
+    def _detect(run: _Run, event: str, line: str | None) -> None:
+        """Feed the record just written, read back exactly as ``seo-trainlog`` reads it, to the
+        detector; write each anomaly once and hand it to the alert hooks."""
+        if run.detector is None or line is None:
+            return
+        record = json.loads(line)
+        for anomaly in run.detector.update(event, record, record.get("global_step")):
+            if anomaly.kind != "non_finite":  # already a WARNING per non-finite value
+                run.logger._write("errors", "WARNING", [f"Anomaly: {anomaly.message}"])
+            run.logger.log_metrics("anomaly", anomaly.to_dict())
+            if run.alerts is not None:
+                run.alerts.send(anomaly.to_dict())
 
     def _write_interval(self, run: _Run, global_step: int, timing: Mapping[str, Any],
                         collate: Mapping[str, Any], resources: Mapping[str, Any]) -> None:
@@ -392,6 +466,18 @@ class TrainLogCallback(TrainerCallback):
                 f"Collate: batches={collate['collate_calls']}, total {collate['collate_time_s']:.4f}s, "
                 f"mean {collate['collate_mean_ms']:.3f} ms, max {collate['collate_max_ms']:.3f} ms",
                 category="data")
+
+    @staticmethod
+    def _write_remaining_collate(run: _Run) -> None:
+        """Collations after the last logging step (the last batches, DataLoader workers' final sums)."""
+        if run.collator is not None:
+            run.collator.drain_worker_timings()
+        collate = COLLATE_STATS.drain()
+        if collate:
+            run.logger.log_message(
+                f"Collate after the last logging step: batches={collate['collate_calls']}, total "
+                f"{collate['collate_time_s']:.4f}s, max {collate['collate_max_ms']:.3f} ms", category="data")
+            run.logger.log_metrics("data", {"operation": "collate", **collate})
 
     @staticmethod
     def _write_resources(run: _Run, first: int, last: int, timing: Mapping[str, Any],
@@ -432,8 +518,7 @@ class TrainLogCallback(TrainerCallback):
         if peers.count(self) > 1:
             first = callbacks.index(self)
             callbacks[first + 1:] = [cb for cb in callbacks[first + 1:] if cb is not self]
-            warnings.warn("The same TrainLogCallback was added twice to this Trainer; it is kept once.",
-                          RuntimeWarning, stacklevel=2)
+            safe_warn("The same TrainLogCallback was added twice to this Trainer; it is kept once.")
             peers = [cb for cb in callbacks if isinstance(cb, TrainLogCallback)]
         winner = next((cb for cb in peers if cb.config is not None), peers[0])
         return winner is self
@@ -475,14 +560,14 @@ class TrainLogCallback(TrainerCallback):
         if event in self._failed_events:
             return
         self._failed_events.add(event)
-        message = f"seo_trainlog {event} failed (training goes on): {type(exc).__name__}: {exc}"
+        message = f"seo_trainlog {event} failed (training goes on): {type(exc).__name__}: {_format.safe_str(exc)}"
         run = self._run
         if run is not None:
             try:
                 run.logger._warn(message)
             except Exception:
                 pass
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        safe_warn(message)
 
 
 def _gpu_utilisations(readings: Mapping[str, Any]) -> list[float]:
@@ -509,20 +594,12 @@ def _run_resources(run: _Run) -> dict[str, Any]:
     return extra
 
 
-def _report_to_callbacks(trainer_ref: Callable[[], Any], error: BaseException) -> None:
-    """Reporter of the ``train()`` wrapper: every TrainLogCallback of the trainer with an open run."""
-    trainer = trainer_ref()
-    if trainer is None:
-        return
-    for callback in list(trainer.callback_handler.callbacks):
-        if isinstance(callback, TrainLogCallback) and callback._run is not None:
-            callback._on_exception(callback._run, error)
-
-
 def _finish_runs_at_exit() -> None:
     for callback in list(_OPEN_RUNS):
+        run = callback._run
+        status = "terminated" if run is not None and run.sigterm is not None and run.sigterm.received else "abandoned"
         try:
-            callback._finish("abandoned")
+            callback._finish(status)
         except Exception:
             pass
 

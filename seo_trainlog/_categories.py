@@ -10,7 +10,9 @@ class Category:
     """One log file of a run: which records it takes and how it writes them.
 
     ``name`` is also the category a record is emitted under; a file takes the records of its own
-    category plus those named in ``includes`` (``ALL_TEXT``: every text category).
+    category plus those named in ``includes`` (``ALL_TEXT``: every text category). ``per_rank``
+    files are also written by the other processes of a distributed run, each to its own
+    ``<prefix>_rank<N>_<stamp>.log``; every other file is written by the world-process-zero only.
     """
 
     name: str
@@ -21,6 +23,7 @@ class Category:
     json: bool = False
     debug_only: bool = False
     follows_config_level: bool = True
+    per_rank: bool = False
 
 
 # The spec's file tree, one row per file. Adding a category is adding a row.
@@ -30,8 +33,8 @@ CATEGORIES: tuple[Category, ...] = (
     Category("training_detailed", "training_detailed", "TRAINING", "DEBUG", includes=("training",)),
     Category("model", "model_performance", "MODEL", "INFO"),
     Category("data", "data_loading", "DATA", "INFO"),
-    Category("errors", "errors", "ERROR", "WARNING"),
-    Category("error_tracking", "error_tracking", "ERROR", "DEBUG", includes=("errors",)),
+    Category("errors", "errors", "ERROR", "WARNING", per_rank=True),
+    Category("error_tracking", "error_tracking", "ERROR", "DEBUG", includes=("errors",), per_rank=True),
     Category("metrics", "performance_metrics", "METRICS", "DEBUG", json=True, follows_config_level=False),
     Category("debug", "debug", "DEBUG", "DEBUG", includes=ALL_TEXT, debug_only=True,
              follows_config_level=False),

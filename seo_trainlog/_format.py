@@ -23,10 +23,32 @@ _LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
 
 
 def safe_str(value: Any) -> str:
+    """``str(value)``; an array or tensor that cannot become a list (a meta tensor) is described by
+    shape, dtype and device instead; an object whose ``str()`` fails is ``<unprintable TypeName>``."""
     try:
+        if _is_array(value):
+            return _describe_array(value)
         return str(value)
     except Exception:
         return f"<unprintable {type(value).__name__}>"
+
+
+def _is_array(value: Any) -> bool:
+    if isinstance(value, (str, bytes, type, BaseException)):
+        return False
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _describe_array(value: Any) -> str:
+    try:
+        return safe_str(value.tolist())
+    except Exception:
+        device = getattr(value, "device", None)
+        where = f" device={device}" if device is not None else ""
+        try:
+            return f"<{type(value).__name__} shape={tuple(value.shape)} dtype={value.dtype}{where}>"
+        except Exception:
+            return f"<unprintable {type(value).__name__}>"
 
 
 def to_number(value: Any) -> Any:
@@ -93,8 +115,11 @@ def flatten(values: Mapping[Any, Any], separator: str = ".", prefix: str = "", _
     flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{safe_str(key)}"
-        if isinstance(value, Mapping) and value and _depth < MAX_DEPTH:
-            flat.update(flatten(value, separator, f"{name}{separator}", _depth + 1))
+        if isinstance(value, Mapping) and value:
+            if _depth < MAX_DEPTH:
+                flat.update(flatten(value, separator, f"{name}{separator}", _depth + 1))
+            else:
+                flat[name] = "<nested too deep>"
         else:
             flat[name] = value
     return flat
@@ -274,7 +299,7 @@ def to_jsonable(value: Any, _depth: int = 0) -> Any:
                 return to_jsonable(convert(), _depth + 1)
     except Exception:
         pass
-    return safe_str(value)
+    return safe_str(value)  # a meta tensor is described, not printed
 
 
 def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Mapping[Any, Any],

@@ -2,24 +2,22 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from . import _format, _guard
-from ._categories import CATEGORIES, TEXT_NAMES
+from ._categories import BY_NAME, CATEGORIES, TEXT_NAMES
 from ._config import LogConfig
-from ._rank import writes_shared_files
-from ._safety import never_raises
+from ._rank import agree_on_run_id, process_role
+from ._safety import mark_logged, never_raises, safe_warn, was_logged
 from ._secrets import REDACTOR, mask_mapping
 from ._sinks import SINK_FAILURES, RunSinks, claim_stamp, logger, open_sinks, prepare_log_dir
 
 SCHEMA_VERSION = 1  # of the JSON metrics lines; readers refuse files of a newer schema
 _OPEN: list[TrainLogger] = []
 _OWN_WRAPPERS = (_guard.__file__,)
-_LOGGED_MARK = "_seo_trainlog_logged"  # set on exceptions already written, so none is written twice
 
 def innermost_open_logger(joinable_only: bool = True) -> TrainLogger | None:
     """The most recently opened, still open (and joinable) :class:`TrainLogger` of this process."""
@@ -27,10 +25,6 @@ def innermost_open_logger(joinable_only: bool = True) -> TrainLogger | None:
         if tlog.joinable or not joinable_only:
             return tlog
     return None
-
-
-def was_logged(error: BaseException) -> bool:
-    return bool(getattr(error, _LOGGED_MARK, False))
 
 
 class TrainLogger:
@@ -66,7 +60,11 @@ class TrainLogger:
     and a WARNING says so. Secrets are masked everywhere: values under secret-looking keys (token,
     secret, password, api_key, credential...) and the values of such environment variables
     (``HF_TOKEN``, ``WANDB_API_KEY``...), wherever they would appear, exception messages included.
-    Only the world-process-zero writes (``RANK``); on other ranks every method does nothing.
+    Only the world-process-zero writes the shared files; every other rank of a distributed run
+    writes only its own ``errors_rank<N>_<stamp>.log`` and ``error_tracking_rank<N>_<stamp>.log``
+    (:meth:`log_error`, warnings), under the same stamp as rank 0 (see ``agree_on_run_id``: a small
+    pointer file, no collective operation). Every JSON line carries ``rank``,
+    ``local_rank``, ``world_size`` and ``host``, and in a distributed run so do the errors.
 
     Args:
         config: the settings; ``None`` reads :meth:`LogConfig.from_env`.
@@ -84,7 +82,8 @@ class TrainLogger:
     def __init__(self, config: LogConfig | None = None, *, run_id: str | None = None,
                  joinable: bool = True) -> None:
         self.config = config if config is not None else LogConfig.from_env()
-        self.writes = writes_shared_files()
+        self.role = process_role()
+        self.writes = self.role.is_world_process_zero  # the shared files
         self.joinable = joinable
         self.global_step: int | None = None
         self.epoch: float | None = None
@@ -94,13 +93,11 @@ class TrainLogger:
         self._sinks = RunSinks()
         self._failed_methods: set[str] = set()
         REDACTOR.add_environment(os.environ)
-        if self.writes:
-            self.log_dir = prepare_log_dir(self.config.log_dir)
-            self.run_id = run_id or claim_stamp(self.log_dir, CATEGORIES[0].prefix)
-            self._sinks = open_sinks(self.config, self.run_id, self.log_dir)
-            self.files = dict(self._sinks.files)
-        else:
-            self.run_id = run_id or ""
+        self.log_dir = prepare_log_dir(self.config.log_dir)
+        self.run_id = run_id or self._agreed_run_id()
+        self._sinks = open_sinks(self.config, self.run_id, self.log_dir, self.role.rank)
+        self.files = dict(self._sinks.files)
+        self._identity = self.role.identity()
         self._log = {category.name: logger.bind(seo_run=self.run_id, seo_cat=category.name,
                                                 seo_label=category.label) for category in CATEGORIES}
         self._console_log = logger.bind(seo_run=self.run_id, seo_cat="console", seo_label="")
@@ -110,6 +107,9 @@ class TrainLogger:
             self.log_metrics("run_start", {"log_dir": str(self.log_dir), "schema_version": SCHEMA_VERSION,
                                            "seo_trainlog_version": _version()})
             self._console(f"run {self.run_id} started, logs in {self.log_dir}")
+
+    def _agreed_run_id(self) -> str:
+        return agree_on_run_id(self.log_dir, lambda: claim_stamp(self.log_dir, CATEGORIES[0].prefix), self.role)
 
     # ------------------------------------------------------------------ the spec's six methods
 
@@ -186,10 +186,13 @@ class TrainLogger:
             error: the exception (anything else is written as text, with a warning).
 
         The lines are on disk (the files are line-buffered) when this returns. An exception is
-        written once: logging the same exception object again does nothing.
+        written once: logging the same exception object again does nothing. Every rank writes its
+        errors (ranks other than 0 to their own files).
         """
-        if not self.writes:
+        if self.closed:
+            self._closed_warning("log_error")
             return
+        REDACTOR.add_environment(os.environ)  # secrets exported since the run opened
         if isinstance(error, BaseException):
             if was_logged(error):
                 return
@@ -198,6 +201,8 @@ class TrainLogger:
             self._warn(f"log_error() expects an exception instance, got {type(error).__name__}; "
                        "written as text")
         info = self._mapping("additional_info", additional_info)
+        if self.role.world_size > 1:
+            info = {**info, **self._identity}
         lines = _format.error_lines(error, context, operation, info)
         self._write("errors", "ERROR", lines)
         trace = _format.traceback_text(error, _OWN_WRAPPERS)
@@ -256,12 +261,13 @@ class TrainLogger:
     @never_raises
     def log_evaluation(self, global_step: int | None, epoch: float | None, loss: float | None,
                        metrics: Mapping[str, Any], *, metric_prefix: str = "eval",
-                       values: Mapping[str, Any] | None = None) -> None:
+                       values: Mapping[str, Any] | None = None) -> str | None:
         """Write ``Validation Loss: ...`` (``Test Loss: ...`` for ``metric_prefix="test"``) and
         ``Metrics: ...`` to the training logs, and a JSON ``eval`` event holding ``values`` (default:
-        the metrics), ``metric_prefix`` and, for the ``eval`` prefix, ``validation_loss``."""
+        the metrics), ``metric_prefix`` and, for the ``eval`` prefix, ``validation_loss``; returns
+        that JSON line."""
         if not self.writes:
-            return
+            return None
         self.mark(global_step, epoch)
         metrics = self._mapping("metrics", metrics)
         label = "Validation Loss" if metric_prefix == "eval" else f"{metric_prefix.capitalize()} Loss"
@@ -271,19 +277,28 @@ class TrainLogger:
                        **_format.metric_values(self._mapping("values", values) if values is not None else metrics)}
         if metric_prefix == "eval" and loss is not None:
             json_values.setdefault("validation_loss", loss)
-        self.log_metrics("eval", json_values)
+        line = self.log_metrics("eval", json_values)
         if lines:
             self._console(f"step {_format.fmt_value(global_step)}: " + "; ".join(lines))
+        return line
 
     @never_raises
-    def log_metrics(self, event: str, values: Mapping[str, Any]) -> None:
+    def log_metrics(self, event: str, values: Mapping[str, Any]) -> str | None:
         """Write one JSON line ``{"time", "run_id", "event", "global_step", "epoch", **values}`` to
-        ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known)."""
+        ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known).
+
+        Returns:
+            the line written (without its newline), or None where nothing was written.
+        """
         if self.closed:
             self._closed_warning("log_metrics")
-        elif self.writes:
-            self._log["metrics"].info(_format.json_line(_format.safe_str(event), self.run_id, self.global_step,
-                                                        self.epoch, self._mapping("values", values)))
+            return None
+        if not self.writes:
+            return None
+        line = _format.json_line(_format.safe_str(event), self.run_id, self.global_step, self.epoch,
+                                 {**self._identity, **self._mapping("values", values)})
+        self._log["metrics"].info(line)
+        return line
 
     def log_message(self, message: str, level: str = "INFO", category: str = "general") -> None:
         """Write one free text line to a text category's log: ``general``, ``training``,
@@ -299,7 +314,7 @@ class TrainLogger:
             raise ValueError(f"category={category!r} is not valid; accepted values: {names}")
         if level not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"level={level!r} is not valid; accepted values: DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        if self.writes:
+        if self.writes or BY_NAME[category].per_rank:
             self._write(category, level, [_format.safe_str(message)])
 
     def mark(self, global_step: int | None, epoch: float | None) -> None:
@@ -335,9 +350,9 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ internals
 
-    def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing) -> None:
+    def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing) -> str | None:
         if not self.writes:
-            return
+            return None
         self.mark(step, epoch)
         metrics = _format.metric_values(metrics or {})
         lines = _format.progress_lines(epoch, step, loss, learning_rate, validation_loss, metrics)
@@ -347,8 +362,9 @@ class TrainLogger:
             values.setdefault(key, value)
         if validation_loss is not None:
             values["validation_loss"] = validation_loss
-        self.log_metrics("train", values)
+        line = self.log_metrics("train", values)
         self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
+        return line
 
     def _warn(self, message: str, **values: Any) -> None:
         """A WARNING in the error logs (and the general log) plus a JSON ``warning`` event."""
@@ -385,18 +401,18 @@ class TrainLogger:
         if method in self._failed_methods:
             return
         self._failed_methods.add(method)
-        message = f"seo_trainlog {method}() failed and skipped this record: {type(exc).__name__}: {exc}"
+        message = (f"seo_trainlog {method}() failed and skipped this record: {type(exc).__name__}: "
+                   f"{_format.safe_str(exc)}")
         try:
             self._log["errors"].warning(message)
         except Exception:
             pass
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        safe_warn(message)
 
     def _closed_warning(self, where: str) -> None:
         if "closed" not in self._failed_methods:
             self._failed_methods.add("closed")
-            warnings.warn(f"TrainLogger run {self.run_id} is closed; a {where} record was not written",
-                          RuntimeWarning, stacklevel=3)
+            safe_warn(f"TrainLogger run {self.run_id} is closed; a {where} record was not written")
 
 
 def _version() -> str:
@@ -406,13 +422,6 @@ def _version() -> str:
         return version("seo_trainlog")
     except PackageNotFoundError:
         return "unknown"
-
-
-def mark_logged(error: BaseException) -> None:
-    try:
-        setattr(error, _LOGGED_MARK, True)
-    except Exception:  # an exception type that refuses attributes: it may be written twice
-        pass
 
 
 def _stderr_notice(notice: str) -> None:

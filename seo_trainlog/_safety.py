@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,3 +24,38 @@ def never_raises(method: F) -> F:
             return None
 
     return safe  # type: ignore[return-value]
+
+
+def safe_warn(message: str, stacklevel: int = 3) -> None:
+    """``warnings.warn(message, RuntimeWarning)``, except that a warnings filter turning warnings into
+    errors (``-W error``) cannot turn it into an exception inside the user's training."""
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+    except Exception:
+        pass
+
+
+_LOGGED_MARK = "_seo_trainlog_logged"
+# exceptions that refuse a new attribute (slots, frozen dataclasses) are remembered here instead
+_LOGGED_WITHOUT_MARK: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)
+
+
+def _identity(error: BaseException) -> tuple[int, int]:
+    return id(error), id(error.__traceback__)
+
+
+def was_logged(error: BaseException) -> bool:
+    """Whether ``error`` was already written (so that it is written once, however many guards see it)."""
+    try:
+        if vars(error).get(_LOGGED_MARK):
+            return True
+    except TypeError:  # no __dict__
+        pass
+    return _identity(error) in _LOGGED_WITHOUT_MARK
+
+
+def mark_logged(error: BaseException) -> None:
+    try:
+        vars(error)[_LOGGED_MARK] = True  # not setattr: a custom __setattr__ may refuse or misbehave
+    except TypeError:
+        _LOGGED_WITHOUT_MARK.append(_identity(error))

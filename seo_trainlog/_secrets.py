@@ -2,62 +2,107 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 import threading
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 MASK = "<redacted>"
 MIN_SECRET_LENGTH = 6  # shorter values are too likely to occur in ordinary text
+MAX_DEPTH = 64  # deeper than this, a whole value is masked rather than inspected
 
-_SECRET_WORDS = frozenset({"token", "secret", "secrets", "password", "passwd", "passphrase", "credential",
-                           "credentials", "apikey", "privatekey", "secretkey", "accesskey"})
+# Words that make any non-empty value a secret, numbers included (a PIN, a numeric password).
+_STRONG_WORDS = frozenset({"secret", "secrets", "password", "passwords", "passwd", "pwd", "passphrase", "credential",
+                           "credentials", "apikey", "apikeys", "authorization", "privatekey", "secretkey",
+                           "accesskey", "cookie", "cookies"})
 _KEY_QUALIFIERS = frozenset({"api", "access", "private", "secret", "signing", "encryption"})
-_TOKEN_ID_WORDS = frozenset({"id", "ids", "type", "types"})  # pad_token_id, token_type_ids: vocabulary indices
+# "...token" / "...tokens" as the last word is a secret string (hub_token, HF_TOKEN, sessionToken,
+# access_tokens); metrics and ids that merely mention tokens are not (mean_token_accuracy,
+# pad_token_id, image_token_index), nor are a tokenizer's special tokens (pad_token, eos_token).
+_TOKEN_WORDS = frozenset({"token", "tokens"})
+_SPECIAL_TOKEN_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special"})
+
+STRONG, TOKEN = "strong", "token"
 
 
 def _words(key: str) -> list[str]:
     spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key)  # sessionToken -> session_Token
+    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", spaced)  # HFToken -> HF_Token
     return [word for word in re.split(r"[^a-z0-9]+", spaced.lower()) if word]
 
 
+@functools.lru_cache(maxsize=8192)
+def secret_kind(key: str) -> str | None:
+    """``"strong"`` (mask every non-empty value), ``"token"`` (mask strings) or None for a key name."""
+    words = _words(key)
+    if _STRONG_WORDS.intersection(words):
+        return STRONG
+    for index, word in enumerate(words):
+        if word in ("key", "keys") and index > 0 and words[index - 1] in _KEY_QUALIFIERS:
+            return STRONG
+    if words and words[-1] in _TOKEN_WORDS and not _SPECIAL_TOKEN_WORDS.intersection(words):
+        return TOKEN
+    return None
+
+
 def is_secret_key(key: object) -> bool:
-    """True for names such as ``hub_token``, ``HF_TOKEN``, ``sessionToken``, ``WANDB_API_KEY``,
-    ``aws_access_key_id``, ``db_password``, ``client_secret``, ``credentials``; false for
-    ``pad_token_id``, ``token_type_ids``, ``tokenizer_class``, ``include_num_input_tokens_seen``."""
-    words = _words(str(key))
-    if "token" in words and words[-1] in _TOKEN_ID_WORDS and "key" not in words:
+    """True for names such as ``hub_token``, ``HF_TOKEN``, ``HFToken``, ``sessionToken``,
+    ``access_tokens``, ``WANDB_API_KEY``, ``api_keys``, ``aws_access_key_id``, ``db_password``,
+    ``db_pwd``, ``Authorization``, ``client_secret``, ``credentials``; false for ``pad_token_id``,
+    ``token_type_ids``, ``mean_token_accuracy``, ``tokenizer_class``, ``eos_token``,
+    ``include_num_input_tokens_seen``."""
+    return secret_kind(str(key)) is not None
+
+
+def _masks(kind: str | None, value: Any) -> bool:
+    if kind is None or value is None or isinstance(value, bool) or (isinstance(value, (str, bytes)) and not value):
         return False
-    if _SECRET_WORDS.intersection(words):
-        return True
-    return any(word == "key" and index > 0 and words[index - 1] in _KEY_QUALIFIERS
-               for index, word in enumerate(words))
+    return kind == STRONG or isinstance(value, (str, bytes))
 
 
-def _is_blank(value: Any) -> bool:
-    return value is None or isinstance(value, bool) or (isinstance(value, (str, bytes)) and not value)
+def mask_mapping(values: Mapping[Any, Any]) -> dict[Any, Any]:
+    """A copy of ``values`` where what sits under a secret-looking key is ``<redacted>``.
 
-
-def mask_mapping(values: Mapping[Any, Any], *, _depth: int = 0) -> dict[Any, Any]:
-    """A copy of ``values`` where everything under a secret-looking key is ``<redacted>``.
-
-    Recurses into mappings and lists; a whole mapping or list under a secret key is masked leaf by
-    leaf. ``None``, booleans and empty strings stay as they are (they reveal nothing). String
-    values that are masked are also remembered by :data:`REDACTOR`, so the same value is masked
-    wherever else it would be written.
+    Recurses into mappings, lists, dataclasses and objects with ``to_dict()`` (which become dicts).
+    Under a strong secret key (password, secret, api_key, credential...) every non-empty value is
+    masked, numbers included; under a ``...token`` key every string. ``None``, booleans and empty
+    strings stay (they reveal nothing). Masked strings are remembered by :data:`REDACTOR`, so the
+    same value is masked wherever else it would be written. Beyond 64 levels of nesting the whole
+    value is masked.
     """
-    return {key: _mask(value, is_secret_key(key), _depth + 1) for key, value in values.items()}
+    return {key: _mask(value, secret_kind(str(key)), 1) for key, value in values.items()}
 
 
-def _mask(value: Any, secret: bool, depth: int) -> Any:
-    if depth > 32:
+def _expand(value: Any) -> Any:
+    """Dataclasses and objects with ``to_dict()`` as dicts, so that their keys are inspected too."""
+    if isinstance(value, type):
         return value
+    try:
+        if dataclasses.is_dataclass(value):
+            return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+        to_dict = getattr(value, "to_dict", None)
+        if callable(to_dict):
+            converted = to_dict()
+            if isinstance(converted, Mapping):
+                return converted
+    except Exception:
+        pass
+    return value
+
+
+def _mask(value: Any, kind: str | None, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        return MASK
+    value = _expand(value)
     if isinstance(value, Mapping):
-        return {key: _mask(item, secret or is_secret_key(key), depth + 1) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_mask(item, secret, depth + 1) for item in value]
-    if secret and not _is_blank(value):
+        return {key: _mask(item, kind or secret_kind(str(key)), depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_mask(item, kind, depth + 1) for item in value]
+    if _masks(kind, value):
         if isinstance(value, str):
             REDACTOR.add(value)
         return MASK
@@ -69,32 +114,42 @@ def remember_secrets(values: Mapping[Any, Any]) -> None:
     mask_mapping(values)
 
 
-class Redactor:
-    """Replaces known secret values by ``<redacted>`` in any text (and in their JSON-escaped form).
+def _forms(value: str) -> set[str]:
+    """The ways a secret appears in text: as is, in ``repr``/``str`` of containers and exceptions
+    (escaped quotes and backslashes), URL-encoded, and each of those JSON-escaped."""
+    backslashed = value.replace("\\", "\\\\")
+    forms = {value, repr(value)[1:-1], backslashed.replace("'", "\\'"), backslashed.replace('"', '\\"'),
+             urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)}
+    forms |= {json.dumps(form, ensure_ascii=False)[1:-1] for form in forms}
+    forms |= {json.dumps(form)[1:-1] for form in forms}
+    return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
 
-    Values come from environment variables with secret-looking names (``HF_TOKEN``,
-    ``WANDB_API_KEY``...) and from every string masked by :func:`mask_mapping`; values shorter
-    than 6 characters are ignored.
+
+class Redactor:
+    """Replaces known secret values by ``<redacted>`` in any text, in every form they are written in
+    (see :func:`_forms`). Values come from environment variables with secret-looking names
+    (``HF_TOKEN``, ``WANDB_API_KEY``...; re-read when a run opens and when an error is written) and
+    from every string masked by :func:`mask_mapping`; values shorter than 6 characters are ignored.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: tuple[str, ...] = ()
+        self._known: set[str] = set()
 
     def add(self, value: str) -> None:
         value = value.strip()
-        if len(value) < MIN_SECRET_LENGTH:
+        if len(value) < MIN_SECRET_LENGTH or value in self._known:
             return
-        escaped = json.dumps(value, ensure_ascii=False)[1:-1]
         with self._lock:
-            known = set(self._values)
-            known.update({value, escaped})
+            self._known.add(value)
+            forms = set(self._values) | _forms(value)
             # longest first, so that a secret containing another is replaced whole
-            self._values = tuple(sorted(known, key=len, reverse=True))
+            self._values = tuple(sorted(forms, key=len, reverse=True))
 
     def add_environment(self, environ: Mapping[str, str]) -> None:
         for name, value in environ.items():
-            if is_secret_key(name) and value:
+            if value and secret_kind(name) is not None:
                 self.add(value)
 
     def __call__(self, text: str) -> str:

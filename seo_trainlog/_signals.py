@@ -26,17 +26,27 @@ def exception_at(frame: types.FrameType | None, signum: int) -> TerminatedBySign
 
 class SigtermHook:
     """Installs a SIGTERM handler for the duration of a run (main thread only; elsewhere it does
-    nothing, as Python allows signal handlers only there).
+    nothing, as Python allows signal handlers only there), and only in the process that made it (a
+    forked child inherits the handler but leaves the signal alone).
 
-    On SIGTERM, ``on_signal(error, final)`` is called first. With a handler of the user's installed
-    before us, ``final`` is False and that handler then runs as usual (it may stop training
-    gracefully or raise). Otherwise ``final`` is True: the run is finished and flushed, our hook is
-    removed and the signal is sent again, so that its default action terminates the process.
+    On SIGTERM ``on_signal(error, final)`` is called:
+
+    - a handler of the user's was installed before us: ``final`` is False (note it); that handler then
+      runs as usual (it may stop training gracefully or raise);
+    - ``SIG_IGN`` was installed before us: the signal stays ignored, only noted (``final`` False);
+    - otherwise (the default action): ``final`` is True, the run is finished and flushed, our hook is
+      removed and the signal is sent again, so that it terminates the process as it would have. If
+      the signal arrives while our logger is in the middle of writing (loguru is not re-entrant),
+      the error is raised instead; the guards around the training loop then finish the run and
+      :meth:`resend` the signal.
     """
 
-    def __init__(self, on_signal: Callable[[TerminatedBySignal, bool], None], signum: int = signal.SIGTERM) -> None:
+    def __init__(self, on_signal: Callable[[TerminatedBySignal, bool], None], signum: int = signal.SIGTERM,
+                 busy: Callable[[], bool] = lambda: False) -> None:
         self._on_signal = on_signal
         self._signum = signum
+        self._busy = busy
+        self._pid = os.getpid()
         self._previous: object = None
         self.installed = False
         self.received = False
@@ -48,6 +58,11 @@ class SigtermHook:
             except (ValueError, OSError):
                 pass
 
+    @property
+    def final(self) -> bool:
+        """Whether the signal ends the process once recorded (no handler of the user's, not ignored)."""
+        return not callable(self._previous) and self._previous != signal.SIG_IGN
+
     def remove(self) -> None:
         if self.installed:
             self.installed = False
@@ -57,16 +72,29 @@ class SigtermHook:
             except (ValueError, OSError):
                 pass
 
+    def resend(self) -> None:
+        """After the run is recorded: the default action of the signal, now."""
+        self.remove()
+        os.kill(os.getpid(), self._signum)
+
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
-        self.received = True
         previous = self._previous
-        final = not callable(previous)
+        if os.getpid() != self._pid:  # a forked child: behave as if we were not there
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        self.received = True
+        error = exception_at(frame, signum)
+        if self.final and self._busy():
+            raise error
         try:
-            self._on_signal(exception_at(frame, signum), final)
-        finally:
-            if final:
-                self.remove()
+            self._on_signal(error, self.final)
+        except Exception:
+            pass  # recording must never stop the signal from doing its work
         if callable(previous):
             previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            os.kill(os.getpid(), signum)
+        elif self.final:
+            self.resend()

@@ -35,6 +35,15 @@ BRIDGED_LIBRARIES = ("transformers", "datasets", "accelerate")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
+def logging_busy() -> bool:
+    """True while this thread is inside one of our loguru handlers or loguru's core lock is held: a
+    signal handler must not write through the logger then (loguru's handlers are not re-entrant)."""
+    core = logger._core
+    if core.lock.locked():
+        return True
+    return any(getattr(handler._lock_acquired, "acquired", False) for handler in list(core.handlers.values()))
+
+
 def probe_file_options(rotation: object = None, retention: object = None, encoding: str = "utf-8") -> None:
     """Let loguru validate ``rotation``/``retention`` without creating any file (``delay=True``).
 
@@ -78,8 +87,10 @@ def prepare_log_dir(log_dir: Path) -> Path:
     return log_dir.resolve()
 
 
-def file_path(log_dir: Path, category: Category, stamp: str) -> Path:
-    return log_dir / f"{category.prefix}_{stamp}.log"
+def file_path(log_dir: Path, category: Category, stamp: str, rank: int = 0) -> Path:
+    """``<prefix>_<stamp>.log``; on another rank than 0 ``<prefix>_rank<N>_<stamp>.log``."""
+    rank_part = f"_rank{rank}" if rank else ""
+    return log_dir / f"{category.prefix}{rank_part}_{stamp}.log"
 
 
 class SinkFailures:
@@ -205,8 +216,9 @@ class RunSinks:
         self.handler_ids.clear()
 
 
-def open_sinks(config, run_id: str, log_dir: Path) -> RunSinks:
-    """Add one filtered file sink per enabled category, the console sink and the stdlib bridge.
+def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0) -> RunSinks:
+    """Add one filtered file sink per enabled category, the console sink and the stdlib bridge; on a
+    rank other than 0 only the ``per_rank`` categories' own files (and no console).
 
     Raises:
         OSError: when a file cannot be opened (nothing stays added).
@@ -214,14 +226,15 @@ def open_sinks(config, run_id: str, log_dir: Path) -> RunSinks:
     sinks = RunSinks()
     try:
         for category in CATEGORIES:
-            if category.debug_only and not config.debug:
+            if (category.debug_only and not config.debug) or (rank and not category.per_rank):
                 continue
-            path = file_path(log_dir, category, run_id)
+            path = file_path(log_dir, category, run_id, rank)
             level = category.level
             if category.follows_config_level and LEVEL_NO[config.level] > LEVEL_NO[level]:
                 level = config.level
-            sink = GuardedFileSink(path, rotation=config.rotation, retention=config.retention,
-                                   encoding=config.encoding)
+            # loguru applies retention at close when there is no rotation: it would delete the run itself
+            retention = config.retention if config.rotation is not None else None
+            sink = GuardedFileSink(path, rotation=config.rotation, retention=retention, encoding=config.encoding)
             sinks.handler_ids.append(logger.add(
                 sink,
                 level=level,
@@ -231,7 +244,7 @@ def open_sinks(config, run_id: str, log_dir: Path) -> RunSinks:
                 diagnose=False,
             ))
             sinks.files[category.name] = path
-        if config.console:
+        if config.console and not rank:
             sinks.handler_ids.append(logger.add(
                 ConsoleSink(), level="INFO", format=CONSOLE_FORMAT, colorize=False,
                 filter=_category_filter(run_id, frozenset({"console"})), backtrace=False, diagnose=False,

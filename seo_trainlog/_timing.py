@@ -89,6 +89,15 @@ class CollateStats:
         if elapsed_s > self.max_s:
             self.max_s = elapsed_s
 
+    def merge(self, sums: tuple[int, float, float, int]) -> None:
+        """Add ``(calls, total_s, max_s, samples)`` summed elsewhere (a DataLoader worker)."""
+        calls, total_s, max_s, samples = sums
+        self.calls += calls
+        self.total_s += total_s
+        self.samples += samples
+        if max_s > self.max_s:
+            self.max_s = max_s
+
     def drain(self) -> dict[str, float | int]:
         """``collate_calls``, ``collate_time_s`` (total), ``collate_mean_ms``, ``collate_max_ms``,
         ``collate_samples``; then reset. Empty if there was no call."""

@@ -78,14 +78,17 @@ def make_trainer(tmp_path, tokenizer, tiny_dataset):
     ``callbacks``, ``data_collator``, ``eval_dataset``, ``model``, ``compute_metrics``)."""
 
     def build(**overrides):
-        trainer_keys = {"callbacks", "data_collator", "eval_dataset", "model", "compute_metrics", "train_dataset"}
+        trainer_keys = {"callbacks", "data_collator", "eval_dataset", "model", "compute_metrics", "train_dataset",
+                        "model_init"}
         trainer_kwargs = {key: overrides.pop(key) for key in list(overrides) if key in trainer_keys}
         values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=6,
                       logging_steps=1, learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no",
                       disable_tqdm=True, seed=0, dataloader_num_workers=0)
         values.update(overrides)
+        if "model_init" not in trainer_kwargs:
+            trainer_kwargs.setdefault("model", None)
+            trainer_kwargs["model"] = trainer_kwargs["model"] or tiny_model()
         return Trainer(
-            model=trainer_kwargs.pop("model", None) or tiny_model(),
             args=TrainingArguments(**values),
             train_dataset=trainer_kwargs.pop("train_dataset", tiny_dataset),
             data_collator=trainer_kwargs.pop("data_collator", DataCollatorWithPadding(tokenizer)),

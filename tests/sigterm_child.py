@@ -2,6 +2,9 @@
 
     python sigterm_child.py LOG_DIR default          # no handler of the user's: SIGTERM kills
     python sigterm_child.py LOG_DIR user FLAG_FILE   # the user's own handler writes FLAG_FILE, exits 3
+    python sigterm_child.py LOG_DIR ignore           # SIGTERM was set to SIG_IGN: training goes on
+    python sigterm_child.py LOG_DIR busy             # SIGTERM from a timer while records are being written
+    python sigterm_child.py LOG_DIR fork             # a callback forks a child that exits normally
 """
 
 import os
@@ -26,21 +29,46 @@ if mode == "user":
         sys.exit(3)
 
     signal.signal(signal.SIGTERM, users_handler)
+elif mode == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SendSigterm(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:
+        if state.global_step == 3 and mode in ("default", "user", "ignore"):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Busy(TrainerCallback):
+    """Thousands of records per step, and SIGTERM from a timer: it lands inside a write sooner or later."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import threading
+
+        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for index in range(3000):
+            trainer.log({"custom": float(index)})
+
+
+class Fork(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            child = os.fork()
+            if child == 0:
+                sys.exit(0)  # a child that ends normally: its exit must not touch the parent's run
+            os.waitpid(child, 0)
 
 
 tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])})
 data = Dataset.from_dict({**tokenizer([" ".join(WORDS[i:i + 3]) for i in range(32)]), "labels": [i % 4 for i in range(32)]})
+extra = {"busy": [Busy()], "fork": [Fork()]}.get(mode, [SendSigterm()])
 trainer = Trainer(model=tiny_model(), train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),
-                  args=TrainingArguments(output_dir=os.path.join(log_dir, "out"), max_steps=8, logging_steps=1,
-                                         per_device_train_batch_size=4, report_to="none", use_cpu=True,
-                                         save_strategy="no", disable_tqdm=True),
-                  callbacks=[SendSigterm()])
+                  args=TrainingArguments(output_dir=os.path.join(log_dir, "out"), max_steps=8 if mode != "busy" else 10_000,
+                                         logging_steps=1, per_device_train_batch_size=4, report_to="none",
+                                         use_cpu=True, save_strategy="no", disable_tqdm=True),
+                  callbacks=extra)
 trainer.add_callback(TrainLogCallback(quiet(log_dir)))
 trainer.train()
 print("training finished without termination")

@@ -333,24 +333,27 @@ def test_exceptions_outside_the_epoch_loop_are_logged_and_cleaned_up(make_traine
     assert run.records("summary")[0]["status"] == "failed"
 
 
-class RaiseIn(TrainerCallback):
-    def __init__(self, event: str):
-        self.event = event
+def RaiseIn(event: str) -> TrainerCallback:  # noqa: N802 - reads like the class it builds
+    """A user's callback whose ``event`` method raises."""
 
-    def __getattribute__(self, name):
-        if name == object.__getattribute__(self, "event"):
-            def fail(*args, **kwargs):
-                raise RuntimeError(f"user callback failed in {name}")
-            return fail
-        return object.__getattribute__(self, name)
+    def fail(self, *args, **kwargs):
+        raise RuntimeError(f"user callback failed in {event}")
+
+    return type("RaiseIn", (TrainerCallback,), {event: fail})()
 
 
+@pytest.mark.parametrize("route", ["report_to", "add_callback"])
 @pytest.mark.parametrize("event", ["on_epoch_begin", "on_step_end", "on_train_begin"])
-def test_a_failing_user_callback_is_logged(make_trainer, log_dir, monkeypatch, event):
+def test_a_failing_user_callback_is_logged(make_trainer, log_dir, monkeypatch, event, route):
     monkeypatch.setenv("SEO_TRAINLOG_DIR", str(log_dir))
     monkeypatch.setenv("SEO_TRAINLOG_CONSOLE", "0")
-    # report_to: our callback sits before the user's, and train() itself is guarded from the start
-    trainer = make_trainer(max_steps=2, report_to="seo_trainlog", callbacks=[RaiseIn(event)])
+    # our callback runs before the user's: even its on_train_begin in the same event loop is seen
+    if route == "report_to":
+        trainer = make_trainer(max_steps=2, report_to="seo_trainlog", callbacks=[RaiseIn(event)])
+    else:
+        trainer = make_trainer(max_steps=2)
+        trainer.add_callback(TrainLogCallback())
+        trainer.add_callback(RaiseIn(event))
     before = our_handler_count()
     with pytest.raises(RuntimeError, match=f"user callback failed in {event}"):
         trainer.train()
@@ -358,6 +361,9 @@ def test_a_failing_user_callback_is_logged(make_trainer, log_dir, monkeypatch, e
     run = RunFiles(log_dir)
     assert run.messages("errors")[0] == f"Error in training: RuntimeError: user callback failed in {event}"
     assert run.records("summary")[0]["status"] == "failed"
+    assert all(not getattr(value, "_seo_trainlog_guard", False)
+               for owner in (trainer, trainer.callback_handler, *trainer.callback_handler.callbacks)
+               for value in vars(owner).values())  # every wrapper removed again
 
 
 def test_an_exception_after_the_summary_is_still_recorded(make_trainer, log_dir):
@@ -552,3 +558,207 @@ def test_collator_passes_arguments_and_attributes_through(tokenizer):
     inner = DataCollatorWithPadding(tokenizer)
     TimedDataCollator(inner).padding = "max_length"
     assert inner.padding == "max_length"
+
+
+# ---------------------------------------------------------------------------------------- second round
+
+
+def test_sigterm_while_writing_still_terminates(log_dir):
+    result = run_child(log_dir, "busy")
+    assert result.returncode == -signal.SIGTERM, result.stderr[-2000:]
+    run = RunFiles(log_dir)
+    assert run.records("summary")[-1]["status"] == "terminated"
+    assert run.messages("errors")[0] == "Error in training: TerminatedBySignal: received SIGTERM (signal 15)"
+
+
+def test_an_ignored_sigterm_stays_ignored(log_dir):
+    result = run_child(log_dir, "ignore")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = RunFiles(log_dir)
+    assert run.records("summary")[0]["status"] == "completed" and progress_steps(run) == list(range(1, 9))
+    assert [m for m in run.messages("errors") if m.startswith("SIGTERM received at global_step 3; it stays ignored")]
+
+
+def test_a_forked_child_never_writes_the_parents_summary(log_dir):
+    result = run_child(log_dir, "fork")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = RunFiles(log_dir)
+    assert [row["status"] for row in run.records("summary")] == ["completed"]
+    assert run.messages("errors") == []
+
+
+def test_an_error_after_an_out_of_memory_retry_is_still_logged(make_trainer, log_dir):
+    trainer = with_callback(make_trainer(max_steps=6, auto_find_batch_size=True), log_dir)
+    seen = []
+
+    def oom_then_fail(module, args, kwargs):
+        seen.append(kwargs["input_ids"].shape[0])
+        if len(seen) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(seen) == 4:
+            raise ValueError("broken batch after the retry")
+
+    trainer.model.register_forward_pre_hook(oom_then_fail, with_kwargs=True)
+    before = our_handler_count()
+    with pytest.raises(ValueError, match="broken batch"):
+        trainer.train()
+    assert our_handler_count() == before
+    run = RunFiles(log_dir)
+    assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
+    assert "Error in training: ValueError: broken batch after the retry" in run.messages("errors")
+    assert run.records("summary")[0]["status"] == "failed"
+
+
+def test_an_out_of_memory_error_from_a_callback_is_retried_in_one_run(make_trainer, log_dir):
+    class OomOnce(TrainerCallback):
+        raised = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not OomOnce.raised:
+                OomOnce.raised = True
+                raise RuntimeError("CUDA out of memory.")
+
+    trainer = with_callback(make_trainer(max_steps=3, auto_find_batch_size=True), log_dir)
+    trainer.add_callback(OomOnce())
+    trainer.train()
+    assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
+    assert RunFiles(log_dir).records("summary")[0]["status"] == "completed"
+
+
+def test_secrets_in_every_shape_are_masked(log_dir, monkeypatch):
+    @dataclass
+    class Service:
+        endpoint: str
+        api_key: str
+
+    class Settings:
+        def to_dict(self):
+            return {"password": "todict-SECRET-88"}
+
+    nasty = "hf_Abc\\Def'Gh\"ij1234"
+    monkeypatch.setenv("HF_TOKEN", nasty)
+    url_password = "p@ss/word#2024"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", url_password)
+    deep: dict = {"password": "deep-SECRET-99"}
+    for _ in range(40):
+        deep = {"level": deep}
+    with TrainLogger(quiet(log_dir)) as tlog:
+        from transformers import TrainingArguments
+
+        monkeypatch.setenv("OPENAI_API_KEY", "late-SECRET-5555")  # exported after the logger opened
+        tlog.log_hyperparameters({
+            "args": TrainingArguments(output_dir=str(log_dir / "out"), hub_token="hub-SECRET-ABCDEF"),
+            "svc": Service("https://x", "sk-dataclass-123456"), "settings": Settings(),
+            "api_keys": ["key-SECRET-1111"], "access_tokens": ["tok-SECRET-2222"], "passwords": "pw-SECRET-3333",
+            "Authorization": "Bearer auth-SECRET-4444", "HFToken": "hftok-SECRET-6666", "db_pwd": "dbpwd-SECRET-7",
+            "pin_secret": 4242, "deep": deep})
+        tlog.log_error(KeyError(nasty), context=f"https://user:{__import__('urllib.parse').parse.quote(url_password, safe='')}@mlflow")
+        tlog.log_error(RuntimeError("calling the API with late-SECRET-5555"))
+    text = all_text(log_dir)
+    for secret in ("hub-SECRET-ABCDEF", "sk-dataclass-123456", "todict-SECRET-88", "key-SECRET-1111",
+                   "tok-SECRET-2222", "pw-SECRET-3333", "auth-SECRET-4444", "hftok-SECRET-6666", "dbpwd-SECRET-7",
+                   "4242", "deep-SECRET-99", "hf_Abc", "p%40ss", "late-SECRET-5555"):
+        assert secret not in text, secret
+
+
+def test_metric_names_mentioning_tokens_keep_their_numbers(log_dir):
+    with TrainLogger(quiet(log_dir)) as tlog:
+        tlog.log_training_progress(1, 1, 0.5, 1e-3, metrics={"mean_token_accuracy": 0.75, "num_tokens": 1024,
+                                                             "image_token_index": 7})
+    run = RunFiles(log_dir, tlog.run_id)
+    assert "Metrics: mean_token_accuracy=0.750000, num_tokens=1024, image_token_index=7" in run.messages(
+        "training_progress")
+
+
+def test_retention_never_deletes_the_run_itself(log_dir):
+    import time
+
+    with TrainLogger(quiet(log_dir, rotation=None, retention="1 second")) as tlog:
+        tlog.log_error(ValueError("kept"))
+        tlog.log_data_loading("kept", 1, 1, 0.1)
+        time.sleep(1.5)
+    assert "kept" in tlog.files["errors"].read_text() and tlog.files["data"].exists()
+
+
+@pytest.mark.parametrize("bad", [{"rotation": __import__("datetime").timedelta(0)},
+                                 {"retention": __import__("datetime").timedelta(seconds=-1)},
+                                 {"encoding": "hex"}, {"encoding": "rot13"}])
+def test_config_refuses_values_that_would_hang_or_fail_later(bad, log_dir):
+    with pytest.raises(ValueError, match="is not valid"):
+        quiet(log_dir, **bad)
+
+
+def test_a_trainer_can_be_copied_and_pickled_after_a_run(make_trainer, log_dir, monkeypatch):
+    import copy
+    import pickle
+
+    monkeypatch.setenv("SEO_TRAINLOG_DIR", str(log_dir))
+    trainer = make_trainer(max_steps=2, report_to="seo_trainlog")
+    trainer.train()
+    twin = copy.copy(trainer)
+    twin.state = type(trainer.state)()
+    twin.train()
+    assert twin.state.global_step == 2 and trainer.state.global_step == 2
+    pickle.dumps(trainer.state)
+    assert not [name for name, value in vars(trainer).items() if getattr(value, "_seo_trainlog_guard", False)]
+
+
+def test_warnings_as_errors_never_stop_training(make_trainer, log_dir):
+    callback = TrainLogCallback(quiet(log_dir))
+    trainer = make_trainer(max_steps=2, callbacks=[callback])
+    trainer.add_callback(callback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.train()
+    assert progress_steps(RunFiles(log_dir)) == [1, 2]
+
+
+def test_exceptions_that_fight_back_are_logged_once(make_trainer, log_dir):
+    class Delegating(Exception):
+        def __getattr__(self, name):
+            raise KeyError(name)
+
+    @dataclass(frozen=True)
+    class Frozen(Exception):
+        code: int
+
+    for index, error in enumerate((Delegating("delegating"), Frozen(7))):
+        trainer = with_callback(make_trainer(max_steps=3, output_dir=str(log_dir / f"o{index}")), log_dir)
+        hook = StepHook(1, lambda t, s, e=error: (_ for _ in ()).throw(e))
+        trainer.add_callback(hook.callback)
+        hook.trainer = trainer
+        with pytest.raises(type(error)):
+            trainer.train()
+    texts = [p.read_text() for p in sorted(log_dir.glob("errors_*.log"))]
+    assert sum(t.count("Error in training: Delegating: delegating") for t in texts) == 1
+    assert sum(t.count("Error in training: Frozen: ") for t in texts) == 1
+
+
+def test_removing_the_callback_mid_run_still_writes_the_summary(make_trainer, log_dir):
+    callback = TrainLogCallback(quiet(log_dir))
+    trainer = with_callback(make_trainer(max_steps=4), log_dir)
+    trainer.callback_handler.callbacks[-1] = callback
+    hook = StepHook(2, lambda t, s: t.remove_callback(callback))
+    trainer.add_callback(hook.callback)
+    hook.trainer = trainer
+    before = our_handler_count()
+    trainer.train()
+    assert our_handler_count() == before - 8 or our_handler_count() <= before
+    assert RunFiles(log_dir).records("summary")[0]["status"] == "completed"
+
+
+def test_a_meta_tensor_is_described_not_printed(log_dir):
+    with TrainLogger(quiet(log_dir)) as tlog:
+        tlog.log_metrics("log", {"weird": torch.empty(2, device="meta")})
+        tlog.log_training_progress(1, 1, 0.5, 1e-3, metrics={"weird": torch.empty(2, device="meta")})
+    text = all_text(log_dir)
+    assert "tensor(" not in text and "<Tensor shape=(2,) dtype=torch.float32 device=meta>" in text
+
+
+def test_custom_logs_do_not_repeat_the_epoch(make_trainer, log_dir):
+    hook = StepHook(1, lambda trainer, state: trainer.log({"custom": 1}))
+    trainer = with_callback(make_trainer(max_steps=2, callbacks=[hook.callback]), log_dir)
+    hook.trainer = trainer
+    trainer.train()
+    row = RunFiles(log_dir).records("log")[0]
+    assert row["custom"] == 1 and "user_epoch" not in row and row["epoch"] is not None
