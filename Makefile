@@ -10,6 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.seo_trainlog-installed
@@ -18,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test clean
+.PHONY: install train test bench clean
 
 install: $(STAMP)
 
@@ -38,6 +39,11 @@ train: $(STAMP)
 test: $(STAMP)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# The overhead benchmark (scripts/bench_overhead.py, a few minutes): table on stdout, JSON in benchmarks/.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -e ".[dev,bench]"
+	$(BIN)/python scripts/bench_overhead.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) logs outputs .pytest_cache

@@ -3,15 +3,16 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import json
 import math
 import os
 import weakref
+from datetime import datetime
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+import orjson
 from transformers import TrainerCallback
 
 from . import _format
@@ -27,7 +28,7 @@ from ._safety import mark_logged, never_raises, safe_warn, was_logged
 from ._secrets import remember_secrets
 from ._signals import SigtermHook, TerminatedBySignal
 from ._sinks import logging_busy
-from ._timing import COLLATE_STATS, StepTimer
+from ._timing import COLLATE_STATS, IntervalSums, StepTimer
 
 _SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
 _OPEN_RUNS: weakref.WeakSet[TrainLogCallback] = weakref.WeakSet()
@@ -46,6 +47,8 @@ class _Run:
     started_s: float = field(default_factory=perf_counter)
     timer: StepTimer = field(default_factory=StepTimer)
     interval_first_step: int = 1
+    pending: IntervalSums = field(default_factory=IntervalSums)
+    detail_written_s: float = field(default_factory=perf_counter)
     epoch_started_s: float | None = None
     guard: TrainerGuard | None = None
     sigterm: SigtermHook | None = None
@@ -293,6 +296,8 @@ class TrainLogCallback(TrainerCallback):
                 extra["best_metric"] = state.best_metric
                 extra["best_model_checkpoint"] = state.best_model_checkpoint
             tlog.mark(state.global_step, state.epoch)
+            if not run.pending.empty:
+                self._write_interval(run, *run.pending.take(), run.sampler.drain() if run.sampler else {})
             self._write_remaining_collate(run)
             tlog.log_training_summary(
                 total_epochs=state.epoch or 0, total_steps=state.global_step,
@@ -339,9 +344,14 @@ class TrainLogCallback(TrainerCallback):
         if run is None or run.state is not state:
             with self._logger_outside_run(state) as tlog:
                 if tlog is not None:
-                    self._write_log(tlog, None, state, logs)
+                    self._write_log(tlog, None, state.global_step, state.epoch, dict(logs), {},
+                                    COLLATE_STATS.drain(), None)
             return
-        self._write_log(run.logger, run, state, logs)
+        timing = run.timer.drain(run.samples_per_step) if "loss" in logs else {}
+        if run.collator is not None:
+            run.collator.drain_worker_timings()
+        collate = COLLATE_STATS.drain() if "loss" in logs or _speed_prefix(logs) not in (None, "train") else {}
+        self._write_log(run.logger, run, state.global_step, state.epoch, logs, timing, collate, None)
         run.timer.mark(perf_counter())
 
     @never_raises
@@ -366,45 +376,55 @@ class TrainLogCallback(TrainerCallback):
         run = self._run
         if run is None or run.epoch_started_s is None:
             return
-        now = perf_counter()
         epoch_number = max(1, math.ceil((state.epoch or 0) - 1e-9))
-        run.logger.mark(state.global_step, state.epoch)
-        run.logger.log_model_performance(f"epoch_{epoch_number}", now - run.epoch_started_s, memory_usage=rss_mb(),
-                                         additional_metrics={"global_step": state.global_step,
-                                                             "epoch": state.epoch})
+        self._write_epoch(run.logger, epoch_number, perf_counter() - run.epoch_started_s, state.global_step,
+                          state.epoch)
         run.timer.mark(perf_counter())
+
+    @staticmethod
+    def _write_epoch(tlog: TrainLogger, number: int, duration_s: float, global_step: int, epoch: float) -> None:
+        tlog.mark(global_step, epoch)
+        tlog.log_model_performance(f"epoch_{number}", duration_s, memory_usage=rss_mb(),
+                                   additional_metrics={"global_step": global_step, "epoch": epoch})
 
     @never_raises
     def on_save(self, args, state, control, **kwargs):
         run = self._run
         if run is None:
             return
-        checkpoint = f"{args.output_dir}/checkpoint-{state.global_step}"
-        run.logger.log_message(f"Checkpoint saved: {checkpoint}")
-        run.logger.log_metrics("checkpoint", {"path": checkpoint})
+        self._write_checkpoint(run.logger, f"{args.output_dir}/checkpoint-{state.global_step}")
         run.timer.mark(perf_counter())
+
+    @staticmethod
+    def _write_checkpoint(tlog: TrainLogger, checkpoint: str) -> None:
+        tlog.log_message(f"Checkpoint saved: {checkpoint}")
+        tlog.log_metrics("checkpoint", {"path": checkpoint})
 
     # ------------------------------------------------------------------ helpers
 
-    def _write_log(self, tlog: TrainLogger, run: _Run | None, state, logs: Mapping[Any, Any]) -> None:
-        tlog.mark(state.global_step, state.epoch)
+    def _write_log(self, tlog: TrainLogger, run: _Run | None, global_step: int, state_epoch: float | None,
+                   logs: Mapping[Any, Any], timing: Mapping[str, Any], collate: Mapping[str, Any],
+                   at: datetime | None) -> None:
+        """One ``on_log`` event: ``timing`` and ``collate`` are the interval's sums, drained at the
+        event; ``at`` is when it happened (None: now)."""
+        tlog.mark(global_step, state_epoch)
         values = _format.metric_values(logs)
         for key, value in values.items():
             if _format.is_non_finite_float(value):
-                tlog._warn(f"Non-finite value: {key}={value} at global_step {state.global_step}",
-                           key=key, value=value)
-        epoch = values.get("epoch", state.epoch)
+                tlog._warn(f"Non-finite value: {key}={value} at global_step {global_step}", key=key, value=value)
+        epoch = values.get("epoch", state_epoch)
         if "loss" in values:
-            timing = run.timer.drain(run.samples_per_step) if run is not None else {}
-            if run is not None and run.collator is not None:
-                run.collator.drain_worker_timings()
-            collate = COLLATE_STATS.drain()
             resources = {**run.sampler.drain(), **cuda_memory()} if run is not None and run.sampler else {}
             metrics = {key: value for key, value in values.items() if key not in ("loss", "learning_rate", "epoch")}
-            line = tlog._progress(epoch, state.global_step, values["loss"], values.get("learning_rate"), None,
-                                  metrics, timing={**timing, **collate, **resources})
+            line = tlog._progress(epoch, global_step, values["loss"], values.get("learning_rate"), None,
+                                  metrics, timing={**timing, **collate, **resources}, at=at)
             if run is not None:
-                self._write_interval(run, state.global_step, timing, collate, resources)
+                run.pending.add(run.interval_first_step, global_step, timing, collate)
+                run.interval_first_step = global_step + 1
+                now = perf_counter()
+                if now - run.detail_written_s >= tlog.config.detail_interval_s:
+                    run.detail_written_s = now
+                    self._write_interval(run, *run.pending.take(), resources)
                 self._detect(run, "train", line)
             return
         prefix = _speed_prefix(values)
@@ -417,14 +437,14 @@ class TrainLogCallback(TrainerCallback):
             metrics = {key: value for key, value in values.items()
                        if key.startswith(f"{prefix}_") and key != f"{prefix}_loss" and key not in speed}
             # collations since the last training log belong to this evaluation
-            line = tlog.log_evaluation(state.global_step, epoch, values.get(f"{prefix}_loss"), metrics,
-                                       metric_prefix=prefix, values={**values, **COLLATE_STATS.drain()})
+            line = tlog.log_evaluation(global_step, epoch, values.get(f"{prefix}_loss"), metrics,
+                                       metric_prefix=prefix, values={**values, **collate}, time=at)
             if run is not None:
                 self._detect(run, "eval", line)
         else:
             values.pop("epoch", None)  # every JSON line has its epoch already
             tlog.log_message(f"Logged: {_format.fmt_pairs(values)}", category="training_detailed")
-            tlog.log_metrics("log", values)
+            tlog.log_metrics("log", values, time=at)
 
     @staticmethod
     def _detect(run: _Run, event: str, line: str | None) -> None:
@@ -432,7 +452,7 @@ class TrainLogCallback(TrainerCallback):
         detector; write each anomaly once and hand it to the alert hooks."""
         if run.detector is None or line is None:
             return
-        record = json.loads(line)
+        record = orjson.loads(line)
         for anomaly in run.detector.update(event, record, record.get("global_step")):
             if anomaly.kind != "non_finite":  # already a WARNING per non-finite value
                 run.logger._write("errors", "WARNING", [f"Anomaly: {anomaly.message}"])
@@ -440,18 +460,18 @@ class TrainLogCallback(TrainerCallback):
             if run.alerts is not None:
                 run.alerts.send(anomaly.to_dict())
 
-    def _write_interval(self, run: _Run, global_step: int, timing: Mapping[str, Any],
+    def _write_interval(self, run: _Run, first: int, global_step: int, timing: Mapping[str, Any],
                         collate: Mapping[str, Any], resources: Mapping[str, Any]) -> None:
-        tlog, first = run.logger, run.interval_first_step
-        run.interval_first_step = global_step + 1
+        """The text detail of the logging intervals from step ``first`` to ``global_step``."""
+        tlog = run.logger
         if timing:
             tlog.log_message(
                 f"Steps {first}-{global_step}: step time {timing['step_time_s']:.4f}s, "
                 f"data wait {timing['data_wait_s']:.4f}s ({timing['data_wait_pct']:.2f}%), "
                 f"{timing['samples_per_second']:.2f} samples/s", category="training_detailed")
-            tlog._write("data", "INFO", _format.data_loading_lines(
+            data_lines = _format.data_loading_lines(
                 "dataloader", run.train_examples if run.train_examples is not None else "n/a",
-                run.per_device_batch_size, timing["data_wait_s"] * timing["steps"]))
+                run.per_device_batch_size, timing["data_wait_s"] * timing["steps"])
             if timing["data_wait_pct"] > tlog.config.data_wait_warn_pct:
                 tlog._warn(
                     f"Data loading bottleneck: {timing['data_wait_pct']:.1f}% of the time of steps {first}-"
@@ -461,11 +481,13 @@ class TrainLogCallback(TrainerCallback):
                     "(datasets.map) instead of in the collator.",
                     data_wait_pct=timing["data_wait_pct"], first_step=first, last_step=global_step)
             self._write_resources(run, first, global_step, timing, resources)
+        else:
+            data_lines = []
         if collate:
-            tlog.log_message(
-                f"Collate: batches={collate['collate_calls']}, total {collate['collate_time_s']:.4f}s, "
-                f"mean {collate['collate_mean_ms']:.3f} ms, max {collate['collate_max_ms']:.3f} ms",
-                category="data")
+            data_lines.append(f"Collate: batches={collate['collate_calls']}, total {collate['collate_time_s']:.4f}s, "
+                              f"mean {collate['collate_mean_ms']:.3f} ms, max {collate['collate_max_ms']:.3f} ms")
+        if data_lines:
+            tlog._write("data", "INFO", data_lines)
 
     @staticmethod
     def _write_remaining_collate(run: _Run) -> None:
@@ -492,19 +514,25 @@ class TrainLogCallback(TrainerCallback):
             sum(gpu_util) / len(gpu_util) if gpu_util else None, additional))
 
     def _write_speed(self, operation: str, state, metrics: Mapping[Any, Any]) -> None:
+        run = self._run
+        if run is not None:
+            self._write_speed_job(run.logger, operation, state.global_step, state.epoch, metrics)
+            run.timer.mark(perf_counter())
+            return
+        with self._logger_outside_run(state) as tlog:
+            if tlog is not None:
+                self._write_speed_job(tlog, operation, state.global_step, state.epoch, metrics)
+
+    @staticmethod
+    def _write_speed_job(tlog: TrainLogger, operation: str, global_step: int, epoch: float | None,
+                         metrics: Mapping[Any, Any]) -> None:
         values = _format.metric_values(metrics)
         prefix = _speed_prefix(values)
-        run = self._run
-        with self._logger_outside_run(state) if run is None else contextlib.nullcontext(run.logger) as tlog:
-            if tlog is None:
-                return
-            tlog.mark(state.global_step, state.epoch)
-            runtime = values.get(f"{prefix}_runtime") if prefix else None
-            additional = {key: value for key, value in values.items() if key != f"{prefix}_runtime"}
-            tlog.log_model_performance(operation, runtime, memory_usage=rss_mb(),
-                                       additional_metrics={**additional, "global_step": state.global_step})
-        if run is not None:
-            run.timer.mark(perf_counter())
+        tlog.mark(global_step, epoch)
+        runtime = values.get(f"{prefix}_runtime") if prefix else None
+        additional = {key: value for key, value in values.items() if key != f"{prefix}_runtime"}
+        tlog.log_model_performance(operation, runtime, memory_usage=rss_mb(),
+                                   additional_metrics={**additional, "global_step": global_step})
 
     def _elected(self, trainer) -> bool:
         """Of several TrainLogCallbacks on one Trainer, only one writes: explicit config first. The
@@ -627,7 +655,7 @@ def _speed_prefix(metrics: Mapping[str, Any]) -> str | None:
     """``eval`` for ``eval_runtime``, ``test`` for ``test_runtime``...: the prefix of the speed metrics
     Trainer adds (``<p>_runtime`` with ``<p>_samples_per_second``); None without them."""
     for key in metrics:
-        if key.endswith("_runtime"):
+        if isinstance(key, str) and key.endswith("_runtime"):
             prefix = key[: -len("_runtime")]
             if f"{prefix}_samples_per_second" in metrics or f"{prefix}_steps_per_second" in metrics:
                 return prefix

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import math
 import traceback
 from collections.abc import Mapping
@@ -13,9 +12,12 @@ from datetime import datetime
 from pathlib import PurePath
 from typing import Any
 
+import orjson
+
 from ._secrets import mask_mapping
 
 RULE = "=" * 80
+_SCALARS = (str, int, float, bool, type(None))
 MAX_DEPTH = 16
 RESERVED_JSON_KEYS = ("time", "run_id", "event", "global_step", "epoch")
 # Characters that str.splitlines() and some JSON-lines readers treat as line breaks.
@@ -49,6 +51,25 @@ def _describe_array(value: Any) -> str:
             return f"<{type(value).__name__} shape={tuple(value.shape)} dtype={value.dtype}{where}>"
         except Exception:
             return f"<unprintable {type(value).__name__}>"
+
+
+def text_block(label: str, level: str, lines: list[str], when: datetime | None = None) -> str:
+    """The spec's text lines, ``[2024-01-15 14:30:25] TRAINING - INFO - <line>``, one per line of
+    ``lines``, joined by newlines: written as one record, so that an event's lines stay together.
+    (A line that itself holds newlines, a traceback, continues without the prefix.)"""
+    prefix = f"[{_stamp(when)}] {label} - {level} - "
+    return "\n".join(prefix + line for line in lines)
+
+
+_STAMP_CACHE: list = [None, ""]  # (the second, its text): many records share one second
+
+
+def _stamp(when: datetime | None) -> str:
+    when = when or datetime.now()
+    second = when.replace(microsecond=0)
+    if _STAMP_CACHE[0] != second:
+        _STAMP_CACHE[0], _STAMP_CACHE[1] = second, second.strftime("%Y-%m-%d %H:%M:%S")
+    return _STAMP_CACHE[1]
 
 
 def to_number(value: Any) -> Any:
@@ -128,7 +149,10 @@ def flatten(values: Mapping[Any, Any], separator: str = ".", prefix: str = "", _
 def metric_values(values: Mapping[Any, Any]) -> dict[str, Any]:
     """Logged values as the files keep them: string keys, nested mappings (per-class metrics from
     ``compute_metrics``) flattened with ``/``, 0-d tensors and numpy scalars as numbers, secrets masked."""
-    return {key: to_number(value) for key, value in flatten(mask_mapping(values), "/").items()}
+    masked = mask_mapping(values)
+    if all(type(key) is str and type(value) in _SCALARS for key, value in masked.items()):
+        return masked  # already flat and plain (the common case, and every second call)
+    return {key: to_number(value) for key, value in flatten(masked, "/").items()}
 
 
 def fmt_pairs(values: Mapping[Any, Any], float_format: str = ".6f") -> str:
@@ -268,6 +292,11 @@ def to_jsonable(value: Any, _depth: int = 0) -> Any:
     strings), dataclasses and objects with ``to_dict()`` (quantization configs) become dicts, enums
     their value, and anything else its ``str``.
     """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else None
     value = to_number(value)
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -318,9 +347,14 @@ def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Map
         "epoch": to_jsonable(epoch),
     }
     for key, value in mask_mapping(values).items():
-        key = safe_str(key)
-        record[f"user_{key}" if key in RESERVED_JSON_KEYS else key] = to_jsonable(value)
-    text = json.dumps(record, allow_nan=False, ensure_ascii=False)
+        key = key if type(key) is str else safe_str(key)
+        kind = type(value)  # orjson writes these as they are (NaN and infinities as null)
+        plain = kind is float or kind is str or kind is bool or value is None or (kind is int and -(2**63) <= value < 2**63)
+        record[f"user_{key}" if key in RESERVED_JSON_KEYS else key] = value if plain else to_jsonable(value)
+    try:
+        text = orjson.dumps(record).decode()  # compact, UTF-8
+    except TypeError:  # an int beyond 64 bits
+        text = orjson.dumps(to_jsonable(record)).decode()
     for raw, escaped in _LINE_BREAKS.items():
         if raw in text:
             text = text.replace(raw, escaped)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -261,7 +262,7 @@ class TrainLogger:
     @never_raises
     def log_evaluation(self, global_step: int | None, epoch: float | None, loss: float | None,
                        metrics: Mapping[str, Any], *, metric_prefix: str = "eval",
-                       values: Mapping[str, Any] | None = None) -> str | None:
+                       values: Mapping[str, Any] | None = None, time: datetime | None = None) -> str | None:
         """Write ``Validation Loss: ...`` (``Test Loss: ...`` for ``metric_prefix="test"``) and
         ``Metrics: ...`` to the training logs, and a JSON ``eval`` event holding ``values`` (default:
         the metrics), ``metric_prefix`` and, for the ``eval`` prefix, ``validation_loss``; returns
@@ -277,15 +278,16 @@ class TrainLogger:
                        **_format.metric_values(self._mapping("values", values) if values is not None else metrics)}
         if metric_prefix == "eval" and loss is not None:
             json_values.setdefault("validation_loss", loss)
-        line = self.log_metrics("eval", json_values)
+        line = self.log_metrics("eval", json_values, time=time)
         if lines:
             self._console(f"step {_format.fmt_value(global_step)}: " + "; ".join(lines))
         return line
 
     @never_raises
-    def log_metrics(self, event: str, values: Mapping[str, Any]) -> str | None:
+    def log_metrics(self, event: str, values: Mapping[str, Any], *, time: datetime | None = None) -> str | None:
         """Write one JSON line ``{"time", "run_id", "event", "global_step", "epoch", **values}`` to
-        ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known).
+        ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known; ``time``:
+        when the event happened, default now).
 
         Returns:
             the line written (without its newline), or None where nothing was written.
@@ -296,7 +298,7 @@ class TrainLogger:
         if not self.writes:
             return None
         line = _format.json_line(_format.safe_str(event), self.run_id, self.global_step, self.epoch,
-                                 {**self._identity, **self._mapping("values", values)})
+                                 {**self._identity, **self._mapping("values", values)}, time)
         self._log["metrics"].info(line)
         return line
 
@@ -350,7 +352,8 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ internals
 
-    def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing) -> str | None:
+    def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing,
+                  at: datetime | None = None) -> str | None:
         if not self.writes:
             return None
         self.mark(step, epoch)
@@ -362,7 +365,7 @@ class TrainLogger:
             values.setdefault(key, value)
         if validation_loss is not None:
             values["validation_loss"] = validation_loss
-        line = self.log_metrics("train", values)
+        line = self.log_metrics("train", values, time=at)
         self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
         return line
 
@@ -383,14 +386,12 @@ class TrainLogger:
         if self.closed:
             self._closed_warning(category)
             return
-        log = self._log[category]
-        for line in lines:
-            log.log(level, line)
+        self._log[category].log(level, _format.text_block(BY_NAME[category].label, level, lines))
         self._report_sink_failures()
 
     def _report_sink_failures(self) -> None:
         for notice in SINK_FAILURES.take():
-            self._log["errors"].warning(f"seo_trainlog: {notice}")
+            self._write("errors", "WARNING", [f"seo_trainlog: {notice}"])
             _stderr_notice(notice)
 
     def _console(self, text: str) -> None:
@@ -404,7 +405,7 @@ class TrainLogger:
         message = (f"seo_trainlog {method}() failed and skipped this record: {type(exc).__name__}: "
                    f"{_format.safe_str(exc)}")
         try:
-            self._log["errors"].warning(message)
+            self._write("errors", "WARNING", [message])
         except Exception:
             pass
         safe_warn(message)

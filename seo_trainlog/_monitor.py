@@ -217,6 +217,8 @@ class ResourceSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._gpu_lock = threading.Lock()
+        self._last: dict[str, float] | None = None
+        self._repeat: dict[str, float] | None = None  # the latest reading as an interval summary
         try:
             self._gpu = (gpu_reader_factory or functools.partial(NvmlReader, local_rank))()
         except RuntimeError as exc:
@@ -249,13 +251,20 @@ class ResourceSampler:
                     self._gpu = None
                     gpu.close()
                     self._notice(f"GPU monitoring stopped after an NVML error: {type(exc).__name__}: {exc}")
+        self._last, self._repeat = reading, None
         self.stats.add(reading)
 
     def drain(self) -> dict[str, float]:
-        """The interval's min/mean/max (at least one fresh reading when no sample was taken since the
-        last drain)."""
+        """The interval's min/mean/max. An interval shorter than ``interval_s`` may hold no reading:
+        it then repeats the latest one (a reading is taken here only before the first one, or when
+        there is no thread: ``interval_s`` 0)."""
         if self.stats.empty:
-            self.sample()
+            if self._last is None or self.interval_s <= 0:
+                self.sample()
+            else:
+                if self._repeat is None:
+                    self._repeat = _summarise({key: [value, value, value, 1.0] for key, value in self._last.items()})
+                return self._repeat
         return self.stats.drain()
 
     def stop(self) -> None:

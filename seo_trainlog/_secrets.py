@@ -27,6 +27,7 @@ _TOKEN_WORDS = frozenset({"token", "tokens"})
 _SPECIAL_TOKEN_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special"})
 
 STRONG, TOKEN = "strong", "token"
+_PLAIN = (str, int, float, bool, type(None), bytes)
 
 
 def _words(key: str) -> list[str]:
@@ -74,12 +75,15 @@ def mask_mapping(values: Mapping[Any, Any]) -> dict[Any, Any]:
     same value is masked wherever else it would be written. Beyond 64 levels of nesting the whole
     value is masked.
     """
+    if all(type(value) in _PLAIN and secret_kind(key if type(key) is str else str(key)) is None
+           for key, value in values.items()):
+        return dict(values)  # the common case: plain values under plain names
     return {key: _mask(value, secret_kind(str(key)), 1) for key, value in values.items()}
 
 
 def _expand(value: Any) -> Any:
     """Dataclasses and objects with ``to_dict()`` as dicts, so that their keys are inspected too."""
-    if isinstance(value, type):
+    if isinstance(value, _PLAIN) or isinstance(value, type):
         return value
     try:
         if dataclasses.is_dataclass(value):
@@ -95,6 +99,8 @@ def _expand(value: Any) -> Any:
 
 
 def _mask(value: Any, kind: str | None, depth: int) -> Any:
+    if kind is None and type(value) in _PLAIN:  # most logged values: nothing to look into
+        return value
     if depth > MAX_DEPTH:
         return MASK
     value = _expand(value)

@@ -17,6 +17,7 @@ from loguru._file_sink import FileSink
 from loguru._logger import Core, Logger
 
 from ._categories import CATEGORIES, Category, accepted_names
+from ._format import text_block
 from ._secrets import REDACTOR
 
 # An independent loguru logger: a Core of its own, so that our records never reach the user's
@@ -26,8 +27,9 @@ from ._secrets import REDACTOR
 logger = Logger(core=Core(), exception=None, depth=0, record=False, lazy=False, colors=False, raw=False,
                 capture=True, patchers=[REDACTOR.redact_record], extra={})
 
-# loguru appends the newline to a format string itself.
-TEXT_FORMAT = "[{time:YYYY-MM-DD HH:mm:ss}] {extra[seo_label]} - {level} - {message}"
+# loguru appends the newline to a format string itself. Text records arrive already prefixed
+# (_format.text_block): one record can carry the several lines of one event.
+TEXT_FORMAT = "{message}"
 JSON_FORMAT = "{message}"
 CONSOLE_FORMAT = "{time:HH:mm:ss} | seo_trainlog | {message}"
 LEVEL_NO = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
@@ -125,16 +127,25 @@ class GuardedFileSink:
     A failed write (disk full, file system gone) or rotation (rename refused) never reaches the
     training: it is reported once through :data:`SINK_FAILURES`, the record is retried once, and
     the sink keeps trying on later records; a rotation that keeps failing is switched off so that
-    records go on being appended to the current file. ``watch=True`` reopens a file someone removed.
+    records go on being appended to the current file. A file someone removed or moved away is
+    reopened at its path (checked at most once a second, not at every record as loguru's
+    ``watch=True`` does).
     """
+
+    WATCH_INTERVAL_S = 1.0
 
     def __init__(self, path: Path, **options: object) -> None:
         self.path = path
-        self._sink = FileSink(_escape_braces(str(path)), watch=True, errors="backslashreplace", **options)
+        self._sink = FileSink(_escape_braces(str(path)), errors="backslashreplace", **options)
         self._failing = False
+        self._watched_at = time.monotonic()
         self.failed_writes = 0
 
     def write(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._watched_at >= self.WATCH_INTERVAL_S:
+            self._watched_at = now
+            self._reopen_if_removed()
         try:
             self._sink.write(message)
         except Exception as error:
@@ -143,6 +154,22 @@ class GuardedFileSink:
         if self._failing:
             self._failing = False
             SINK_FAILURES.add(f"writing to {self.path} works again after {self.failed_writes} lost records")
+
+    def _reopen_if_removed(self) -> None:
+        handle, path = self._sink._file, self._sink._file_path
+        if handle is None or path is None:
+            return
+        try:
+            on_disk, opened = os.stat(path), os.fstat(handle.fileno())
+            removed = (on_disk.st_dev, on_disk.st_ino) != (opened.st_dev, opened.st_ino)
+        except FileNotFoundError:
+            removed = True
+        except (OSError, ValueError):
+            return
+        if removed:
+            self._sink._close_file()
+            self._sink._create_dirs(path)
+            self._sink._create_file(path)
 
     def _recover(self, message: str, error: Exception) -> None:
         rotation_failed = self._sink._rotation_function is not None and _raised_in_rotation(error)
@@ -284,9 +311,9 @@ class StdlibBridge(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            level = record.levelname if record.levelname in LEVEL_NO else record.levelno
+            level = record.levelname if record.levelname in LEVEL_NO else "WARNING"
             label = record.name.split(".", 1)[0].upper()
-            self._log.bind(seo_label=label).log(level, _ANSI_ESCAPE.sub("", record.getMessage()))
+            self._log.log(level, text_block(label, level, [_ANSI_ESCAPE.sub("", record.getMessage())]))
             if not self._others_handle(record):
                 last_resort = logging.lastResort
                 if last_resort is not None and record.levelno >= last_resort.level:

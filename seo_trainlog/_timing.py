@@ -71,6 +71,62 @@ class StepTimer:
         return 100.0 * self.total_data_wait_s / busy if busy > 0 else None
 
 
+class IntervalSums:
+    """The step timing and collate sums of the logging intervals since the last text detail block,
+    so that a block can cover several logging steps (``LogConfig.detail_interval_s``)."""
+
+    __slots__ = ("first_step", "last_step", "steps", "step_time_s", "data_wait_s", "busy_s", "samples",
+                 "collate_calls", "collate_time_s", "collate_max_ms", "collate_samples")
+
+    def __init__(self) -> None:
+        self.first_step: int | None = None
+        self.last_step = 0
+        self.steps = 0
+        self.step_time_s = self.data_wait_s = self.busy_s = self.samples = 0.0
+        self.collate_calls = self.collate_samples = 0
+        self.collate_time_s = self.collate_max_ms = 0.0
+
+    def add(self, first_step: int, last_step: int, timing: dict, collate: dict) -> None:
+        if self.first_step is None:
+            self.first_step = first_step
+        self.last_step = last_step
+        if timing:
+            steps = timing["steps"]
+            self.steps += steps
+            self.step_time_s += timing["step_time_s"] * steps
+            self.data_wait_s += timing["data_wait_s"] * steps
+            self.busy_s += timing["interval_s"]
+            self.samples += timing["samples_per_second"] * timing["interval_s"]
+        if collate:
+            self.collate_calls += collate["collate_calls"]
+            self.collate_time_s += collate["collate_time_s"]
+            self.collate_samples += collate["collate_samples"]
+            self.collate_max_ms = max(self.collate_max_ms, collate["collate_max_ms"])
+
+    @property
+    def empty(self) -> bool:
+        return self.first_step is None
+
+    def take(self) -> tuple[int, int, dict, dict]:
+        """``(first_step, last_step, timing, collate)`` in the shapes of :meth:`StepTimer.drain` and
+        :meth:`CollateStats.drain` (empty dicts where nothing was added); then reset."""
+        first, last = self.first_step or 0, self.last_step
+        timing: dict = {}
+        if self.steps:
+            busy = self.busy_s
+            timing = {"steps": self.steps, "step_time_s": self.step_time_s / self.steps,
+                      "data_wait_s": self.data_wait_s / self.steps,
+                      "data_wait_pct": 100.0 * self.data_wait_s / busy if busy > 0 else 0.0,
+                      "samples_per_second": self.samples / busy if busy > 0 else 0.0, "interval_s": busy}
+        collate: dict = {}
+        if self.collate_calls:
+            collate = {"collate_calls": self.collate_calls, "collate_time_s": self.collate_time_s,
+                       "collate_mean_ms": 1000.0 * self.collate_time_s / self.collate_calls,
+                       "collate_max_ms": self.collate_max_ms, "collate_samples": self.collate_samples}
+        self.__init__()
+        return first, last, timing, collate
+
+
 class CollateStats:
     """Calls and seconds spent in :class:`~seo_trainlog.TimedDataCollator` since the last drain."""
 

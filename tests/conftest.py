@@ -35,13 +35,14 @@ def _clean_env(monkeypatch):
     # A tiny CPU model waits on data for a noticeable share of its few milliseconds per step; the
     # bottleneck warning is tested on its own (test_monitor.py) and kept out of the other files.
     monkeypatch.setenv("SEO_TRAINLOG_DATA_WAIT_WARN_PCT", "100")
+    monkeypatch.setenv("SEO_TRAINLOG_DETAIL_INTERVAL", "0")  # a detail block per logging step, as tests expect
 
 
 def quiet(log_dir, **changes):
     """The test configuration: no console, no bottleneck warning (unless asked for)."""
     from seo_trainlog import LogConfig
 
-    values = {"console": False, "data_wait_warn_pct": 100.0, **changes}
+    values = {"console": False, "data_wait_warn_pct": 100.0, "detail_interval_s": 0.0, **changes}
     return LogConfig(log_dir=log_dir, **values)
 
 

@@ -232,3 +232,16 @@ def test_gpu_check_script_runs_its_flow_on_cpu(tmp_path, monkeypatch, capsys):
     assert module.main() == 0
     out = capsys.readouterr().out
     assert "PASS  progress records: 2 of 2" in out and "FAIL" not in out
+
+
+def test_detail_blocks_cover_at_least_detail_interval(make_trainer, log_dir):
+    trainer = make_trainer(max_steps=6, logging_steps=1)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, detail_interval_s=3600)))
+    trainer.train()
+    run = RunFiles(log_dir)
+    assert [row["global_step"] for row in run.records("train")] == [1, 2, 3, 4, 5, 6]  # JSON: every step
+    # text: the six logging steps are summed into one block, written at the end of the run
+    blocks = [m.split(" completed")[0] for m in run.messages("model_performance") if m.startswith("steps_")]
+    assert blocks == ["steps_1-6"]
+    detail = [m.split(":")[0] for m in run.messages("training_detailed") if m.startswith("Steps ")]
+    assert detail == ["Steps 1-6"]

@@ -287,9 +287,12 @@ def test_a_refused_rotation_keeps_every_record(log_dir, monkeypatch):
 
 
 def test_a_removed_file_is_recreated(log_dir):
+    import time
+
     tlog = TrainLogger(quiet(log_dir))
     tlog.log_training_progress(1, 1, 0.5, 1e-4)
     tlog.files["training"].unlink()
+    time.sleep(1.1)  # the path is checked at most once a second
     tlog.log_training_progress(1, 2, 0.4, 1e-4)
     tlog.close()
     assert progress_steps(RunFiles(log_dir, tlog.run_id)) == [2]
