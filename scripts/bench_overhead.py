@@ -6,7 +6,10 @@ three configurations: no reporting callback (``none``), TrainLogCallback with ev
 file, resource sampler, anomaly detection; ``seo_trainlog``) and transformers' TensorBoardCallback
 (``tensorboard``), at ``logging_steps=1`` and ``logging_steps=50``. The configurations alternate
 (none, seo_trainlog, tensorboard, none, ...) ``--repeats`` times so that machine noise hits all alike;
-each repeat's overhead is its run time over the same repeat's ``none`` run. Then micro-benchmarks of
+each repeat's overhead is its run time over the same repeat's ``none`` run. As that ratio is only as
+steady as the machine, each run also reports the share of its wall time spent inside the reporting
+callback's events (``perf_counter`` around each ``on_*`` call; TensorBoard's writer thread and our
+resource-sampler thread are outside it). Then micro-benchmarks of
 the pieces, each the median over 100 batches of 100 calls (10,000 calls): ``on_step_end`` on a
 non-logging step, one full ``on_log`` with a typical logs dict, ``TimedDataCollator`` over a trivial
 collator (minus the bare collator), one JSON metrics line.
@@ -91,25 +94,53 @@ def make_trainer(config: str, logging_steps: int, steps: int, scratch: Path, cal
     return trainer
 
 
-def timed_run(config: str, logging_steps: int, steps: int) -> float:
+class EventClock:
+    """Time spent inside one callback's Trainer events: each ``on_*`` method of that instance is
+    wrapped (on the instance) with a ``perf_counter`` around the call."""
+
+    def __init__(self, callback: TrainerCallback) -> None:
+        self.seconds = 0.0
+        for name in dir(callback):
+            if name.startswith("on_") and callable(getattr(callback, name)):
+                setattr(callback, name, self._timed(getattr(callback, name)))
+
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+        return timed
+
+
+def timed_run(config: str, logging_steps: int, steps: int) -> tuple[float, float]:
+    """Wall seconds of ``trainer.train()``, and the seconds spent inside the reporting callback's events."""
     with tempfile.TemporaryDirectory() as scratch:
         trainer = make_trainer(config, logging_steps, steps, Path(scratch))
+        reporters = [cb for cb in trainer.callback_handler.callbacks
+                     if type(cb).__name__ in ("TrainLogCallback", "TensorBoardCallback")]
+        clocks = [EventClock(cb) for cb in reporters]
         started = time.perf_counter()
         trainer.train()
-        return time.perf_counter() - started
+        return time.perf_counter() - started, sum(clock.seconds for clock in clocks)
 
 
 def overhead(logging_steps: int, steps: int, repeats: int) -> dict[str, dict[str, float]]:
     times: dict[str, list[float]] = {config: [] for config in CONFIGS}
+    inside: dict[str, list[float]] = {config: [] for config in CONFIGS}
     timed_run("none", logging_steps, 20)  # warm-up: first-call costs belong to nobody
     for _ in range(repeats):
         for config in CONFIGS:
-            times[config].append(timed_run(config, logging_steps, steps))
+            wall_s, callback_s = timed_run(config, logging_steps, steps)
+            times[config].append(wall_s)
+            inside[config].append(callback_s / wall_s)
     result = {}
     for config in CONFIGS:
         ratios = [t / base for t, base in zip(times[config], times["none"])]
         result[config] = {"median_s": statistics.median(times[config]), "median_ratio": statistics.median(ratios),
-                          "min_ratio": min(ratios), "max_ratio": max(ratios), "runs_s": times[config]}
+                          "min_ratio": min(ratios), "max_ratio": max(ratios), "runs_s": times[config],
+                          "in_callback_share": statistics.median(inside[config])}
     return result
 
 
@@ -200,11 +231,12 @@ def main() -> int:
         results["pieces_us"] = pieces(Path(scratch))
 
     print(f"\n{results['machine']}; {args.steps} steps, batch 16, {args.repeats} alternating repeats\n")
-    print(f"{'run':<36}{'median s':>10}{'overhead (median)':>20}{'min':>9}{'max':>9}")
+    print(f"{'run':<36}{'median s':>10}{'overhead (median)':>20}{'min':>9}{'max':>9}{'in callback':>13}")
     for setting, table in results["overhead"].items():
         for config, row in table.items():
             print(f"{setting + ', ' + config:<36}{row['median_s']:>10.2f}{100 * (row['median_ratio'] - 1):>19.2f}%"
-                  f"{100 * (row['min_ratio'] - 1):>8.2f}%{100 * (row['max_ratio'] - 1):>8.2f}%")
+                  f"{100 * (row['min_ratio'] - 1):>8.2f}%{100 * (row['max_ratio'] - 1):>8.2f}%"
+                  f"{100 * row['in_callback_share']:>12.2f}%")
     print(f"\n{'piece':<70}{'median µs/call':>16}")
     for name, value in results["pieces_us"].items():
         print(f"{name:<70}{value:>16.2f}")

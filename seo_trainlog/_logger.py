@@ -396,7 +396,7 @@ class TrainLogger:
 
     def _console(self, text: str) -> None:
         if self.writes and self.config.console:
-            self._console_log.info(text)
+            self._console_log.info(f"{datetime.now():%H:%M:%S} | seo_trainlog | {text}")
 
     def _internal_error(self, method: str, exc: Exception) -> None:
         if method in self._failed_methods:

@@ -27,11 +27,8 @@ from ._secrets import REDACTOR
 logger = Logger(core=Core(), exception=None, depth=0, record=False, lazy=False, colors=False, raw=False,
                 capture=True, patchers=[REDACTOR.redact_record], extra={})
 
-# loguru appends the newline to a format string itself. Text records arrive already prefixed
-# (_format.text_block): one record can carry the several lines of one event.
-TEXT_FORMAT = "{message}"
-JSON_FORMAT = "{message}"
-CONSOLE_FORMAT = "{time:HH:mm:ss} | seo_trainlog | {message}"
+# Records arrive fully formatted (_format.text_block, _format.json_line, the console line); loguru
+# appends the newline. One text record can carry the several lines of one event.
 LEVEL_NO = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 BRIDGED_LIBRARIES = ("transformers", "datasets", "accelerate")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -223,9 +220,65 @@ class ConsoleSink:
             SINK_FAILURES.add(f"console output switched off: sys.stderr failed ({type(exc).__name__}: {exc})")
 
 
+class CategoryRouter:
+    """A run's one loguru handler: each record goes to the sinks of the categories that take it.
+
+    The category table decides: a file sink per enabled category (its own loguru ``FileSink``, with
+    the run's rotation and retention), fed the records of its own category and of those it
+    ``includes`` at or above its level; the console sink takes the ``console`` records. One loguru
+    handler instead of one per file: loguru evaluates one filter per record, and builds one
+    exception formatter per run (its costliest start-up step) rather than nine.
+    """
+
+    def __init__(self, config, run_id: str, log_dir: Path, rank: int) -> None:
+        self.run_id = run_id
+        self.files: dict[str, Path] = {}
+        self._sinks: list[GuardedFileSink | ConsoleSink] = []
+        self._routes: dict[str, list[tuple[int, GuardedFileSink | ConsoleSink]]] = {}
+        try:
+            for category in CATEGORIES:
+                if (category.debug_only and not config.debug) or (rank and not category.per_rank):
+                    continue
+                path = file_path(log_dir, category, run_id, rank)
+                level = category.level
+                if category.follows_config_level and LEVEL_NO[config.level] > LEVEL_NO[level]:
+                    level = config.level
+                # loguru applies retention at close when there is no rotation: it would delete the run
+                retention = config.retention if config.rotation is not None else None
+                sink = GuardedFileSink(path, rotation=config.rotation, retention=retention, encoding=config.encoding)
+                self._add(sink, LEVEL_NO[level], accepted_names(category))
+                self.files[category.name] = path
+            if config.console and not rank:
+                self._add(ConsoleSink(), LEVEL_NO["INFO"], frozenset({"console"}))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _add(self, sink, levelno: int, names: frozenset[str]) -> None:
+        self._sinks.append(sink)
+        for name in names:
+            self._routes.setdefault(name, []).append((levelno, sink))
+
+    def accepts(self, record) -> bool:
+        return record["extra"].get("seo_run") == self.run_id
+
+    def write(self, message) -> None:
+        record = message.record
+        levelno = record["level"].no
+        for minimum, sink in self._routes.get(record["extra"].get("seo_cat"), ()):
+            if levelno >= minimum:
+                sink.write(message)
+
+    def stop(self) -> None:
+        for sink in self._sinks:
+            if isinstance(sink, GuardedFileSink):
+                sink.stop()
+        self._sinks.clear()
+
+
 @dataclass
 class RunSinks:
-    """The handlers one run added, so that exactly these are removed at close."""
+    """The handler and stdlib bridges one run added, so that exactly these are removed at close."""
 
     files: dict[str, Path] = field(default_factory=dict)
     handler_ids: list[int] = field(default_factory=list)
@@ -237,62 +290,35 @@ class RunSinks:
         self.bridges.clear()
         for handler_id in self.handler_ids:
             try:
-                logger.remove(handler_id)
+                logger.remove(handler_id)  # loguru stops the router, which closes every file
             except ValueError:
                 pass
         self.handler_ids.clear()
 
 
 def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0) -> RunSinks:
-    """Add one filtered file sink per enabled category, the console sink and the stdlib bridge; on a
-    rank other than 0 only the ``per_rank`` categories' own files (and no console).
+    """Open a file per enabled category (on a rank other than 0 only the ``per_rank`` categories'
+    own files, and no console) behind one loguru handler, and add the stdlib bridge.
 
     Raises:
         OSError: when a file cannot be opened (nothing stays added).
     """
     sinks = RunSinks()
+    router = CategoryRouter(config, run_id, log_dir, rank)
+    sinks.files = dict(router.files)
     try:
-        for category in CATEGORIES:
-            if (category.debug_only and not config.debug) or (rank and not category.per_rank):
-                continue
-            path = file_path(log_dir, category, run_id, rank)
-            level = category.level
-            if category.follows_config_level and LEVEL_NO[config.level] > LEVEL_NO[level]:
-                level = config.level
-            # loguru applies retention at close when there is no rotation: it would delete the run itself
-            retention = config.retention if config.rotation is not None else None
-            sink = GuardedFileSink(path, rotation=config.rotation, retention=retention, encoding=config.encoding)
-            sinks.handler_ids.append(logger.add(
-                sink,
-                level=level,
-                format=JSON_FORMAT if category.json else TEXT_FORMAT,
-                filter=_category_filter(run_id, accepted_names(category)),
-                backtrace=False,
-                diagnose=False,
-            ))
-            sinks.files[category.name] = path
-        if config.console and not rank:
-            sinks.handler_ids.append(logger.add(
-                ConsoleSink(), level="INFO", format=CONSOLE_FORMAT, colorize=False,
-                filter=_category_filter(run_id, frozenset({"console"})), backtrace=False, diagnose=False,
-            ))
+        sinks.handler_ids.append(logger.add(router, level="DEBUG", format="{message}", filter=router.accepts,
+                                            colorize=False, backtrace=False, diagnose=False))
         bridge = StdlibBridge(logger.bind(seo_run=run_id, seo_cat="errors"))
         for name in BRIDGED_LIBRARIES:
             target = logging.getLogger(name)
             target.addHandler(bridge)
             sinks.bridges.append((target, bridge))
     except BaseException:
+        router.stop()
         sinks.close()
         raise
     return sinks
-
-
-def _category_filter(run_id: str, names: frozenset[str]):
-    def accept(record) -> bool:
-        extra = record["extra"]
-        return extra.get("seo_run") == run_id and extra.get("seo_cat") in names
-
-    return accept
 
 
 class StdlibBridge(logging.Handler):
