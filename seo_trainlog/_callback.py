@@ -158,7 +158,7 @@ class TrainLogCallback(TrainerCallback):
             samples_per_step=(state.train_batch_size or per_device) * args.gradient_accumulation_steps
             * max(1, args.world_size),
             train_examples=_dataset_size(train_dataloader), per_device_batch_size=per_device,
-            per_step_detail=tlog.config.level == "DEBUG" or tlog.config.debug,
+            per_step_detail=tlog.config.level == "DEBUG",
             interval_first_step=state.global_step + 1,
         )
         self._run = run
@@ -318,6 +318,8 @@ class TrainLogCallback(TrainerCallback):
             self._last_run = (tlog.config, tlog.run_id)
             if run.owns_logger:
                 tlog.close()
+            else:
+                tlog.flush()
 
     # ------------------------------------------------------------------ per step (hot path)
 

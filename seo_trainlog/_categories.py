@@ -13,6 +13,8 @@ class Category:
     category plus those named in ``includes`` (``ALL_TEXT``: every text category). ``per_rank``
     files are also written by the other processes of a distributed run, each to its own
     ``<prefix>_rank<N>_<stamp>.log``; every other file is written by the world-process-zero only.
+    A ``durable`` file is line-buffered (a record is on disk when its write returns); the others are
+    written in blocks and flushed every ``LogConfig.flush_interval_s``.
     """
 
     name: str
@@ -24,6 +26,7 @@ class Category:
     debug_only: bool = False
     follows_config_level: bool = True
     per_rank: bool = False
+    durable: bool = False
 
 
 # The spec's file tree, one row per file. Adding a category is adding a row.
@@ -33,8 +36,9 @@ CATEGORIES: tuple[Category, ...] = (
     Category("training_detailed", "training_detailed", "TRAINING", "DEBUG", includes=("training",)),
     Category("model", "model_performance", "MODEL", "INFO"),
     Category("data", "data_loading", "DATA", "INFO"),
-    Category("errors", "errors", "ERROR", "WARNING", per_rank=True),
-    Category("error_tracking", "error_tracking", "ERROR", "DEBUG", includes=("errors",), per_rank=True),
+    Category("errors", "errors", "ERROR", "WARNING", per_rank=True, durable=True),
+    Category("error_tracking", "error_tracking", "ERROR", "DEBUG", includes=("errors",), per_rank=True,
+             durable=True),
     Category("metrics", "performance_metrics", "METRICS", "DEBUG", json=True, follows_config_level=False),
     Category("debug", "debug", "DEBUG", "DEBUG", includes=ALL_TEXT, debug_only=True,
              follows_config_level=False),

@@ -43,6 +43,10 @@ class LogConfig:
             least this many seconds: with very frequent logging steps one block sums several of them
             (every logging step still has its own JSON line). ``0``: a block at every logging step.
             Default ``1.0``.
+        flush_interval_s: The error files are line-buffered (an error is on disk when it is logged);
+            the other files are written in blocks and flushed every this many seconds (and at the end
+            of the run, on an error, on SIGTERM): far fewer system calls during training. ``0``: every
+            file line-buffered. Default ``1.0``.
         data_wait_warn_pct: A logging interval in which more than this share (percent) of the step
             wall time was spent waiting for data gets one data-loading bottleneck WARNING.
             Default ``20.0``; also the threshold of the ``data_wait`` anomaly.
@@ -82,6 +86,7 @@ class LogConfig:
     encoding: str = "utf-8"
     sample_interval_s: float = 2.0
     detail_interval_s: float = 1.0
+    flush_interval_s: float = 1.0
     data_wait_warn_pct: float = 20.0
     detect_anomalies: bool = True
     anomaly_window: int = 20
@@ -106,6 +111,8 @@ class LogConfig:
                                                                     0.0, 3600.0))
         object.__setattr__(self, "detail_interval_s", _check_number("detail_interval_s", self.detail_interval_s,
                                                                     0.0, 3600.0))
+        object.__setattr__(self, "flush_interval_s", _check_number("flush_interval_s", self.flush_interval_s,
+                                                                   0.0, 3600.0))
         object.__setattr__(self, "data_wait_warn_pct", _check_number("data_wait_warn_pct", self.data_wait_warn_pct,
                                                                      0.0, 100.0))
         for name in _ANOMALY_FIELDS:
@@ -124,6 +131,7 @@ class LogConfig:
         ``SEO_TRAINLOG_RETENTION``    rotated files kept (integer >= 1) or a duration ``7 days``
         ``SEO_TRAINLOG_SAMPLE_INTERVAL``       seconds between resource readings, ``0``: no thread
         ``SEO_TRAINLOG_DETAIL_INTERVAL``       seconds the per-interval text lines cover at least
+        ``SEO_TRAINLOG_FLUSH_INTERVAL``        seconds between flushes of the non-error files
         ``SEO_TRAINLOG_DATA_WAIT_WARN_PCT``    data-wait share (percent) that warns of a bottleneck
         ``SEO_TRAINLOG_DETECT_ANOMALIES``      ``1``/``0``: anomaly detection during training
         ``SEO_TRAINLOG_ANOMALY_WINDOW``        rolling window of the detectors, in logged records
@@ -267,6 +275,7 @@ _ENV_FIELDS = (
     ("SEO_TRAINLOG_RETENTION", "retention"),
     ("SEO_TRAINLOG_SAMPLE_INTERVAL", "sample_interval_s"),
     ("SEO_TRAINLOG_DETAIL_INTERVAL", "detail_interval_s"),
+    ("SEO_TRAINLOG_FLUSH_INTERVAL", "flush_interval_s"),
     ("SEO_TRAINLOG_DATA_WAIT_WARN_PCT", "data_wait_warn_pct"),
     ("SEO_TRAINLOG_DETECT_ANOMALIES", "detect_anomalies"),
     ("SEO_TRAINLOG_ANOMALY_WINDOW", "anomaly_window"),
@@ -288,6 +297,7 @@ _PARSERS = {
     "retention": _check_retention,
     "sample_interval_s": functools.partial(_check_number, low=0.0, high=3600.0),
     "detail_interval_s": functools.partial(_check_number, low=0.0, high=3600.0),
+    "flush_interval_s": functools.partial(_check_number, low=0.0, high=3600.0),
     "data_wait_warn_pct": functools.partial(_check_number, low=0.0, high=100.0),
     "detect_anomalies": _check_bool,
     "anomaly_window": functools.partial(_check_int, low=5, high=10_000),

@@ -32,7 +32,8 @@ class TrainLogger:
     """One run's categorised log files, and the spec's six logging methods.
 
     Opening a ``TrainLogger`` claims a run stamp ``YYYYMMDD_HHMMSS`` (``_1``, ``_2``... appended when
-    another run in the same directory holds that second) and adds one loguru sink per category::
+    another run in the same directory holds that second) and opens one file per category (a loguru
+    ``FileSink`` each, behind one loguru handler that routes records by category)::
 
         logs/seo_engine_<stamp>.log           general: run start/end and every category's INFO+ lines
         logs/training_progress_<stamp>.log    epoch/step/loss/LR, validation loss, metrics, summary
@@ -47,7 +48,9 @@ class TrainLogger:
         logs/debug_<stamp>.log                everything at DEBUG (only with ``LogConfig.debug``)
 
     Each file rotates at ``config.rotation`` and keeps ``config.retention`` rotated files of its own
-    category and run; every file is line-buffered, so a record is on disk when its method returns.
+    category and run. The error files are line-buffered (an error is on disk when :meth:`log_error`
+    returns, with everything written before it); the others are flushed every
+    ``config.flush_interval_s`` seconds, on an error and at :meth:`close` (or call :meth:`flush`).
     Text lines read ``[2024-01-15 14:30:25] TRAINING - INFO - <message>``; a traceback continues on
     the following lines.
 
@@ -216,6 +219,7 @@ class TrainLogger:
                                    "operation": operation, "context": context,
                                    "additional_info": _format.metric_values(info), "traceback": trace})
         self._console(lines[0])
+        self._sinks.flush()  # what led up to the error is on disk with it
 
     @never_raises
     def log_training_summary(self, total_epochs: float, total_steps: int, final_loss: float | None,
@@ -327,6 +331,11 @@ class TrainLogger:
         if _format.is_finite_number(epoch):
             self.epoch = _format.to_number(epoch)
 
+    def flush(self) -> None:
+        """Put every record written so far on disk (the non-error files are otherwise flushed every
+        ``config.flush_interval_s`` seconds)."""
+        self._sinks.flush()
+
     def close(self) -> None:
         """Flush and remove exactly the handlers this logger added. Safe to call twice."""
         if self.closed:
@@ -359,14 +368,21 @@ class TrainLogger:
         self.mark(step, epoch)
         metrics = _format.metric_values(metrics or {})
         lines = _format.progress_lines(epoch, step, loss, learning_rate, validation_loss, metrics)
-        self._write("training", "INFO", lines)
         values = {"loss": loss, "learning_rate": learning_rate, **metrics}
         for key, value in (timing or {}).items():
             values.setdefault(key, value)
         if validation_loss is not None:
             values["validation_loss"] = validation_loss
-        line = self.log_metrics("train", values, time=at)
-        self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
+        line = _format.json_line("train", self.run_id, self.global_step, self.epoch, {**self._identity, **values}, at)
+        if self.closed:
+            self._closed_warning("training")
+            return None
+        # the text lines and the JSON line of a logging step travel as one record (the router writes
+        # the JSON to the metrics file): one loguru record per logging step instead of two
+        self._log["training"].bind(seo_json=line).info(_format.text_block("TRAINING", "INFO", lines))
+        self._report_sink_failures()
+        if self.config.console:
+            self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
         return line
 
     def _warn(self, message: str, **values: Any) -> None:

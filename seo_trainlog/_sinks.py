@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loguru._file_sink import FileSink
 from loguru._logger import Core, Logger
+from loguru._string_parsers import parse_size
 
 from ._categories import CATEGORIES, Category, accepted_names
 from ._format import text_block
@@ -118,8 +119,34 @@ class SinkFailures:
 SINK_FAILURES = SinkFailures()
 
 
+class SizeRotation:
+    """loguru's size rotation without its ``seek``/``tell`` per record (on a text file, ``seek``
+    flushes the buffer, which would make every record a write to disk): the bytes written are
+    counted instead."""
+
+    def __init__(self, limit_bytes: float, path: Path, encoding: str) -> None:
+        self.limit_bytes = limit_bytes
+        self.encoding = encoding
+        try:
+            self.size = path.stat().st_size  # appending to an existing file
+        except OSError:
+            self.size = 0
+
+    def __call__(self, message: str, file) -> bool:
+        size = len(message.encode(self.encoding, errors="backslashreplace"))
+        if self.size + size > self.limit_bytes and self.size > 0:
+            self.size = size
+            return True
+        self.size += size
+        return False
+
+
 class GuardedFileSink:
-    """A loguru ``FileSink`` (rotation, retention, UTF-8, line-buffered) that survives write trouble.
+    """A loguru ``FileSink`` (rotation, retention, UTF-8) that survives write trouble.
+
+    ``durable`` files are line-buffered: a record is on disk (in the OS) when its write returns.
+    The others are block-buffered and flushed by :meth:`flush` (the run's flusher thread calls it
+    every ``flush_interval_s``, and closing flushes): far fewer system calls in the training loop.
 
     A failed write (disk full, file system gone) or rotation (rename refused) never reaches the
     training: it is reported once through :data:`SINK_FAILURES`, the record is retried once, and
@@ -131,9 +158,17 @@ class GuardedFileSink:
 
     WATCH_INTERVAL_S = 1.0
 
-    def __init__(self, path: Path, **options: object) -> None:
+    def __init__(self, path: Path, rotation: object, retention: object, encoding: str, durable: bool) -> None:
         self.path = path
-        self._sink = FileSink(_escape_braces(str(path)), errors="backslashreplace", **options)
+        self.durable = durable
+        self.dirty = False
+        if rotation is not None and not callable(rotation):
+            size = rotation if isinstance(rotation, (int, float)) and not isinstance(rotation, bool) else \
+                _parse_size(rotation)
+            if size is not None:
+                rotation = SizeRotation(size, path, encoding)
+        self._sink = FileSink(_escape_braces(str(path)), rotation=rotation, retention=retention, encoding=encoding,
+                              errors="backslashreplace", buffering=1 if durable else -1)
         self._failing = False
         self._watched_at = time.monotonic()
         self.failed_writes = 0
@@ -145,6 +180,7 @@ class GuardedFileSink:
             self._reopen_if_removed()
         try:
             self._sink.write(message)
+            self.dirty = not self.durable
         except Exception as error:
             self._recover(message, error)
             return
@@ -185,11 +221,29 @@ class GuardedFileSink:
             SINK_FAILURES.add(f"rotation of {self.path} failed ({type(error).__name__}: {error}); rotation is "
                               "off for this file and records are appended to it")
 
+    def flush(self) -> None:
+        handle = self._sink._file
+        self.dirty = False
+        if handle is not None:
+            try:
+                handle.flush()
+            except Exception as exc:
+                if not self._failing:
+                    self._failing = True
+                    SINK_FAILURES.add(f"cannot write to {self.path}: {type(exc).__name__}: {exc}")
+
     def stop(self) -> None:
         try:
             self._sink.stop()
         except Exception as exc:
             SINK_FAILURES.add(f"closing {self.path} failed: {type(exc).__name__}: {exc}")
+
+
+def _parse_size(text: object) -> float | None:
+    try:
+        return parse_size(str(text))
+    except ValueError:
+        return None
 
 
 def _raised_in_rotation(error: Exception) -> bool:
@@ -233,6 +287,7 @@ class CategoryRouter:
     def __init__(self, config, run_id: str, log_dir: Path, rank: int) -> None:
         self.run_id = run_id
         self.files: dict[str, Path] = {}
+        self._lock = threading.Lock()  # writes (from loguru's handler) against flushes (the flusher thread)
         self._sinks: list[GuardedFileSink | ConsoleSink] = []
         self._routes: dict[str, list[tuple[int, GuardedFileSink | ConsoleSink]]] = {}
         try:
@@ -245,7 +300,8 @@ class CategoryRouter:
                     level = config.level
                 # loguru applies retention at close when there is no rotation: it would delete the run
                 retention = config.retention if config.rotation is not None else None
-                sink = GuardedFileSink(path, rotation=config.rotation, retention=retention, encoding=config.encoding)
+                sink = GuardedFileSink(path, config.rotation, retention, config.encoding,
+                                       durable=category.durable or config.flush_interval_s <= 0)
                 self._add(sink, LEVEL_NO[level], accepted_names(category))
                 self.files[category.name] = path
             if config.console and not rank:
@@ -265,15 +321,51 @@ class CategoryRouter:
     def write(self, message) -> None:
         record = message.record
         levelno = record["level"].no
-        for minimum, sink in self._routes.get(record["extra"].get("seo_cat"), ()):
-            if levelno >= minimum:
-                sink.write(message)
+        extra = record["extra"]
+        with self._lock:
+            for minimum, sink in self._routes.get(extra.get("seo_cat"), ()):
+                if levelno >= minimum:
+                    sink.write(message)
+            attached = extra.get("seo_json")  # a JSON line riding along with a text record
+            if attached is not None:
+                attached = REDACTOR(attached)  # the patcher only sees the message
+                for _, sink in self._routes.get("metrics", ()):
+                    sink.write(f"{attached}\n")
+
+    def flush_buffers(self) -> None:
+        """Put every buffered record on disk. (Not ``flush``: loguru calls a sink's ``flush`` after
+        every record, which is exactly what the buffering avoids.)"""
+        with self._lock:
+            for sink in self._sinks:
+                if isinstance(sink, GuardedFileSink) and sink.dirty:
+                    sink.flush()
 
     def stop(self) -> None:
-        for sink in self._sinks:
-            if isinstance(sink, GuardedFileSink):
-                sink.stop()
-        self._sinks.clear()
+        with self._lock:
+            for sink in self._sinks:
+                if isinstance(sink, GuardedFileSink):
+                    sink.stop()
+            self._sinks.clear()
+
+
+class Flusher:
+    """A daemon thread that flushes a router's buffered files every ``interval_s`` seconds."""
+
+    def __init__(self, router: CategoryRouter, interval_s: float) -> None:
+        self._router = router
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="seo_trainlog-flush", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._router.flush_buffers()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
 
 @dataclass
@@ -283,8 +375,17 @@ class RunSinks:
     files: dict[str, Path] = field(default_factory=dict)
     handler_ids: list[int] = field(default_factory=list)
     bridges: list[tuple[logging.Logger, logging.Handler]] = field(default_factory=list)
+    router: CategoryRouter | None = None
+    flusher: Flusher | None = None
+
+    def flush(self) -> None:
+        if self.router is not None:
+            self.router.flush_buffers()
 
     def close(self) -> None:
+        if self.flusher is not None:
+            self.flusher.stop()
+            self.flusher = None
         for target, handler in self.bridges:
             target.removeHandler(handler)
         self.bridges.clear()
@@ -305,8 +406,10 @@ def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0) -> RunSinks:
     """
     sinks = RunSinks()
     router = CategoryRouter(config, run_id, log_dir, rank)
-    sinks.files = dict(router.files)
+    sinks.files, sinks.router = dict(router.files), router
     try:
+        if config.flush_interval_s > 0:
+            sinks.flusher = Flusher(router, config.flush_interval_s)
         sinks.handler_ids.append(logger.add(router, level="DEBUG", format="{message}", filter=router.accepts,
                                             colorize=False, backtrace=False, diagnose=False))
         bridge = StdlibBridge(logger.bind(seo_run=run_id, seo_cat="errors"))

@@ -765,3 +765,13 @@ def test_custom_logs_do_not_repeat_the_epoch(make_trainer, log_dir):
     trainer.train()
     row = RunFiles(log_dir).records("log")[0]
     assert row["custom"] == 1 and "user_epoch" not in row and row["epoch"] is not None
+
+
+def test_a_secret_value_in_a_training_log_is_masked_in_the_json_too(make_trainer, log_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_progressSECRET123")
+    hook = StepHook(1, lambda trainer, state: trainer.log({"loss": 0.5, "note": "token hf_progressSECRET123"}))
+    trainer = with_callback(make_trainer(max_steps=2, callbacks=[hook.callback]), log_dir)
+    hook.trainer = trainer
+    trainer.train()
+    assert "hf_progressSECRET123" not in all_text(log_dir)
+    assert any(row.get("note") == "token <redacted>" for row in json_rows(log_dir))
