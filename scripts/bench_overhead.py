@@ -11,8 +11,9 @@ steady as the machine, each run also reports the share of its wall time spent in
 callback's events (``perf_counter`` around each ``on_*`` call; TensorBoard's writer thread and our
 resource-sampler thread are outside it). Then micro-benchmarks of
 the pieces, each the median over 100 batches of 100 calls (10,000 calls): ``on_step_end`` on a
-non-logging step, one full ``on_log`` with a typical logs dict, ``TimedDataCollator`` over a trivial
-collator (minus the bare collator), one JSON metrics line.
+non-logging step, ``on_log`` with a typical logs dict (as the training loop sees it, the formatting
+and writing deferred to a batch; and with each batch's formatting and writing included),
+``TimedDataCollator`` over a trivial collator (minus the bare collator), one JSON metrics line.
 
     python scripts/bench_overhead.py                       # what `make bench` runs
     python scripts/bench_overhead.py --repeats 3 --steps 100 --output /tmp/overhead.json
@@ -144,13 +145,16 @@ def overhead(logging_steps: int, steps: int, repeats: int) -> dict[str, dict[str
     return result
 
 
-def median_us(call, batches: int = 100, per_batch: int = 100) -> float:
-    """Median over ``batches`` of the mean µs per call in a batch of ``per_batch`` calls."""
+def median_us(call, batches: int = 100, per_batch: int = 100, settle=None) -> float:
+    """Median over ``batches`` of the mean µs per call in a batch of ``per_batch`` calls (``settle``,
+    when given, runs at the end of each batch, inside the timing: work the calls left for later)."""
     means = []
     for _ in range(batches):
         started = time.perf_counter()
         for _ in range(per_batch):
             call()
+        if settle is not None:
+            settle()
         means.append((time.perf_counter() - started) / per_batch * 1e6)
     return statistics.median(means)
 
@@ -172,8 +176,16 @@ class MeasurePieces(TrainerCallback):
             ours.on_step_end(args, state, control)
 
         self.results["on_step_begin + on_step_end (non-logging step)"] = median_us(step)
-        self.results["on_log (typical logs dict)"] = median_us(lambda: ours.on_log(args, state, control,
-                                                                                   logs=dict(TYPICAL_LOGS)))
+        def on_log() -> None:
+            ours.on_log(args, state, control, logs=dict(TYPICAL_LOGS))
+
+        logger.flush()
+        # in the training loop: the numbers are taken, the formatting and writing wait for a batch
+        self.results["on_log (typical logs dict), in the loop"] = median_us(on_log)
+        logger._settle()
+        # everything included: each batch of 100 calls is formatted and written inside the timing
+        self.results["on_log (typical logs dict), formatting and writing included"] = \
+            median_us(on_log, settle=logger._settle)
         self.results["one JSON metrics line (log_metrics)"] = median_us(lambda: logger.log_metrics("train",
                                                                                                   TYPICAL_LOGS))
         features = [{"input_ids": [1, 2, 3]}] * 16

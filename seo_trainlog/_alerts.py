@@ -32,10 +32,13 @@ class AlertDispatcher:
     def send(self, anomaly: Mapping[str, Any]) -> None:
         self._queue.put(dict(anomaly))
 
-    def close(self, wait_s: float) -> None:
-        """Stop after the alerts already sent, waiting at most ``wait_s`` seconds for them."""
+    def close(self, wait_s: float, max_wait_s: float = 60.0) -> None:
+        """Stop after the alerts already sent, waiting for them at most ``wait_s`` seconds per alert
+        not yet handled (and at most ``max_wait_s`` in all): the last anomalies of a run are still
+        delivered, or their hooks' failures reported, before the run's files close."""
+        outstanding = self._queue.qsize() + 1  # the queued ones and the one in hand
         self._queue.put(None)
-        self._thread.join(timeout=wait_s)
+        self._thread.join(timeout=min(max_wait_s, wait_s * outstanding))
 
     def _work(self) -> None:
         while (anomaly := self._queue.get()) is not None:

@@ -349,11 +349,20 @@ class TrainLogCallback(TrainerCallback):
                     self._write_log(tlog, None, state.global_step, state.epoch, dict(logs), {},
                                     COLLATE_STATS.drain(), None)
             return
-        timing = run.timer.drain(run.samples_per_step) if "loss" in logs else {}
+        training = "loss" in logs
+        timing = run.timer.drain(run.samples_per_step) if training else {}
         if run.collator is not None:
             run.collator.drain_worker_timings()
-        collate = COLLATE_STATS.drain() if "loss" in logs or _speed_prefix(logs) not in (None, "train") else {}
-        self._write_log(run.logger, run, state.global_step, state.epoch, logs, timing, collate, None)
+        collate = COLLATE_STATS.drain() if training or _speed_prefix(logs) not in (None, "train") else {}
+        if training:
+            # the step's numbers are taken now; formatting and writing wait for the next batch of
+            # deferred records (TrainLogger.defer), out of the training loop's way
+            resources = {**run.sampler.drain(), **cuda_memory()} if run.sampler else {}
+            run.logger.defer("on_log", functools.partial(self._write_log, run.logger, run, state.global_step,
+                                                         state.epoch, dict(logs), timing, collate, None,
+                                                         resources))
+        else:
+            self._write_log(run.logger, run, state.global_step, state.epoch, logs, timing, collate, None)
         run.timer.mark(perf_counter())
 
     @never_raises
@@ -369,8 +378,9 @@ class TrainLogCallback(TrainerCallback):
         run = self._run
         if run is not None:
             run.epoch_started_s = perf_counter()
-            run.logger.log_message(f"Epoch {math.floor(state.epoch or 0) + 1} started at global_step "
-                                   f"{state.global_step}", category="training_detailed")
+            run.logger.defer("on_epoch_begin", functools.partial(
+                run.logger.log_message, f"Epoch {math.floor(state.epoch or 0) + 1} started at global_step "
+                                        f"{state.global_step}", category="training_detailed"))
             run.timer.new_epoch()
 
     @never_raises
@@ -379,14 +389,16 @@ class TrainLogCallback(TrainerCallback):
         if run is None or run.epoch_started_s is None:
             return
         epoch_number = max(1, math.ceil((state.epoch or 0) - 1e-9))
-        self._write_epoch(run.logger, epoch_number, perf_counter() - run.epoch_started_s, state.global_step,
-                          state.epoch)
+        run.logger.defer("on_epoch_end", functools.partial(
+            self._write_epoch, run.logger, epoch_number, perf_counter() - run.epoch_started_s,
+            state.global_step, state.epoch, rss_mb()))
         run.timer.mark(perf_counter())
 
     @staticmethod
-    def _write_epoch(tlog: TrainLogger, number: int, duration_s: float, global_step: int, epoch: float) -> None:
+    def _write_epoch(tlog: TrainLogger, number: int, duration_s: float, global_step: int, epoch: float,
+                     memory_mb: float | None) -> None:
         tlog.mark(global_step, epoch)
-        tlog.log_model_performance(f"epoch_{number}", duration_s, memory_usage=rss_mb(),
+        tlog.log_model_performance(f"epoch_{number}", duration_s, memory_usage=memory_mb,
                                    additional_metrics={"global_step": global_step, "epoch": epoch})
 
     @never_raises
@@ -406,9 +418,10 @@ class TrainLogCallback(TrainerCallback):
 
     def _write_log(self, tlog: TrainLogger, run: _Run | None, global_step: int, state_epoch: float | None,
                    logs: Mapping[Any, Any], timing: Mapping[str, Any], collate: Mapping[str, Any],
-                   at: datetime | None) -> None:
+                   at: datetime | None, resources: Mapping[str, Any] | None = None) -> None:
         """One ``on_log`` event: ``timing`` and ``collate`` are the interval's sums, drained at the
-        event; ``at`` is when it happened (None: now)."""
+        event; ``at`` is when it happened (None: now); ``resources`` the sampler's aggregate taken
+        at the event (None: take it now)."""
         tlog.mark(global_step, state_epoch)
         values = _format.metric_values(logs)
         for key, value in values.items():
@@ -416,7 +429,8 @@ class TrainLogCallback(TrainerCallback):
                 tlog._warn(f"Non-finite value: {key}={value} at global_step {global_step}", key=key, value=value)
         epoch = values.get("epoch", state_epoch)
         if "loss" in values:
-            resources = {**run.sampler.drain(), **cuda_memory()} if run is not None and run.sampler else {}
+            if resources is None:
+                resources = {**run.sampler.drain(), **cuda_memory()} if run is not None and run.sampler else {}
             metrics = {key: value for key, value in values.items() if key not in ("loss", "learning_rate", "epoch")}
             line = tlog._progress(epoch, global_step, values["loss"], values.get("learning_rate"), None,
                                   metrics, timing={**timing, **collate, **resources}, at=at)

@@ -45,8 +45,11 @@ class LogConfig:
             Default ``1.0``.
         flush_interval_s: The error files are line-buffered (an error is on disk when it is logged);
             the other files are written in blocks and flushed every this many seconds (and at the end
-            of the run, on an error, on SIGTERM): far fewer system calls during training. ``0``: every
-            file line-buffered. Default ``1.0``.
+            of the run, on an error, on SIGTERM): far fewer system calls during training. The records
+            of training logging steps are also formatted in batches about this often (stamped with
+            the time of their step; anything else written first settles the batch, so the order
+            holds), so a file or ``seo-trainlog watch`` may trail training by up to about twice this.
+            ``0``: every record written at once and every file line-buffered. Default ``1.0``.
         data_wait_warn_pct: A logging interval in which more than this share (percent) of the step
             wall time was spent waiting for data gets one data-loading bottleneck WARNING.
             Default ``20.0``; also the threshold of the ``data_wait`` anomaly.

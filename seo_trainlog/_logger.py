@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from collections.abc import Mapping
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from threading import get_ident
+from time import perf_counter
+from time import time as _time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -96,6 +102,12 @@ class TrainLogger:
         self.closed = False
         self._sinks = RunSinks()
         self._failed_methods: set[str] = set()
+        self._deferred: deque[tuple[str, Callable[[], Any], float]] = deque()
+        self._deferred_since_s = 0.0
+        self._defer_thread: int | None = None  # the thread whose events are deferred (the training loop)
+        self._settling_thread: int | None = None  # the thread running deferred jobs, while it does
+        self._settle_lock = threading.Lock()
+        self._event_time: datetime | None = None  # while a deferred job runs: when its event happened
         REDACTOR.add_environment(os.environ)
         self.log_dir = prepare_log_dir(self.config.log_dir)
         self.run_id = run_id or self._agreed_run_id()
@@ -301,8 +313,10 @@ class TrainLogger:
             return None
         if not self.writes:
             return None
+        if self._deferred:
+            self._settle()
         line = _format.json_line(_format.safe_str(event), self.run_id, self.global_step, self.epoch,
-                                 {**self._identity, **self._mapping("values", values)}, time)
+                                 {**self._identity, **self._mapping("values", values)}, time or self._when())
         self._log["metrics"].info(line)
         return line
 
@@ -326,6 +340,8 @@ class TrainLogger:
     def mark(self, global_step: int | None, epoch: float | None) -> None:
         """Record the latest ``global_step``/``epoch``; later JSON lines and errors carry them.
         Values that are not finite numbers are ignored."""
+        if self._deferred:
+            self._settle()
         if _format.is_finite_number(global_step):
             self.global_step = int(_format.to_number(global_step))
         if _format.is_finite_number(epoch):
@@ -334,12 +350,14 @@ class TrainLogger:
     def flush(self) -> None:
         """Put every record written so far on disk (the non-error files are otherwise flushed every
         ``config.flush_interval_s`` seconds)."""
+        self._settle(force=True)
         self._sinks.flush()
 
     def close(self) -> None:
         """Flush and remove exactly the handlers this logger added. Safe to call twice."""
         if self.closed:
             return
+        self._settle(force=True)
         self._report_sink_failures()
         self.closed = True
         if self in _OPEN:
@@ -361,11 +379,68 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ internals
 
+    def defer(self, name: str, job: Callable[[], Any], at_s: float | None = None) -> None:
+        """Run ``job`` (the formatting and writing of one event, named ``name`` in error reports)
+        later, in a batch with the other deferred events, before anything else is written.
+
+        A logging step then costs the training loop little: a batch runs once every
+        ``config.flush_interval_s`` seconds (when the next event is deferred), when anything else is
+        written from the same thread (an error, an evaluation, a warning: the order of records is
+        kept), at :meth:`flush` and at :meth:`close`. Every record the job writes is stamped ``at_s``
+        (``time.time()`` of the event; default: now), not the time of the batch. Events are deferred
+        for one thread, the first to call this (the training loop); on any other thread, and with
+        ``flush_interval_s == 0`` (every file written through), ``job`` runs at once.
+        """
+        at_s = _time() if at_s is None else at_s
+        ident = get_ident()
+        if self._defer_thread is None:
+            self._defer_thread = ident
+        if self.config.flush_interval_s <= 0 or self.closed or ident != self._defer_thread:
+            self._run_job(name, job, at_s)
+            return
+        now = perf_counter()
+        if not self._deferred:
+            self._deferred_since_s = now
+        self._deferred.append((name, job, at_s))
+        if now - self._deferred_since_s >= self.config.flush_interval_s:
+            self._settle()
+
+    def _settle(self, force: bool = False) -> None:
+        """Run the deferred jobs, oldest first. Writes made by a job itself do not settle again (the
+        order stays that of the events); a job that fails is reported once and the rest still run.
+        Only the deferring thread settles, except with ``force`` (:meth:`flush`, :meth:`close`)."""
+        ident = get_ident()
+        if self._settling_thread == ident or (not force and ident != self._defer_thread):
+            return
+        with self._settle_lock:
+            self._settling_thread = ident
+            try:
+                while self._deferred:
+                    self._run_job(*self._deferred.popleft())
+            finally:
+                self._settling_thread = None
+
+    def _run_job(self, name: str, job: Callable[[], Any], at_s: float) -> None:
+        outer = self._event_time
+        self._event_time = datetime.fromtimestamp(at_s).astimezone()
+        try:
+            job()
+        except Exception as exc:
+            self._internal_error(name, exc)
+        finally:
+            self._event_time = outer
+
+    def _when(self) -> datetime | None:
+        """The time to stamp on a record written now: its event's, inside a deferred job; else None (now)."""
+        event_time = self._event_time
+        return event_time if event_time is not None and self._settling_thread == get_ident() else None
+
     def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing,
                   at: datetime | None = None) -> str | None:
         if not self.writes:
             return None
-        self.mark(step, epoch)
+        self.mark(step, epoch)  # (settles deferred records first)
+        at = at or self._when()
         metrics = _format.metric_values(metrics or {})
         lines = _format.progress_lines(epoch, step, loss, learning_rate, validation_loss, metrics)
         values = {"loss": loss, "learning_rate": learning_rate, **metrics}
@@ -379,7 +454,7 @@ class TrainLogger:
             return None
         # the text lines and the JSON line of a logging step travel as one record (the router writes
         # the JSON to the metrics file): one loguru record per logging step instead of two
-        self._log["training"].bind(seo_json=line).info(_format.text_block("TRAINING", "INFO", lines))
+        self._log["training"].bind(seo_json=line).info(_format.text_block("TRAINING", "INFO", lines, at))
         self._report_sink_failures()
         if self.config.console:
             self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
@@ -399,10 +474,12 @@ class TrainLogger:
         return {name: value}
 
     def _write(self, category: str, level: str, lines: list[str]) -> None:
+        if self._deferred:
+            self._settle()
         if self.closed:
             self._closed_warning(category)
             return
-        self._log[category].log(level, _format.text_block(BY_NAME[category].label, level, lines))
+        self._log[category].log(level, _format.text_block(BY_NAME[category].label, level, lines, self._when()))
         self._report_sink_failures()
 
     def _report_sink_failures(self) -> None:
@@ -411,6 +488,8 @@ class TrainLogger:
             _stderr_notice(notice)
 
     def _console(self, text: str) -> None:
+        if self._deferred:
+            self._settle()
         if self.writes and self.config.console:
             self._console_log.info(f"{datetime.now():%H:%M:%S} | seo_trainlog | {text}")
 
@@ -432,6 +511,7 @@ class TrainLogger:
             safe_warn(f"TrainLogger run {self.run_id} is closed; a {where} record was not written")
 
 
+@functools.cache
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import threading
+import time
+from datetime import datetime
 
 import pytest
-from conftest import RunFiles, quiet
+from conftest import LINE, RunFiles, StepHook, json_rows, quiet
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback
 
-from seo_trainlog import TimedDataCollator, TrainLogCallback
+from seo_trainlog import TimedDataCollator, TrainLogCallback, TrainLogger
 
 SPEC_FILES = ("seo_engine", "training_progress", "training_detailed", "model_performance", "data_loading",
               "errors", "error_tracking", "performance_metrics")
@@ -253,3 +256,69 @@ def test_debug_level_writes_a_line_per_step(make_trainer, log_dir):
     intervals = [m.split(":")[0] for m in run.messages("training_detailed") if m.startswith("Steps ")]
     assert intervals == ["Steps 1-2", "Steps 3-4"]
     assert [row["steps"] for row in run.records("train")] == [2, 2]
+
+
+def test_logging_steps_are_written_in_batches_stamped_with_their_own_time(make_trainer, log_dir):
+    """Training log records wait for a batch (``flush_interval_s``) but carry the time of their step."""
+    on_disk_at_step_5 = []
+
+    def look(trainer, state):
+        on_disk_at_step_5.extend(json_rows(log_dir))
+
+    trainer = make_trainer(max_steps=6, callbacks=[StepHook(3, lambda t, s: time.sleep(0.5)).callback,
+                                                   StepHook(5, look).callback])
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, flush_interval_s=60)))
+    trainer.train()
+
+    assert [row["event"] for row in on_disk_at_step_5 if row["event"] == "train"] == []  # still batched
+    run = RunFiles(log_dir)
+    train = run.records("train")
+    assert [row["global_step"] for row in train] == [1, 2, 3, 4, 5, 6]
+    times = [datetime.fromisoformat(row["time"]) for row in train]
+    assert times == sorted(times)
+    # the 0.5 s pause at the end of step 3 came before step 3's log, and shows between its records
+    assert (times[2] - times[1]).total_seconds() >= 0.45
+    assert max((later - earlier).total_seconds() for earlier, later in zip(times[2:], times[3:])) < 0.45
+    stamps = [LINE.match(line).group(1) for line in run.lines("training_progress") if "Step " in line]
+    assert stamps == [f"{t:%Y-%m-%d %H:%M:%S}" for t in times]
+    # the summary comes after every step's record
+    events = [row["event"] for row in run.records()]
+    assert events.index("summary") > max(i for i, event in enumerate(events) if event == "train")
+
+
+def test_a_failing_deferred_record_is_reported_once_and_the_rest_are_written(log_dir):
+    def broken():
+        raise ValueError("bad record")
+
+    with TrainLogger(quiet(log_dir, flush_interval_s=60)) as tlog:
+        tlog.defer("on_log", broken)
+        tlog.defer("on_log", lambda: tlog.log_training_progress(1, 1, 0.5, 1e-4))
+        tlog.defer("on_log", broken)
+        tlog.log_message("after the batch")
+    run = RunFiles(log_dir)
+    failures = [m for m in run.messages("errors") if "on_log() failed" in m]
+    assert failures == ["seo_trainlog on_log() failed and skipped this record: ValueError: bad record"]
+    assert run.messages("training_progress") == ["Epoch 1, Step 1: Loss=0.500000, LR=1.00e-04"]
+    general = run.messages("seo_engine")
+    assert general.index("Epoch 1, Step 1: Loss=0.500000, LR=1.00e-04") < general.index("after the batch")
+
+
+def test_other_threads_write_at_once_and_never_run_the_loops_deferred_records(log_dir):
+    ran_on = []
+
+    def job():
+        ran_on.append(threading.get_ident())
+        tlog.log_message("deferred step record")
+
+    with TrainLogger(quiet(log_dir, flush_interval_s=60)) as tlog:
+        tlog.defer("on_log", job)
+        helper = threading.Thread(target=tlog.log_message, args=("from a sampler-like thread",))
+        helper.start()
+        helper.join()
+        assert ran_on == []  # still waiting for the training thread
+        tlog.log_message("next record of the training thread")
+    assert ran_on == [threading.get_ident()]
+    messages = RunFiles(log_dir).messages("seo_engine")
+    order = [messages.index(m) for m in ("from a sampler-like thread", "deferred step record",
+                                         "next record of the training thread")]
+    assert order == sorted(order)
