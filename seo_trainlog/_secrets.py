@@ -27,6 +27,7 @@ _TOKEN_WORDS = frozenset({"token", "tokens"})
 _SPECIAL_TOKEN_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special"})
 
 STRONG, TOKEN = "strong", "token"
+_SHELL_DIRECTORIES = frozenset({"PWD", "OLDPWD"})  # "pwd" elsewhere (db_pwd) is a password
 _PLAIN = (str, int, float, bool, type(None), bytes)
 
 
@@ -154,8 +155,10 @@ class Redactor:
             self._values = tuple(sorted(forms, key=len, reverse=True))
 
     def add_environment(self, environ: Mapping[str, str]) -> None:
+        """Remember the values of the secret-looking environment variables (``HF_TOKEN``,
+        ``WANDB_API_KEY``...); the shell's ``PWD``/``OLDPWD`` are directories, not passwords."""
         for name, value in environ.items():
-            if value and secret_kind(name) is not None:
+            if value and name.upper() not in _SHELL_DIRECTORIES and secret_kind(name) is not None:
                 self.add(value)
 
     def __call__(self, text: str) -> str:

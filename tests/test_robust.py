@@ -148,6 +148,8 @@ def test_secrets_never_reach_any_file(make_trainer, log_dir, monkeypatch):
     hub_token = "hf_SECRETabc123456"
     monkeypatch.setenv("WANDB_API_KEY", "wandbSECRET9876")
     monkeypatch.setenv("HF_TOKEN", "hfenvSECRET5555")
+    monkeypatch.setenv("DB_PWD", "dbpwdSECRET31")
+    monkeypatch.setenv("PWD", str(log_dir.parent))  # the shell's working directory is no password
     model = tiny_model()
     model.config.db_password = "pw-SECRET-777"
     model.config.sessionToken = "sessionSECRET42"
@@ -165,9 +167,10 @@ def test_secrets_never_reach_any_file(make_trainer, log_dir, monkeypatch):
         trainer.train()
     text = all_text(log_dir)
     for secret in (hub_token, "wandbSECRET9876", "hfenvSECRET5555", "pw-SECRET-777", "sessionSECRET42",
-                   "nested-SECRET-1", "logged-SECRET-2"):
+                   "nested-SECRET-1", "logged-SECRET-2", "dbpwdSECRET31"):
         assert secret not in text, secret
     assert "upload failed with token <redacted> and <redacted>" in text
+    assert f"log directory {log_dir}" in text
     assert "owner: alice" in text  # only what sits under a secret key is masked
 
 
