@@ -491,7 +491,7 @@ class TrainLogger:
         if self._deferred:
             self._settle()
         if self.writes and self.config.console:
-            self._console_log.info(f"{datetime.now():%H:%M:%S} | seo_trainlog | {text}")
+            self._console_log.info(f"{self._when() or datetime.now():%H:%M:%S} | seo_trainlog | {text}")
 
     def _internal_error(self, method: str, exc: Exception) -> None:
         if method in self._failed_methods:
