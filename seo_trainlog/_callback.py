@@ -9,7 +9,7 @@ import weakref
 from datetime import datetime
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import perf_counter, time
 from typing import Any
 
 import orjson
@@ -58,6 +58,7 @@ class _Run:
     alerts: AlertDispatcher | None = None
     retrying: bool = False
     pid: int = field(default_factory=os.getpid)
+    step_times: list[tuple[int, float, float]] = field(default_factory=list)  # per-step DEBUG lines to write
 
 
 class TrainLogCallback(TrainerCallback):
@@ -117,11 +118,16 @@ class TrainLogCallback(TrainerCallback):
         SEO_TRAINLOG_ALERT_CMD, SEO_TRAINLOG_ALERT_TIMEOUT.
 
     Raises:
+        TypeError: at once, for a ``config`` that is not a :class:`LogConfig` or an alert hook that
+            is not callable.
         ValueError: at train begin, for a bad environment variable.
         OSError: at train begin, when the log directory cannot be written.
     """
 
     def __init__(self, config: LogConfig | None = None, alert_hooks: Sequence[AlertHook] = ()) -> None:
+        if config is not None and not isinstance(config, LogConfig):
+            raise TypeError(f"config must be a seo_trainlog.LogConfig or None, got {type(config).__name__}; "
+                            "for example TrainLogCallback(LogConfig(log_dir='logs'))")
         for hook in alert_hooks:
             if not callable(hook):
                 raise TypeError(f"alert_hooks must be callables, got {type(hook).__name__}")
@@ -158,7 +164,7 @@ class TrainLogCallback(TrainerCallback):
             samples_per_step=(state.train_batch_size or per_device) * args.gradient_accumulation_steps
             * max(1, args.world_size),
             train_examples=_dataset_size(train_dataloader), per_device_batch_size=per_device,
-            per_step_detail=tlog.config.level == "DEBUG",
+            per_step_detail=tlog.config.level == "DEBUG" or tlog.config.debug,
             interval_first_step=state.global_step + 1,
         )
         self._run = run
@@ -296,6 +302,9 @@ class TrainLogCallback(TrainerCallback):
                 extra["best_metric"] = state.best_metric
                 extra["best_model_checkpoint"] = state.best_model_checkpoint
             tlog.mark(state.global_step, state.epoch)
+            if run.step_times:
+                steps, run.step_times = run.step_times, []
+                tlog.write_step_times(steps)
             if not run.pending.empty:
                 self._write_interval(run, *run.pending.take(), run.sampler.drain() if run.sampler else {})
             self._write_remaining_collate(run)
@@ -332,9 +341,8 @@ class TrainLogCallback(TrainerCallback):
         run = self._run
         if run is not None:
             elapsed = run.timer.step_end(perf_counter())
-            if run.per_step_detail:
-                run.logger.log_message(f"Step {state.global_step}: step time {elapsed:.4f}s", "DEBUG",
-                                       "training_detailed")
+            if run.per_step_detail:  # a DEBUG line per step, written as one record at the logging step
+                run.step_times.append((state.global_step, elapsed, time()))
 
     # ------------------------------------------------------------------ logging events
 
@@ -354,6 +362,9 @@ class TrainLogCallback(TrainerCallback):
         if run.collator is not None:
             run.collator.drain_worker_timings()
         collate = COLLATE_STATS.drain() if training or _speed_prefix(logs) not in (None, "train") else {}
+        if run.step_times:
+            steps, run.step_times = run.step_times, []
+            run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))
         if training:
             # the step's numbers are taken now; formatting and writing wait for the next batch of
             # deferred records (TrainLogger.defer), out of the training loop's way
@@ -492,7 +503,7 @@ class TrainLogCallback(TrainerCallback):
                 tlog._warn(
                     f"Data loading bottleneck: {timing['data_wait_pct']:.1f}% of the time of steps {first}-"
                     f"{global_step} was spent waiting for data (threshold {tlog.config.data_wait_warn_pct:g}%). "
-                    f"Try dataloader_num_workers > 0 (now {run.args.dataloader_num_workers}), "
+                    f"Try {_more_workers(run.args.dataloader_num_workers)}, "
                     "dataloader_pin_memory=True on GPU, or tokenising and preparing the data ahead of time "
                     "(datasets.map) instead of in the collator.",
                     data_wait_pct=timing["data_wait_pct"], first_step=first, last_step=global_step)
@@ -612,6 +623,11 @@ class TrainLogCallback(TrainerCallback):
             except Exception:
                 pass
         safe_warn(message)
+
+
+def _more_workers(workers: int) -> str:
+    return "dataloader_num_workers > 0 (now 0)" if not workers else \
+        f"more dataloader_num_workers (now {workers})"
 
 
 def _gpu_utilisations(readings: Mapping[str, Any]) -> list[float]:

@@ -28,7 +28,8 @@ class LogConfig:
             ``ERROR``, ``CRITICAL`` (case-insensitive). At ``DEBUG`` the per-step detail is written on
             every optimizer step instead of once per logging step. Default ``INFO``.
         console: Print one concise line per logging event to stderr. Default ``True``.
-        debug: Also write ``debug_<stamp>.log`` holding every record at DEBUG and above. Default ``False``.
+        debug: Also write ``debug_<stamp>.log`` holding every record at DEBUG and above, with a DEBUG
+            line per optimizer step (``Step N: step time ...``). Default ``False``.
         rotation: When a log file is rotated, in loguru's syntax: a size such as ``"10 MB"`` or
             ``"500 KB"``, or a duration such as ``"1 day"``. Default ``"10 MB"``.
         retention: How many rotated files each log file keeps (an ``int`` >= 1), or a loguru duration
@@ -216,11 +217,13 @@ def _check_command(name: str, value: object) -> str | None:
 
 def _check_encoding(name: str, value: object) -> str:
     try:
-        "é ✓".encode(str(value))  # also refuses bytes-to-bytes codecs such as "hex" or "rot13"
+        # the logs hold any text (metric names, messages): only an encoding of all of Unicode will do;
+        # this also refuses bytes-to-bytes codecs such as "hex" or "rot13"
+        "é ✓ 中 😀".encode(str(value))
         return codecs.lookup(str(value)).name
-    except LookupError:
-        raise ValueError(f"{name}={value!r} is not valid; accepted values: a Python codec name such as "
-                         "'utf-8'") from None
+    except (LookupError, UnicodeError, TypeError):
+        raise ValueError(f"{name}={value!r} is not valid; accepted values: an encoding of all of Unicode, "
+                         "such as 'utf-8', 'utf-16' or 'utf-32'") from None
 
 
 def _check_rotation(name: str, value: object) -> str | int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 import traceback
 from collections.abc import Mapping
 from datetime import datetime
@@ -53,12 +54,33 @@ def _describe_array(value: Any) -> str:
             return f"<unprintable {type(value).__name__}>"
 
 
+# Characters that would hide or forge text in a log file or a terminal: C0/C1 controls (NUL, ESC of
+# colour codes, carriage return, ...) and Unicode line breaks other than "\n". In messages a "\n"
+# continues the record on the next line (a traceback) and a tab stays; in values nothing is kept.
+_MESSAGE_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_VALUE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED_CONTROLS.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str, in_value: bool = False) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``, ``\\x00``, ``\\r``...); in a
+    value (``in_value``) also newlines and tabs (``\\n``, ``\\t``), so that a value stays on its line."""
+    pattern = _VALUE_CONTROLS if in_value else _MESSAGE_CONTROLS
+    return pattern.sub(_escaped, text) if pattern.search(text) else text
+
+
 def text_block(label: str, level: str, lines: list[str], when: datetime | None = None) -> str:
     """The spec's text lines, ``[2024-01-15 14:30:25] TRAINING - INFO - <line>``, one per line of
     ``lines``, joined by newlines: written as one record, so that an event's lines stay together.
-    (A line that itself holds newlines, a traceback, continues without the prefix.)"""
+    (A line that itself holds newlines, a traceback, continues without the prefix; other control
+    characters are escaped.)"""
     prefix = f"[{_stamp(when)}] {label} - {level} - "
-    return "\n".join(prefix + line for line in lines)
+    return escape_controls("\n".join(prefix + line for line in lines))
 
 
 _STAMP_CACHE: list = [None, ""]  # (the second, its text): many records share one second
@@ -111,7 +133,8 @@ def fmt_epoch(epoch: Any) -> str:
 
 def fmt_value(value: Any, float_format: str = ".6f") -> str:
     """One value of a ``k=v`` list: ints as ints, floats with ``float_format``, arrays and tensors as
-    lists, enums as their value, anything else as its ``str``."""
+    lists, enums as their value, anything else as its ``str`` (control characters and newlines
+    escaped: a value stays on its line)."""
     value = to_number(value)
     if isinstance(value, bool) or value is None:
         return str(value)
@@ -125,10 +148,10 @@ def fmt_value(value: Any, float_format: str = ".6f") -> str:
     if isinstance(value, enum.Enum):
         return fmt_value(value.value, float_format)
     if isinstance(value, str):
-        return value
+        return escape_controls(value, in_value=True)
     if hasattr(value, "tolist") or isinstance(value, (list, tuple, set, frozenset)):
-        return safe_str(to_jsonable(value))
-    return safe_str(value)
+        return escape_controls(safe_str(to_jsonable(value)), in_value=True)
+    return escape_controls(safe_str(value), in_value=True)
 
 
 def flatten(values: Mapping[Any, Any], separator: str = ".", prefix: str = "", _depth: int = 0) -> dict[str, Any]:
@@ -284,11 +307,19 @@ def hyperparameter_lines(config: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _huge_int_text(value: int) -> str:
+    """The decimal text of an int too large for a float (or a description, past Python's digit limit)."""
+    try:
+        return str(value)
+    except ValueError:
+        return f"<int of {value.bit_length()} bits>"
+
+
 def to_jsonable(value: Any, _depth: int = 0) -> Any:
     """A value ``json.dumps`` accepts under ``allow_nan=False``.
 
     Tensors and numpy values become numbers or lists, NaN and infinities become ``None``, ints
-    beyond 64 bits become floats, mappings and sequences are converted recursively (keys become
+    beyond 64 bits become floats (beyond a float's range: their decimal text), mappings and sequences are converted recursively (keys become
     strings), dataclasses and objects with ``to_dict()`` (quantization configs) become dicts, enums
     their value, and anything else its ``str``.
     """
@@ -303,7 +334,9 @@ def to_jsonable(value: Any, _depth: int = 0) -> Any:
     if isinstance(value, int):
         if -(2**63) <= value < 2**63:
             return value
-        return to_jsonable(float(value)) if value.bit_length() < 1024 else None
+        if value.bit_length() < 1024:
+            return float(value)
+        return _huge_int_text(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if _depth > MAX_DEPTH:
@@ -337,7 +370,8 @@ def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Map
     ``performance_metrics_*.log``.
 
     Keys: ``time`` (ISO 8601 with UTC offset), ``run_id``, ``event``, ``global_step``, ``epoch``,
-    then ``values`` (secrets masked); a value named like one of those five is kept as ``user_<key>``.
+    then ``values`` (secrets masked); a value named like one of those five is kept as ``user_<key>``,
+    unless it equals the record's own.
     """
     record: dict[str, Any] = {
         "time": (time or datetime.now().astimezone()).isoformat(timespec="milliseconds"),
@@ -350,7 +384,12 @@ def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Map
         key = key if type(key) is str else safe_str(key)
         kind = type(value)  # orjson writes these as they are (NaN and infinities as null)
         plain = kind is float or kind is str or kind is bool or value is None or (kind is int and -(2**63) <= value < 2**63)
-        record[f"user_{key}" if key in RESERVED_JSON_KEYS else key] = value if plain else to_jsonable(value)
+        value = value if plain else to_jsonable(value)
+        if key in RESERVED_JSON_KEYS:
+            if record[key] == value:
+                continue  # the record says it already
+            key = f"user_{key}"
+        record[key] = value
     try:
         text = orjson.dumps(record).decode()  # compact, UTF-8
     except TypeError:  # an int beyond 64 bits

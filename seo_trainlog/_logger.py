@@ -85,12 +85,16 @@ class TrainLogger:
     Raises:
         OSError: when the log directory cannot be created or written (names the path and reason).
         ValueError: from :meth:`LogConfig.from_env` for a bad environment variable.
+        TypeError: for a ``config`` that is not a :class:`LogConfig`; from any method called with
+            arguments its signature does not take (the values themselves never make a method raise).
 
     Use as a context manager, or call :meth:`close` (it removes exactly the handlers it added).
     """
 
     def __init__(self, config: LogConfig | None = None, *, run_id: str | None = None,
                  joinable: bool = True) -> None:
+        if config is not None and not isinstance(config, LogConfig):
+            raise TypeError(f"config must be a seo_trainlog.LogConfig or None, got {type(config).__name__}")
         self.config = config if config is not None else LogConfig.from_env()
         self.role = process_role()
         self.writes = self.role.is_world_process_zero  # the shared files
@@ -332,6 +336,7 @@ class TrainLogger:
         if category not in TEXT_NAMES or category == "debug":
             names = ", ".join(sorted(TEXT_NAMES - {"debug"}))
             raise ValueError(f"category={category!r} is not valid; accepted values: {names}")
+        level = level.upper() if isinstance(level, str) else level
         if level not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"level={level!r} is not valid; accepted values: DEBUG, INFO, WARNING, ERROR, CRITICAL")
         if self.writes or BY_NAME[category].per_rank:
@@ -358,6 +363,7 @@ class TrainLogger:
         if self.closed:
             return
         self._settle(force=True)
+        self._sinks.flush()  # a file that failed and works again says so in this run's errors
         self._report_sink_failures()
         self.closed = True
         if self in _OPEN:
@@ -474,13 +480,31 @@ class TrainLogger:
         return {name: value}
 
     def _write(self, category: str, level: str, lines: list[str]) -> None:
+        self._write_text(category, level, None, lines)
+
+    def _write_text(self, category: str, level: str, text: str | None, lines: list[str] = ()) -> None:
+        """One record: ``lines`` with the spec's prefix, or ``text`` already in the file's format
+        (``text_block`` lines, each with its own time)."""
         if self._deferred:
             self._settle()
         if self.closed:
             self._closed_warning(category)
             return
-        self._log[category].log(level, _format.text_block(BY_NAME[category].label, level, lines, self._when()))
+        if text is None:
+            text = _format.text_block(BY_NAME[category].label, level, lines, self._when())
+        self._log[category].log(level, text)
         self._report_sink_failures()
+
+    def write_step_times(self, steps: list[tuple[int, float, float]]) -> None:
+        """The per-step DEBUG lines ``Step N: step time 0.1306s`` of ``steps`` (``(global_step,
+        step_time_s, time.time() at the step's end)``), as one record, each line with its step's time."""
+        if not steps or not self.writes:
+            return
+        label = BY_NAME["training_detailed"].label
+        text = "\n".join(_format.text_block(label, "DEBUG", [f"Step {step}: step time {elapsed:.4f}s"],
+                                             datetime.fromtimestamp(at_s))
+                         for step, elapsed, at_s in steps)
+        self._write_text("training_detailed", "DEBUG", text)
 
     def _report_sink_failures(self) -> None:
         for notice in SINK_FAILURES.take():
@@ -491,7 +515,8 @@ class TrainLogger:
         if self._deferred:
             self._settle()
         if self.writes and self.config.console:
-            self._console_log.info(f"{self._when() or datetime.now():%H:%M:%S} | seo_trainlog | {text}")
+            self._console_log.info(f"{self._when() or datetime.now():%H:%M:%S} | seo_trainlog | "
+                                   f"{_format.escape_controls(text)}")
 
     def _internal_error(self, method: str, exc: Exception) -> None:
         if method in self._failed_methods:

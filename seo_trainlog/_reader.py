@@ -81,8 +81,8 @@ def select_run(runs: list[MetricsRun], run_id: str | None) -> MetricsRun:
 def read_records(run: MetricsRun, warn: Callable[[str], None] = lambda message: None) -> Iterator[dict[str, Any]]:
     """Every record of ``run`` in order, one dict per JSON line, read lazily (constant memory).
 
-    A last line of the run that is not complete JSON (the run is still writing it, or was killed
-    while writing it) is skipped with one call to ``warn``.
+    A last line of the run without its newline that is not complete JSON (the run is still writing
+    it, or was killed while writing it) is skipped with one call to ``warn``.
 
     Raises:
         LogReadError: a file cannot be read; any other line is not a JSON object (names file and
@@ -98,7 +98,7 @@ def read_records(run: MetricsRun, warn: Callable[[str], None] = lambda message: 
                 if type(record) is not dict:
                     if not line.strip():
                         continue
-                    if path == run.paths[-1] and not handle.read(1):
+                    if path == run.paths[-1] and not line.endswith(b"\n") and not handle.read(1):
                         warn(f"{path}: the last line (line {number}) is incomplete, as when a run is still "
                              "writing it or was killed; it is skipped")
                         return
@@ -189,8 +189,8 @@ def _parse(line: bytes, path: Path, number: int) -> dict[str, Any]:
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
-        raise LogReadError(f"{path}: line {number} is not valid JSON ({exc}); only a run's last line may be "
-                           "incomplete") from None
+        raise LogReadError(f"{path}: line {number} is not valid JSON ({exc}); only a run's last line, "
+                           "before its newline is written, may be incomplete") from None
     if type(record) is not dict:
         raise LogReadError(f"{path}: line {number} is not a JSON object")
     if record.get("event") == "run_start":

@@ -13,13 +13,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def never_raises(method: F) -> F:
     """A failure inside ``method`` is handed to ``self._internal_error(name, exc)`` (which reports it
-    once) and the call returns ``None`` instead of raising into the user's training."""
+    once) and the call returns ``None`` instead of raising into the user's training. A call that
+    does not fit the signature (missing or unknown arguments) still raises its ``TypeError``."""
 
     @functools.wraps(method)
     def safe(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:
+            if isinstance(exc, TypeError) and exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                raise  # the call itself does not fit the signature: the caller's mistake, said at once
             self._internal_error(method.__name__, exc)
             return None
 

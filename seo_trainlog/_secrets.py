@@ -132,9 +132,47 @@ def _forms(value: str) -> set[str]:
     return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
 
 
+# Secrets recognisable by their shape, wherever they appear (an exception message, a logged string,
+# a URL): the password of a URL, the value of an ``Authorization`` scheme, secret-named URL query or
+# ``name=value`` parameters, and the token formats of the usual services. Each pattern runs only on
+# text holding one of its literal triggers (most records hold none). The value classes never take a
+# quote or a backslash, so that a JSON line stays valid when a match inside it is replaced.
+_SECRET_PARAMETERS = ("access_token", "refresh_token", "id_token", "auth_token", "token", "api_key", "apikey",
+                      "client_secret", "secret", "password", "passwd")
+_SHAPES: tuple[tuple[tuple[str, ...], re.Pattern[str]], ...] = (
+    (("://",), re.compile(r"(?P<keep>://[^/\s:@\"'\\]+:)[^/\s@\"'\\]+(?=@)")),  # scheme://user:PASSWORD@host
+    (("Bearer", "Basic", "Token"), re.compile(r"(?P<keep>\b(?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=-]{8,}")),
+    (tuple(f"{name}=" for name in _SECRET_PARAMETERS),
+     re.compile(r"(?P<keep>(?<![A-Za-z0-9])(?:" + "|".join(_SECRET_PARAMETERS) + r")=)[^&\s\"'\\,;]{6,}")),
+    (("hf_",), re.compile(r"\bhf_[A-Za-z0-9]{30,}")),  # Hugging Face
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+     re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}|\bgithub_pat_[A-Za-z0-9_]{22,}")),  # GitHub
+    (("AKIA", "ASIA"), re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")),  # AWS access key id
+    (("sk-",), re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}")),  # OpenAI / Anthropic style keys
+    (("xox",), re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}")),  # Slack
+    (("glpat-",), re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}")),  # GitLab
+    (("AIza",), re.compile(r"\bAIza[0-9A-Za-z_-]{35}")),  # Google API key
+    (("eyJ",), re.compile(r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}")),  # JSON Web Token
+)
+
+
+def _mask_shape(match: re.Match[str]) -> str:
+    return (match.groupdict().get("keep") or "") + MASK
+
+
+def mask_shapes(text: str) -> str:
+    """``text`` with the secrets recognisable by their shape (see ``_SHAPES``) replaced by ``<redacted>``."""
+    for triggers, pattern in _SHAPES:
+        for trigger in triggers:
+            if trigger in text:
+                text = pattern.sub(_mask_shape, text)
+                break
+    return text
+
+
 class Redactor:
     """Replaces known secret values by ``<redacted>`` in any text, in every form they are written in
-    (see :func:`_forms`). Values come from environment variables with secret-looking names
+    (see :func:`_forms`), and the secrets recognisable by their shape (:func:`mask_shapes`). Values come from environment variables with secret-looking names
     (``HF_TOKEN``, ``WANDB_API_KEY``...; re-read when a run opens and when an error is written) and
     from every string masked by :func:`mask_mapping`; values shorter than 6 characters are ignored.
     """
@@ -165,12 +203,11 @@ class Redactor:
         for value in self._values:
             if value in text:
                 text = text.replace(value, MASK)
-        return text
+        return mask_shapes(text)
 
     def redact_record(self, record: dict) -> None:
         """A loguru patcher: redacts the record's message in place."""
-        if self._values:
-            record["message"] = self(record["message"])
+        record["message"] = self(record["message"])
 
 
 REDACTOR = Redactor()

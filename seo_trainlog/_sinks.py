@@ -170,6 +170,7 @@ class GuardedFileSink:
         self._sink = FileSink(_escape_braces(str(path)), rotation=rotation, retention=retention, encoding=encoding,
                               errors="backslashreplace", buffering=1 if durable else -1)
         self._failing = False
+        self._flush_failed = False
         self._watched_at = time.monotonic()
         self.failed_writes = 0
 
@@ -184,9 +185,14 @@ class GuardedFileSink:
         except Exception as error:
             self._recover(message, error)
             return
-        if self._failing:
-            self._failing = False
-            SINK_FAILURES.add(f"writing to {self.path} works again after {self.failed_writes} lost records")
+        if self._failing and self.durable:  # line-buffered: the record reached the file
+            self._recovered()
+
+    def _recovered(self) -> None:
+        self._failing = False
+        buffered = "; records buffered when a flush failed may be lost too" if self._flush_failed else ""
+        self._flush_failed = False
+        SINK_FAILURES.add(f"writing to {self.path} works again after {self.failed_writes} lost records{buffered}")
 
     def _reopen_if_removed(self) -> None:
         handle, path = self._sink._file, self._sink._file_path
@@ -203,6 +209,8 @@ class GuardedFileSink:
             self._sink._close_file()
             self._sink._create_dirs(path)
             self._sink._create_file(path)
+            if isinstance(self._sink._rotation_function, SizeRotation):
+                self._sink._rotation_function.size = 0  # a new, empty file
 
     def _recover(self, message: str, error: Exception) -> None:
         rotation_failed = self._sink._rotation_function is not None and _raised_in_rotation(error)
@@ -228,9 +236,13 @@ class GuardedFileSink:
             try:
                 handle.flush()
             except Exception as exc:
+                self._flush_failed = True
                 if not self._failing:
                     self._failing = True
                     SINK_FAILURES.add(f"cannot write to {self.path}: {type(exc).__name__}: {exc}")
+                return
+            if self._failing and not self.durable:  # block-buffered: only a flush shows the file takes data
+                self._recovered()
 
     def stop(self) -> None:
         try:

@@ -94,6 +94,8 @@ def _summarize(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from ._plots import save_figure
 
+    if args.output.suffix.lower() != ".png":
+        raise LogReadError(f"{args.output}: the figure is written as PNG; give a file name ending in .png")
     analysis = _analyse(select_run(find_runs(args.log_dir), args.run), _config())
     save_figure(analysis, args.output)
     print(f"wrote {args.output}")

@@ -236,6 +236,9 @@ def test_clear_one_line_errors(tmp_path, capsys):
     assert f"no run 'nope' in {tmp_path / 'newer'}; runs: {RUN}" in cli_error(
         capsys, "summarize", str(tmp_path / "newer"), "--run", "nope")
     write_run(tmp_path / "good", synthetic_rows(5))
+    assert "give a file name ending in .png" in cli_error(capsys, "plot", str(tmp_path / "good"), "-o",
+                                                          str(tmp_path / "x.xyz"))
+    assert not (tmp_path / "x.xyz").exists()
     assert "No such file or directory" in cli_error(capsys, "plot", str(tmp_path / "good"), "-o",
                                                     str(tmp_path / "no" / "x.png"))
 
@@ -251,6 +254,14 @@ def test_truncated_last_line_is_skipped_with_a_warning(tmp_path, capsys):
     assert captured.err == (f"seo-trainlog: warning: {path}: the last line (line 15) is incomplete, as when a run is "
                             "still writing it or was killed; it is skipped\n")
     assert "no summary: still running, or ended without one" in captured.out
+
+
+def test_a_complete_broken_last_line_is_an_error(tmp_path, capsys):
+    path = write_run(tmp_path / "logs", synthetic_rows(3, summary=False))
+    with open(path, "a", encoding="utf-8") as out:
+        out.write("not json at all\n")  # ended by its newline: written whole, and wrong
+    message = cli_error(capsys, "summarize", str(tmp_path / "logs"))
+    assert "line 6 is not valid JSON" in message and path.name in message
 
 
 def test_anomalies_found_offline_and_logged_online_count_once(tmp_path, capsys):

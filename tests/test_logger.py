@@ -12,7 +12,7 @@ from conftest import LINE, RunFiles, quiet
 from loguru import logger as loguru_logger
 
 import seo_trainlog
-from seo_trainlog import LogConfig, TrainLogger
+from seo_trainlog import LogConfig, TrainLogCallback, TrainLogger
 
 STAMP = re.compile(r"^[a-z_]+?_(\d{8}_\d{6}(?:_\d+)?)\.log$")
 
@@ -263,3 +263,21 @@ def test_from_env_rejects_bad_values_naming_the_variable(variable, value, accept
         LogConfig.from_env({variable: value})
     message = str(info.value)
     assert message.startswith(f"{variable}={value!r} is not valid") and accepted in message
+
+
+def test_programming_mistakes_are_said_at_once(log_dir):
+    with pytest.raises(TypeError, match="config must be a seo_trainlog.LogConfig or None, got str"):
+        TrainLogCallback("mylogs")
+    with pytest.raises(TypeError, match="config must be a seo_trainlog.LogConfig or None, got dict"):
+        TrainLogger({"log_dir": str(log_dir)})
+    for encoding in ("ascii", "latin-1", "cp1252", "hex"):
+        with pytest.raises(ValueError, match=f"encoding='{encoding}' is not valid; accepted values: an encoding of all"):
+            LogConfig(encoding=encoding)
+    with TrainLogger(quiet(log_dir)) as tlog:
+        with pytest.raises(TypeError, match="missing 1 required positional argument: 'values'"):
+            tlog.log_metrics({"a": 1})
+        tlog.log_message("lower-case level", level="warning")  # levels are case-insensitive
+        tlog.log_metrics("custom", "not a mapping")  # a bad value: a warning, not an exception
+    run = RunFiles(log_dir)
+    assert any(line.endswith("GENERAL - WARNING - lower-case level") for line in run.lines("seo_engine"))
+    assert any("values should be a mapping, got str" in m for m in run.messages("errors"))

@@ -52,7 +52,8 @@ def test_logged_values_of_every_kind_become_strict_json(make_trainer, log_dir, t
 
     hook = StepHook(2, lambda trainer, state: trainer.log({
         "grad_scale": torch.tensor(2.0), "np_scalar": np.float32(1.5), "array": np.arange(3), "text": "héllo",
-        "nothing": None, 7: "int key", "nested": {"a": {"b": torch.tensor(3)}}, "event": "mine"}))
+        "nothing": None, 7: "int key", "nested": {"a": {"b": torch.tensor(3)}}, "event": "mine",
+        "huge": 10**400, "big": 2**100, "forged": "ok\n[2026-01-01 00:00:00] TRAINING - INFO - fake\x00\x1b[31m"}))
     trainer = make_trainer(max_steps=4, eval_strategy="steps", eval_steps=4, eval_dataset=tiny_dataset.select(range(8)),
                            compute_metrics=odd_metrics, callbacks=[hook.callback])
     hook.trainer = with_callback(trainer, log_dir)
@@ -65,7 +66,14 @@ def test_logged_values_of_every_kind_become_strict_json(make_trainer, log_dir, t
     assert custom["grad_scale"] == 2.0 and custom["np_scalar"] == 1.5 and custom["array"] == [0, 1, 2]
     assert custom["text"] == "héllo" and custom["nothing"] is None and custom["7"] == "int key"
     assert custom["nested/a/b"] == 3 and custom["user_event"] == "mine" and custom["event"] == "log"
+    assert custom["huge"] == str(10**400) and custom["big"] == float(2**100)
+    assert custom["forged"] == "ok\n[2026-01-01 00:00:00] TRAINING - INFO - fake\x00\x1b[31m"  # JSON keeps it exactly
+    assert "\x00" not in text and "\x1b" not in text  # the text files escape control characters
+    detailed = RunFiles(log_dir).lines("training_detailed")
+    assert not any(line.endswith("TRAINING - INFO - fake") for line in detailed)  # no forged line
+    assert any("forged=ok\\n[2026-01-01 00:00:00] TRAINING - INFO - fake\\x00\\x1b[31m" in line for line in detailed)
     evaluation = next(row for row in rows if row["event"] == "eval")
+    assert "user_epoch" not in evaluation and evaluation["epoch"] is not None
     assert evaluation["eval_per_class/commercial"] == 0.5 and evaluation["eval_per_class/navigational"] == 0.25
     assert evaluation["eval_confusion"] == [[1, 2], [3, 4]] and evaluation["eval_note"] == "fine"
     metrics_line = next(m for m in RunFiles(log_dir).messages("training_progress") if m.startswith("Metrics: eval_"))
@@ -299,6 +307,40 @@ def test_a_removed_file_is_recreated(log_dir):
     tlog.log_training_progress(1, 2, 0.4, 1e-4)
     tlog.close()
     assert progress_steps(RunFiles(log_dir, tlog.run_id)) == [2]
+
+
+def test_a_disk_that_stays_full_is_never_said_to_work_again(log_dir):
+    tlog = TrainLogger(quiet(log_dir))
+    sink = next(sink for sink in tlog._sinks.router._sinks if getattr(sink, "path", None) == tlog.files["training"])
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    sink._sink._file.flush = full  # the buffered file cannot reach the disk
+    for step in range(1, 4):
+        tlog.log_training_progress(0.1, step, 0.5, 1e-4)
+        tlog.flush()
+    tlog.close()
+    notices = [m for m in RunFiles(log_dir, tlog.run_id).messages("errors") if m.startswith("seo_trainlog: ")]
+    assert len(notices) == 1 and notices[0].startswith(f"seo_trainlog: cannot write to {tlog.files['training']}: "
+                                                       "OSError: [Errno 28]")
+
+
+def test_a_recreated_file_rotates_at_its_own_size(log_dir):
+    import time
+
+    tlog = TrainLogger(quiet(log_dir, rotation="4 KB"))
+    for step in range(1, 31):  # about 3 KB
+        tlog.log_message(f"record {step:04d} " + "x" * 80, category="training")
+    tlog.flush()
+    tlog.files["training"].unlink()
+    time.sleep(1.1)  # the path is checked at most once a second
+    for step in range(31, 61):  # about 3 KB more, into the new file
+        tlog.log_message(f"record {step:04d} " + "x" * 80, category="training")
+    tlog.close()
+    assert sorted(p.name for p in log_dir.glob(f"training_progress_{tlog.run_id}*")) == \
+        [f"training_progress_{tlog.run_id}.log"]  # not rotated: the new file is under 4 KB
+    assert len(tlog.files["training"].read_text().splitlines()) == 30
 
 
 def test_rotation_under_load_keeps_every_line_in_order(log_dir):
@@ -665,6 +707,29 @@ def test_secrets_in_every_shape_are_masked(log_dir, monkeypatch):
                    "tok-SECRET-2222", "pw-SECRET-3333", "auth-SECRET-4444", "hftok-SECRET-6666", "dbpwd-SECRET-7",
                    "4242", "deep-SECRET-99", "hf_Abc", "p%40ss", "late-SECRET-5555"):
         assert secret not in text, secret
+
+
+def test_secrets_known_by_their_shape_are_masked_under_any_name(log_dir):
+    shaped = {
+        "url": "https://alice:urlpass-SECRET-11@host/x?access_token=query-SECRET-22&page=2",
+        "header": "Authorization: Bearer bearer-SECRET-33",
+        "github": "ghp_" + "G" * 36, "aws": "AKIA" + "A1B2C3D4E5F6G7H8", "openai": "sk-proj-" + "O" * 30,
+        "hub": "hf_" + "H" * 34, "slack": "xoxb-" + "1234567890-abcdef", "jwt": "eyJ" + "a" * 12 + ".b" + "b" * 12 + ".c" + "c" * 12,
+    }
+    with TrainLogger(quiet(log_dir)) as tlog:
+        tlog.log_metrics("custom", shaped)
+        tlog.log_message(f"connecting to {shaped['url']} with {shaped['header']}")
+        tlog.log_error(RuntimeError(f"upload refused: db_password=dbpass-SECRET-44 token {shaped['github']}"))
+    text = all_text(log_dir)
+    for secret in ("urlpass-SECRET-11", "query-SECRET-22", "bearer-SECRET-33", "dbpass-SECRET-44", "G" * 36,
+                   "A1B2C3D4E5F6G7H8", "O" * 30, "H" * 34, "abcdef", "a" * 12):
+        assert secret not in text, secret
+    row = RunFiles(log_dir).records("custom")[0]  # still valid JSON, the rest of each value kept
+    assert row["url"] == "https://alice:<redacted>@host/x?access_token=<redacted>&page=2"
+    assert row["header"] == "Authorization: Bearer <redacted>"
+    with TrainLogger(quiet(log_dir / "plain")) as tlog:
+        tlog.log_training_progress(1, 2, 0.5, 1e-4, metrics={"num_tokens": 123456789, "mean_token_accuracy": 0.5})
+    assert "num_tokens=123456789, mean_token_accuracy=0.500000" in all_text(log_dir / "plain")
 
 
 def test_metric_names_mentioning_tokens_keep_their_numbers(log_dir):

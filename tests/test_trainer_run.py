@@ -258,6 +258,18 @@ def test_debug_level_writes_a_line_per_step(make_trainer, log_dir):
     assert [row["steps"] for row in run.records("train")] == [2, 2]
 
 
+def test_the_debug_file_gets_a_line_per_step_at_level_info(make_trainer, log_dir):
+    trainer = make_trainer(max_steps=4, logging_steps=2)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, debug=True)))
+    trainer.train()
+    run = RunFiles(log_dir)
+    debug_lines = [line for line in run.lines("debug") if " - DEBUG - Step " in line]
+    assert [line.split(" - DEBUG - ")[1].split(":")[0] for line in debug_lines] == ["Step 1", "Step 2", "Step 3", "Step 4"]
+    assert not any(m.startswith("Step ") for m in run.messages("training_detailed"))  # that file stays at INFO
+    stamps = [LINE.match(line).group(1) for line in debug_lines]
+    assert stamps == sorted(stamps)
+
+
 def test_logging_steps_are_written_in_batches_stamped_with_their_own_time(make_trainer, log_dir):
     """Training log records wait for a batch (``flush_interval_s``) but carry the time of their step."""
     logged_at = {}
