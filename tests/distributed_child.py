@@ -36,3 +36,8 @@ trainer = Trainer(model=model, train_dataset=data, data_collator=DataCollatorWit
                                          ddp_broadcast_buffers=False, ddp_timeout=60))
 trainer.add_callback(TrainLogCallback(quiet(log_dir)))
 trainer.train()
+
+import torch.distributed as dist  # noqa: E402
+
+if dist.is_initialized():  # as a well-behaved script does: gloo's teardown at exit can abort otherwise
+    dist.destroy_process_group()

@@ -83,6 +83,17 @@ def launch(*command: str, timeout: int = 120, **env_vars: str) -> subprocess.Com
     return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
+def failure_text(result: subprocess.CompletedProcess) -> str:
+    """The part of a launcher's output that says why it failed: from the first fatal error or
+    traceback of a worker if there is one, else the end."""
+    output = result.stdout
+    for marker in ("Fatal Python error", "terminate called", "Traceback (most recent call last)"):
+        if marker in output:
+            start = output.index(marker)
+            return output[start:start + 3000]
+    return output[-3000:]
+
+
 def torchrun(log_dir: Path, mode: str) -> subprocess.CompletedProcess:
     return launch(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                   str(HERE / "distributed_child.py"), str(log_dir), mode)
@@ -93,7 +104,7 @@ def torchrun(log_dir: Path, mode: str) -> subprocess.CompletedProcess:
 
 def test_torchrun_two_processes_write_the_shared_files_once(log_dir):
     result = torchrun(log_dir, "ok")
-    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.returncode == 0, failure_text(result)
     run = RunFiles(log_dir)
     assert progress_steps(run) == list(range(1, 11))
     train = run.records("train")
@@ -155,7 +166,7 @@ def test_accelerate_tracker_in_a_two_process_launch(log_dir):
                         "--eval-every", "5", timeout=60, ACCELERATE_USE_CPU="1")
         if result.returncode == 0 or "10 steps on 2 process(es)" not in result.stdout:
             break
-    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.returncode == 0, failure_text(result)
     run = RunFiles(log_dir)
     assert progress_steps(run) == list(range(1, 11))
     assert {row["world_size"] for row in json_rows(log_dir)} == {2}
