@@ -35,7 +35,7 @@ class LogConfig:
         retention: How many rotated files each log file keeps (an ``int`` >= 1), or a loguru duration
             such as ``"7 days"``. Retention only ever matches the files of the same category and run,
             and only rotated files: with ``rotation=None`` nothing is ever deleted. Default ``5``.
-        encoding: Encoding of every file. Default ``"utf-8"``.
+        encoding: Encoding of every file: only UTF-8 (``"utf-8"``, ``"UTF-8"``, ``"utf8"``) is accepted. Default ``"utf-8"``.
         sample_interval_s: Seconds between two resource readings (memory, CPU, GPU) of the background
             sampler; ``0`` turns the thread off (one reading is then taken at each logging step).
             Default ``2.0``.
@@ -216,14 +216,13 @@ def _check_command(name: str, value: object) -> str | None:
 
 
 def _check_encoding(name: str, value: object) -> str:
+    # the logs hold any text (metric names, messages) and seo-trainlog reads the JSON as UTF-8
     try:
-        # the logs hold any text (metric names, messages): only an encoding of all of Unicode will do;
-        # this also refuses bytes-to-bytes codecs such as "hex" or "rot13"
-        "é ✓ 中 😀".encode(str(value))
-        return codecs.lookup(str(value)).name
-    except (LookupError, UnicodeError, TypeError):
-        raise ValueError(f"{name}={value!r} is not valid; accepted values: an encoding of all of Unicode, "
-                         "such as 'utf-8', 'utf-16' or 'utf-32'") from None
+        if codecs.lookup(str(value)).name == "utf-8":
+            return "utf-8"
+    except LookupError:
+        pass
+    raise ValueError(f"{name}={value!r} is not valid; accepted values: 'utf-8' (also spelled 'UTF-8', 'utf8')")
 
 
 def _check_rotation(name: str, value: object) -> str | int:

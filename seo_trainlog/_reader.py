@@ -78,11 +78,16 @@ def select_run(runs: list[MetricsRun], run_id: str | None) -> MetricsRun:
     raise LogReadError(f"no run {run_id!r} in {runs[0].paths[0].parent}; runs: {', '.join(r.run_id for r in runs)}")
 
 
+_RECORD_START = b'{"time":'  # how every line the library writes begins
+
+
 def read_records(run: MetricsRun, warn: Callable[[str], None] = lambda message: None) -> Iterator[dict[str, Any]]:
     """Every record of ``run`` in order, one dict per JSON line, read lazily (constant memory).
 
     A last line of the run without its newline that is not complete JSON (the run is still writing
-    it, or was killed while writing it) is skipped with one call to ``warn``.
+    it, or was killed while writing it) is skipped with one call to ``warn``; so is a record cut
+    short anywhere (it begins as every record does but does not end: a write that failed, e.g. on a
+    full disk).
 
     Raises:
         LogReadError: a file cannot be read; any other line is not a JSON object (names file and
@@ -102,6 +107,10 @@ def read_records(run: MetricsRun, warn: Callable[[str], None] = lambda message: 
                         warn(f"{path}: the last line (line {number}) is incomplete, as when a run is still "
                              "writing it or was killed; it is skipped")
                         return
+                    if line.startswith(_RECORD_START) and line.strip() and not line.rstrip().endswith(b"}"):
+                        warn(f"{path}: line {number} is a record cut short (a write that failed, e.g. on a "
+                             "full disk); it is skipped")
+                        continue
                     record = _parse(line, path, number)  # raises the error that names the problem
                 if record.get("event") == "run_start":
                     _check_schema(record, path)

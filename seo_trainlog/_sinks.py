@@ -171,6 +171,7 @@ class GuardedFileSink:
                               errors="backslashreplace", buffering=1 if durable else -1)
         self._failing = False
         self._flush_failed = False
+        self._new_line = False  # after a failed buffered write: the file may end in a partial line
         self._watched_at = time.monotonic()
         self.failed_writes = 0
 
@@ -180,7 +181,8 @@ class GuardedFileSink:
             self._watched_at = now
             self._reopen_if_removed()
         try:
-            self._sink.write(message)
+            self._sink.write("\n" + message if self._new_line else message)
+            self._new_line = False
             self.dirty = not self.durable
         except Exception as error:
             self._recover(message, error)
@@ -188,9 +190,15 @@ class GuardedFileSink:
         if self._failing and self.durable:  # line-buffered: the record reached the file
             self._recovered()
 
+    def _fail(self, error: Exception) -> None:
+        if not self._failing:
+            self._failing = True
+            SINK_FAILURES.add(f"cannot write to {self.path}: {type(error).__name__}: {error}; "
+                              "training goes on and the file is retried with every record")
+
     def _recovered(self) -> None:
         self._failing = False
-        buffered = "; records buffered when a flush failed may be lost too" if self._flush_failed else ""
+        buffered = "; records buffered when a write or flush failed may be lost too" if self._flush_failed else ""
         self._flush_failed = False
         SINK_FAILURES.add(f"writing to {self.path} works again after {self.failed_writes} lost records{buffered}")
 
@@ -216,14 +224,18 @@ class GuardedFileSink:
         rotation_failed = self._sink._rotation_function is not None and _raised_in_rotation(error)
         if rotation_failed:
             self._sink._rotation_function = None  # keep appending to the current file instead
+        elif not self.durable:
+            # a buffered file: what its buffer held when the write failed (disk full) is gone, and the
+            # file may end in a partial line; say so, and start the next record on a line of its own
+            self._flush_failed = True
+            self._fail(error)
+            self._new_line = True
         try:
-            self._sink.write(message)
+            self._sink.write("\n" + message if self._new_line else message)
+            self._new_line = False
         except Exception as retry_error:
             self.failed_writes += 1
-            if not self._failing:
-                self._failing = True
-                SINK_FAILURES.add(f"cannot write to {self.path}: {type(retry_error).__name__}: {retry_error}; "
-                                  "training goes on and the file is retried with every record")
+            self._fail(retry_error)
             return
         if rotation_failed:
             SINK_FAILURES.add(f"rotation of {self.path} failed ({type(error).__name__}: {error}); rotation is "

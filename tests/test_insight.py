@@ -229,6 +229,9 @@ def test_clear_one_line_errors(tmp_path, capsys):
     path = write_run(tmp_path / "broken", synthetic_rows(5))
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:3] + ['{"time": "2026-11-30T12:00:03', *lines[3:]]) + "\n")
+    assert main(["summarize", str(tmp_path / "broken")]) == 0  # a record cut short (a failed write): skipped
+    assert f"{path}: line 4 is a record cut short" in capsys.readouterr().err
+    path.write_text("\n".join(lines[:3] + ['garbage', *lines[3:]]) + "\n")
     assert f"{path}: line 4 is not valid JSON" in cli_error(capsys, "summarize", str(tmp_path / "broken"))
 
     write_run(tmp_path / "newer", [("run_start", None, {"schema_version": 2})] + synthetic_rows(5)[1:])

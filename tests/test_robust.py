@@ -278,7 +278,8 @@ def test_a_failing_disk_is_reported_once_and_logging_resumes(log_dir, monkeypatc
     notices = [m for m in run.messages("errors") if m.startswith("seo_trainlog: ")]
     assert len(notices) == 2
     assert notices[0].startswith(f"seo_trainlog: cannot write to {tlog.files['training']}: OSError: [Errno 28]")
-    assert notices[1] == f"seo_trainlog: writing to {tlog.files['training']} works again after 5 lost records"
+    assert notices[1] == (f"seo_trainlog: writing to {tlog.files['training']} works again after 5 lost records; "
+                          "records buffered when a write or flush failed may be lost too")
     assert [row["global_step"] for row in run.records("train")] == list(range(1, 9))  # other files kept all
 
 
@@ -307,6 +308,39 @@ def test_a_removed_file_is_recreated(log_dir):
     tlog.log_training_progress(1, 2, 0.4, 1e-4)
     tlog.close()
     assert progress_steps(RunFiles(log_dir, tlog.run_id)) == [2]
+
+
+def test_a_full_disk_under_a_buffered_file_is_reported_and_the_file_stays_readable(log_dir, monkeypatch):
+    from seo_trainlog._reader import find_runs, read_records
+
+    real_write = FileSink.write
+    disk = {"full": False}
+
+    def write(self, message):
+        if "performance_metrics" in self._path and disk["full"]:
+            real_write(self, message[:25])  # part of the record reached the file, then the disk was full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, message)
+
+    tlog = TrainLogger(quiet(log_dir))
+    monkeypatch.setattr(FileSink, "write", write)
+    for index in range(1, 4):
+        tlog.log_metrics("mine", {"index": index})
+    disk["full"] = True
+    tlog.log_metrics("mine", {"index": 4})
+    disk["full"] = False
+    for index in range(5, 7):
+        tlog.log_metrics("mine", {"index": index})
+    tlog.close()
+    notices = [m for m in RunFiles(log_dir, tlog.run_id).messages("errors") if m.startswith("seo_trainlog: ")]
+    path = tlog.files["metrics"]
+    assert notices[0].startswith(f"seo_trainlog: cannot write to {path}: OSError: [Errno 28] No space left")
+    assert notices[1] == (f"seo_trainlog: writing to {path} works again after 1 lost records; "
+                          "records buffered when a write or flush failed may be lost too")
+    warnings_ = []
+    rows = list(read_records(find_runs(log_dir)[0], warnings_.append))
+    assert [row["index"] for row in rows if row["event"] == "mine"] == [1, 2, 3, 5, 6]  # 4 met the full disk
+    assert len(warnings_) == 2 and all("is a record cut short" in w for w in warnings_)  # write and retry
 
 
 def test_a_disk_that_stays_full_is_never_said_to_work_again(log_dir):
