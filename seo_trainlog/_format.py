@@ -249,9 +249,10 @@ def error_lines(error: Any, context: str = "", operation: str = "",
                 additional_info: Mapping[str, Any] | None = None) -> list[str]:
     """``Error in forward_pass: ValueError: Invalid input format``, ``Context: ...``, ``Additional info: ...``."""
     where = f"Error in {safe_str(operation)}" if operation else "Error"
-    lines = [f"{where}: {type(error).__name__}: {safe_str(error)}"]
+    # one line each (a message's newlines as \\n): the full message is in the traceback
+    lines = [f"{where}: {type(error).__name__}: {escape_controls(safe_str(error), in_value=True)}"]
     if context:
-        lines.append(f"Context: {safe_str(context)}")
+        lines.append(f"Context: {escape_controls(safe_str(context), in_value=True)}")
     if additional_info:
         lines.append(f"Additional info: {fmt_pairs(additional_info)}")
     return lines

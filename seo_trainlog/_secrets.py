@@ -139,20 +139,27 @@ def _forms(value: str) -> set[str]:
 # quote or a backslash, so that a JSON line stays valid when a match inside it is replaced.
 _SECRET_PARAMETERS = ("access_token", "refresh_token", "id_token", "auth_token", "token", "api_key", "apikey",
                       "client_secret", "secret", "password", "passwd")
-_SHAPES: tuple[tuple[tuple[str, ...], re.Pattern[str]], ...] = (
-    (("://",), re.compile(r"(?P<keep>://[^/\s:@\"'\\]+:)[^/\s@\"'\\]+(?=@)")),  # scheme://user:PASSWORD@host
-    (("Bearer", "Basic", "Token"), re.compile(r"(?P<keep>\b(?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=-]{8,}")),
+_COLON_PARAMETERS = tuple(name for name in _SECRET_PARAMETERS if name != "token")  # not "pad_token: [MASK]"
+# (triggers, pattern, case-insensitive): an insensitive pattern's triggers are matched in lower case
+_SHAPES: tuple[tuple[tuple[str, ...], re.Pattern[str], bool], ...] = (
+    # scheme://user:PASSWORD@host (a password may hold "@": up to the last one before the host)
+    (("://",), re.compile(r"(?P<keep>://[^/\s:@\"'\\]+:)[^/\s\"'\\]+(?=@[^@/\s\"'\\]+)"), False),
+    (("bearer",), re.compile(r"(?P<keep>\bBearer\s+)[A-Za-z0-9._~+/=-]{8,}", re.I), True),  # any Bearer credential
+    (("authorization",),  # Basic and Token credentials only in a header: the words are common in prose
+     re.compile(r"(?P<keep>\bAuthorization\W{0,3}\s*(?:Basic|Token)\s+)[A-Za-z0-9._~+/=-]{8,}", re.I), True),
     (tuple(f"{name}=" for name in _SECRET_PARAMETERS),
-     re.compile(r"(?P<keep>(?<![A-Za-z0-9])(?:" + "|".join(_SECRET_PARAMETERS) + r")=)[^&\s\"'\\,;]{6,}")),
-    (("hf_",), re.compile(r"\bhf_[A-Za-z0-9]{30,}")),  # Hugging Face
+     re.compile(r"(?P<keep>(?<![A-Za-z0-9])(?:" + "|".join(_SECRET_PARAMETERS) + r")=)[^&\s\"'\\,;]{6,}", re.I), True),
+    (tuple(f"{name}:" for name in _COLON_PARAMETERS),
+     re.compile(r"(?P<keep>(?<![A-Za-z0-9])(?:" + "|".join(_COLON_PARAMETERS) + r"):[ \t]*)[^\s\"'\\,;]{6,}", re.I), True),
+    (("hf_",), re.compile(r"\bhf_[A-Za-z0-9]{30,}"), False),  # Hugging Face
     (("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
-     re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}|\bgithub_pat_[A-Za-z0-9_]{22,}")),  # GitHub
-    (("AKIA", "ASIA"), re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")),  # AWS access key id
-    (("sk-",), re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}")),  # OpenAI / Anthropic style keys
-    (("xox",), re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}")),  # Slack
-    (("glpat-",), re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}")),  # GitLab
-    (("AIza",), re.compile(r"\bAIza[0-9A-Za-z_-]{35}")),  # Google API key
-    (("eyJ",), re.compile(r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}")),  # JSON Web Token
+     re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}|\bgithub_pat_[A-Za-z0-9_]{22,}"), False),  # GitHub
+    (("AKIA", "ASIA"), re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), False),  # AWS access key id
+    (("sk-",), re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"), False),  # OpenAI / Anthropic style keys
+    (("xox",), re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), False),  # Slack
+    (("glpat-",), re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"), False),  # GitLab
+    (("AIza",), re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), False),  # Google API key
+    (("eyJ",), re.compile(r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"), False),  # JSON Web Token
 )
 
 
@@ -162,10 +169,15 @@ def _mask_shape(match: re.Match[str]) -> str:
 
 def mask_shapes(text: str) -> str:
     """``text`` with the secrets recognisable by their shape (see ``_SHAPES``) replaced by ``<redacted>``."""
-    for triggers, pattern in _SHAPES:
+    lowered = None
+    for triggers, pattern, insensitive in _SHAPES:
+        if insensitive and lowered is None:
+            lowered = text.lower()
+        haystack = lowered if insensitive else text
         for trigger in triggers:
-            if trigger in text:
+            if trigger in haystack:
                 text = pattern.sub(_mask_shape, text)
+                lowered = None
                 break
     return text
 

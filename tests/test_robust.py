@@ -749,6 +749,8 @@ def test_secrets_known_by_their_shape_are_masked_under_any_name(log_dir):
         "header": "Authorization: Bearer bearer-SECRET-33",
         "github": "ghp_" + "G" * 36, "aws": "AKIA" + "A1B2C3D4E5F6G7H8", "openai": "sk-proj-" + "O" * 30,
         "hub": "hf_" + "H" * 34, "slack": "xoxb-" + "1234567890-abcdef", "jwt": "eyJ" + "a" * 12 + ".b" + "b" * 12 + ".c" + "c" * 12,
+        "upper": "PASSWORD=upper-SECRET-55", "colon": "password: colon-SECRET-66", "at": "https://bob:p@ss-SECRET-77@host/",
+        "lower": "bearer lower-SECRET-88",
     }
     with TrainLogger(quiet(log_dir)) as tlog:
         tlog.log_metrics("custom", shaped)
@@ -756,7 +758,8 @@ def test_secrets_known_by_their_shape_are_masked_under_any_name(log_dir):
         tlog.log_error(RuntimeError(f"upload refused: db_password=dbpass-SECRET-44 token {shaped['github']}"))
     text = all_text(log_dir)
     for secret in ("urlpass-SECRET-11", "query-SECRET-22", "bearer-SECRET-33", "dbpass-SECRET-44", "G" * 36,
-                   "A1B2C3D4E5F6G7H8", "O" * 30, "H" * 34, "abcdef", "a" * 12):
+                   "A1B2C3D4E5F6G7H8", "O" * 30, "H" * 34, "abcdef", "a" * 12, "upper-SECRET-55", "colon-SECRET-66",
+                   "ss-SECRET-77", "lower-SECRET-88"):
         assert secret not in text, secret
     row = RunFiles(log_dir).records("custom")[0]  # still valid JSON, the rest of each value kept
     assert row["url"] == "https://alice:<redacted>@host/x?access_token=<redacted>&page=2"
@@ -764,6 +767,16 @@ def test_secrets_known_by_their_shape_are_masked_under_any_name(log_dir):
     with TrainLogger(quiet(log_dir / "plain")) as tlog:
         tlog.log_training_progress(1, 2, 0.5, 1e-4, metrics={"num_tokens": 123456789, "mean_token_accuracy": 0.5})
     assert "num_tokens=123456789, mean_token_accuracy=0.500000" in all_text(log_dir / "plain")
+
+
+def test_an_exception_message_cannot_forge_a_log_line(log_dir):
+    forged = "[2026-11-30 15:17:31] TRAINING - INFO - Epoch 9, Step 999: Loss=0.000001"
+    with TrainLogger(quiet(log_dir)) as tlog:
+        tlog.log_error(RuntimeError(f"x\n{forged}"), context=f"c\n{forged}")
+    run = RunFiles(log_dir)
+    for prefix in ("errors", "seo_engine", "training_progress"):
+        assert not any(line.startswith(forged) for line in run.lines(prefix)), prefix
+    assert run.messages("errors")[0] == f"Error: RuntimeError: x\\n{forged}"
 
 
 def test_metric_names_mentioning_tokens_keep_their_numbers(log_dir):
