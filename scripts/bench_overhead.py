@@ -38,7 +38,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
@@ -51,27 +50,13 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from synthetic_tokens import RandomTokens  # noqa: E402
+
 from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ("none", "seo_trainlog", "tensorboard")
 TYPICAL_LOGS = {"loss": 0.4567, "grad_norm": 1.2345, "learning_rate": 1.0e-4, "epoch": 0.52}
-
-
-class RandomQueries(Dataset):
-    """Fixed-length random token ids with 4 labels (seeded)."""
-
-    def __init__(self, size: int, length: int, vocab: int) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(5, vocab, (size, length), generator=generator)
-        self.labels = torch.randint(0, 4, (size,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "attention_mask": torch.ones_like(self.ids[index]),
-                "labels": self.labels[index]}
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -86,7 +71,7 @@ def make_trainer(config: str, logging_steps: int, steps: int, scratch: Path, cal
                              logging_steps=logging_steps, learning_rate=1e-4, seed=0, use_cpu=True,
                              save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                              report_to="tensorboard" if config == "tensorboard" else "none")
-    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=RandomQueries(16 * 64, 32, 1000),
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=RandomTokens(16 * 64, 32, 1000),
                       data_collator=TimedDataCollator(default_data_collator) if config == "seo_trainlog"
                       else default_data_collator, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # the same for every configuration: no stdout noise

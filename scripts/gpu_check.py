@@ -20,26 +20,11 @@ from time import perf_counter
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments, set_seed  # noqa: E402
 
+from synthetic_tokens import RandomTokens  # noqa: E402
+
 from seo_trainlog import LogConfig, TrainLogCallback  # noqa: E402
-
-
-class RandomTokens(Dataset):
-    """Fixed-length random token ids with 4 labels: enough work per step to load a GPU."""
-
-    def __init__(self, size: int, length: int, vocab: int) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(5, vocab, (size, length), generator=generator)
-        self.labels = torch.randint(0, 4, (size,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "attention_mask": torch.ones_like(self.ids[index]),
-                "labels": self.labels[index]}
 
 
 def main() -> int:

@@ -6,7 +6,6 @@ import functools
 import math
 import os
 import weakref
-from datetime import datetime
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter, time
@@ -355,7 +354,7 @@ class TrainLogCallback(TrainerCallback):
             with self._logger_outside_run(state) as tlog:
                 if tlog is not None:
                     self._write_log(tlog, None, state.global_step, state.epoch, dict(logs), {},
-                                    COLLATE_STATS.drain(), None)
+                                    COLLATE_STATS.drain())
             return
         training = "loss" in logs
         timing = run.timer.drain(run.samples_per_step) if training else {}
@@ -370,10 +369,9 @@ class TrainLogCallback(TrainerCallback):
             # deferred records (TrainLogger.defer), out of the training loop's way
             resources = {**run.sampler.drain(), **cuda_memory()} if run.sampler else {}
             run.logger.defer("on_log", functools.partial(self._write_log, run.logger, run, state.global_step,
-                                                         state.epoch, dict(logs), timing, collate, None,
-                                                         resources))
+                                                         state.epoch, dict(logs), timing, collate, resources))
         else:
-            self._write_log(run.logger, run, state.global_step, state.epoch, logs, timing, collate, None)
+            self._write_log(run.logger, run, state.global_step, state.epoch, logs, timing, collate)
         run.timer.mark(perf_counter())
 
     @never_raises
@@ -429,10 +427,10 @@ class TrainLogCallback(TrainerCallback):
 
     def _write_log(self, tlog: TrainLogger, run: _Run | None, global_step: int, state_epoch: float | None,
                    logs: Mapping[Any, Any], timing: Mapping[str, Any], collate: Mapping[str, Any],
-                   at: datetime | None, resources: Mapping[str, Any] | None = None) -> None:
+                   resources: Mapping[str, Any] | None = None) -> None:
         """One ``on_log`` event: ``timing`` and ``collate`` are the interval's sums, drained at the
-        event; ``at`` is when it happened (None: now); ``resources`` the sampler's aggregate taken
-        at the event (None: take it now)."""
+        event; ``resources`` the sampler's aggregate taken at the event (None: take it now). Run as a
+        deferred job, its records carry the event's time (``TrainLogger.defer``)."""
         tlog.mark(global_step, state_epoch)
         values = _format.metric_values(logs)
         for key, value in values.items():
@@ -444,7 +442,7 @@ class TrainLogCallback(TrainerCallback):
                 resources = {**run.sampler.drain(), **cuda_memory()} if run is not None and run.sampler else {}
             metrics = {key: value for key, value in values.items() if key not in ("loss", "learning_rate", "epoch")}
             line = tlog._progress(epoch, global_step, values["loss"], values.get("learning_rate"), None,
-                                  metrics, timing={**timing, **collate, **resources}, at=at)
+                                  metrics, timing={**timing, **collate, **resources})
             if run is not None:
                 run.pending.add(run.interval_first_step, global_step, timing, collate)
                 run.interval_first_step = global_step + 1
@@ -465,13 +463,13 @@ class TrainLogCallback(TrainerCallback):
                        if key.startswith(f"{prefix}_") and key != f"{prefix}_loss" and key not in speed}
             # collations since the last training log belong to this evaluation
             line = tlog.log_evaluation(global_step, epoch, values.get(f"{prefix}_loss"), metrics,
-                                       metric_prefix=prefix, values={**values, **collate}, time=at)
+                                       metric_prefix=prefix, values={**values, **collate})
             if run is not None:
                 self._detect(run, "eval", line)
         else:
             values.pop("epoch", None)  # every JSON line has its epoch already
             tlog.log_message(f"Logged: {_format.fmt_pairs(values)}", category="training_detailed")
-            tlog.log_metrics("log", values, time=at)
+            tlog.log_metrics("log", values)
 
     @staticmethod
     def _detect(run: _Run, event: str, line: str | None) -> None:

@@ -387,19 +387,19 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ internals
 
-    def defer(self, name: str, job: Callable[[], Any], at_s: float | None = None) -> None:
+    def defer(self, name: str, job: Callable[[], Any]) -> None:
         """Run ``job`` (the formatting and writing of one event, named ``name`` in error reports)
         later, in a batch with the other deferred events, before anything else is written.
 
         A logging step then costs the training loop little: a batch runs once every
         ``config.flush_interval_s`` seconds (when the next event is deferred), when anything else is
         written from the same thread (an error, an evaluation, a warning: the order of records is
-        kept), at :meth:`flush` and at :meth:`close`. Every record the job writes is stamped ``at_s``
-        (``time.time()`` of the event; default: now), not the time of the batch. Events are deferred
+        kept), at :meth:`flush` and at :meth:`close`. Every record the job writes is stamped with the
+        time of this call (the event), not the time of the batch. Events are deferred
         for one thread, the first to call this (the training loop); on any other thread, and with
         ``flush_interval_s == 0`` (every file written through), ``job`` runs at once.
         """
-        at_s = _time() if at_s is None else at_s
+        at_s = _time()
         ident = get_ident()
         if self._defer_thread is None:
             self._defer_thread = ident
@@ -443,12 +443,11 @@ class TrainLogger:
         event_time = self._event_time
         return event_time if event_time is not None and self._settling_thread == get_ident() else None
 
-    def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing,
-                  at: datetime | None = None) -> str | None:
+    def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing) -> str | None:
         if not self.writes:
             return None
         self.mark(step, epoch)  # (settles deferred records first)
-        at = at or self._when()
+        at = self._when()
         metrics = _format.metric_values(metrics or {})
         lines = _format.progress_lines(epoch, step, loss, learning_rate, validation_loss, metrics)
         values = {"loss": loss, "learning_rate": learning_rate, **metrics}

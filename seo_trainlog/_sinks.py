@@ -181,8 +181,7 @@ class GuardedFileSink:
             self._watched_at = now
             self._reopen_if_removed()
         try:
-            self._sink.write("\n" + message if self._new_line else message)
-            self._new_line = False
+            self._put(message)
             self.dirty = not self.durable
         except Exception as error:
             self._recover(message, error)
@@ -190,11 +189,22 @@ class GuardedFileSink:
         if self._failing and self.durable:  # line-buffered: the record reached the file
             self._recovered()
 
+    def _put(self, message: str) -> None:
+        self._sink.write("\n" + message if self._new_line else message)
+        self._new_line = False
+
     def _fail(self, error: Exception) -> None:
         if not self._failing:
             self._failing = True
             SINK_FAILURES.add(f"cannot write to {self.path}: {type(error).__name__}: {error}; "
                               "training goes on and the file is retried with every record")
+
+    def _lost_buffer(self, error: Exception) -> None:
+        """A buffered write or flush failed (disk full): what the buffer held is gone and the file may
+        end in a partial line; report it, and start the next record on a line of its own."""
+        self._flush_failed = True
+        self._new_line = True
+        self._fail(error)
 
     def _recovered(self) -> None:
         self._failing = False
@@ -225,14 +235,9 @@ class GuardedFileSink:
         if rotation_failed:
             self._sink._rotation_function = None  # keep appending to the current file instead
         elif not self.durable:
-            # a buffered file: what its buffer held when the write failed (disk full) is gone, and the
-            # file may end in a partial line; say so, and start the next record on a line of its own
-            self._flush_failed = True
-            self._fail(error)
-            self._new_line = True
+            self._lost_buffer(error)
         try:
-            self._sink.write("\n" + message if self._new_line else message)
-            self._new_line = False
+            self._put(message)
         except Exception as retry_error:
             self.failed_writes += 1
             self._fail(retry_error)
@@ -248,10 +253,7 @@ class GuardedFileSink:
             try:
                 handle.flush()
             except Exception as exc:
-                self._flush_failed = True
-                if not self._failing:
-                    self._failing = True
-                    SINK_FAILURES.add(f"cannot write to {self.path}: {type(exc).__name__}: {exc}")
+                self._lost_buffer(exc)
                 return
             if self._failing and not self.durable:  # block-buffered: only a flush shows the file takes data
                 self._recovered()

@@ -225,6 +225,7 @@ def test_gpu_check_script_runs_its_flow_on_cpu(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python scripts/gpu_check.py` has it
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
