@@ -5,6 +5,9 @@ import contextlib
 import functools
 import math
 import os
+import re
+import sys
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +16,7 @@ from typing import Any
 
 import orjson
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from . import _format
 from ._alerts import AlertDispatcher, AlertHook
@@ -27,10 +31,15 @@ from ._safety import mark_logged, never_raises, safe_warn, was_logged
 from ._secrets import remember_secrets
 from ._signals import SigtermHook, TerminatedBySignal
 from ._sinks import logging_busy
-from ._timing import COLLATE_STATS, IntervalSums, StepTimer
+from ._timing import CollateSums, IntervalSums, StepTimer, bind_thread
+from ._timing import thread_sums as _thread_sums
 
 _SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
 _OPEN_RUNS: weakref.WeakSet[TrainLogCallback] = weakref.WeakSet()
+_INSTANCES: weakref.WeakValueDictionary[str, TrainLogCallback] = weakref.WeakValueDictionary()
+_RUN_ID = re.compile(r"^\d{8}_\d{6}(?:_\d+)?$")
+_STATE_NAME = "TrainLogCallback"
+_WORKER_SETTLE_S = 0.05
 
 
 @dataclass
@@ -53,6 +62,8 @@ class _Run:
     sigterm: SigtermHook | None = None
     sampler: ResourceSampler | None = None
     collator: TimedDataCollator | None = None
+    collate: CollateSums | None = None
+    segment: int = 0
     detector: AnomalyDetector | None = None
     alerts: AlertDispatcher | None = None
     retrying: bool = False
@@ -60,7 +71,7 @@ class _Run:
     step_times: list[tuple[int, float, float]] = field(default_factory=list)  # per-step DEBUG lines to write
 
 
-class TrainLogCallback(TrainerCallback):
+class TrainLogCallback(TrainerCallback, ExportableState):
     """A ``TrainerCallback`` that writes every Trainer run to seo_trainlog's categorised log files.
 
     Use either ``trainer.add_callback(TrainLogCallback())`` or, after ``import seo_trainlog``,
@@ -123,7 +134,11 @@ class TrainLogCallback(TrainerCallback):
         OSError: at train begin, when the log directory cannot be written.
     """
 
-    def __init__(self, config: LogConfig | None = None, alert_hooks: Sequence[AlertHook] = ()) -> None:
+    def __init__(self, config: LogConfig | None = None, alert_hooks: Sequence[AlertHook] = (), *,
+                 restore_of: str | None = None) -> None:
+        original = _INSTANCES.get(restore_of) if isinstance(restore_of, str) else None
+        if original is not None:  # transformers rebuilt us from a checkpoint: keep what the user gave
+            config, alert_hooks = original.config, original.alert_hooks
         if config is not None and not isinstance(config, LogConfig):
             raise TypeError(f"config must be a seo_trainlog.LogConfig or None, got {type(config).__name__}; "
                             "for example TrainLogCallback(LogConfig(log_dir='logs'))")
@@ -135,6 +150,25 @@ class TrainLogCallback(TrainerCallback):
         self._run: _Run | None = None
         self._last_run: tuple[LogConfig, str] | None = None
         self._failed_events: set[str] = set()
+        self._collate = CollateSums()  # the timings of our Trainer's TimedDataCollator
+        self._token = uuid.uuid4().hex
+        _INSTANCES[self._token] = self
+        self.run_id: str | None = None  # the run this callback writes or wrote last (restored on resume)
+
+    # ------------------------------------------------------------------ state in checkpoints
+
+    def state(self) -> dict[str, Any]:
+        """Saved by the Trainer in each checkpoint's ``trainer_state.json``: the run id, so that
+        ``train(resume_from_checkpoint=...)`` continues the same run (see :meth:`on_train_begin`)."""
+        return {"args": {"restore_of": self._token}, "attributes": {"run_id": self.run_id}}
+
+    def __copy__(self) -> TrainLogCallback:
+        return TrainLogCallback(self.config, self.alert_hooks)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TrainLogCallback:
+        """A copy with the same settings and alert hooks and no open run (a copied Trainer then opens
+        its own run if it trains)."""
+        return TrainLogCallback(self.config, self.alert_hooks)
 
     # ------------------------------------------------------------------ run lifecycle
 
@@ -149,7 +183,7 @@ class TrainLogCallback(TrainerCallback):
         trainer = find_trainer()
         if not self._elected(trainer):
             return None
-        tlog, owns = self._open_logger()  # ValueError / OSError: a clear error before any step
+        tlog, owns = self._open_logger(self._resumed_run_id(state))  # ValueError/OSError: before any step
         try:
             self._start_run(tlog, owns, trainer, args, state, model, train_dataloader, eval_dataloader)
         except Exception as exc:
@@ -185,27 +219,39 @@ class TrainLogCallback(TrainerCallback):
                                           local_rank=role.local_rank if role.world_size > 1 else None)
             run.sampler.start()
         remember_secrets(vars(args))  # to_dict() blanks hub_token: learn the value itself
+        self.run_id = tlog.run_id
         tlog.mark(state.global_step, state.epoch)
-        tlog.log_hyperparameters(_hyperparameters(args, state, model, train_dataloader, eval_dataloader))
+        run.segment = tlog.start_segment(state.global_step, _resumed_from(state))
+        tlog.log_hyperparameters(_hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer))
         resumed = f", resuming at global_step {state.global_step}" if state.global_step else ""
         trial = f", hyperparameter search trial {state.trial_name or ''} {state.trial_params}" \
             if state.is_hyper_param_search or state.trial_params else ""
         tlog.log_message(f"Training started: max_steps={state.max_steps}, num_train_epochs="
                          f"{state.num_train_epochs}, world_size={args.world_size}{resumed}{trial}")
+        run.collate = self._collate
         collator = getattr(trainer, "data_collator", None)
         if isinstance(collator, TimedDataCollator):
             run.collator = collator
+            collator.attach(self._collate)
             if args.dataloader_num_workers > 0:
                 collator.enable_worker_timings(args.dataloader_multiprocessing_context)
             collator.drain_worker_timings()
-        COLLATE_STATS.drain()  # calls from before this run are not this run's
+        self._collate.discard()  # calls from before this run are not this run's
+        self._collate.phase, self._collate.logger = "train", tlog
+        bind_thread(self._collate)  # collations in this (the training) thread are this run's
         run.timer.mark(perf_counter())
 
     def _guard(self, run: _Run, trainer) -> None:
         callbacks = trainer.callback_handler.callbacks
         later = callbacks[callbacks.index(self) + 1:] if self in callbacks else []
         run.guard = TrainerGuard(trainer, functools.partial(self._on_exception, run), later_callbacks=later,
-                                 on_finalized=functools.partial(self._after_training, run))
+                                 on_finalized=functools.partial(self._after_training, run),
+                                 on_evaluation=self._evaluating)
+
+    def _evaluating(self, active: bool) -> None:
+        """The Trainer's evaluation loop starts (``True``) or ends: collations in between are the
+        evaluation's, not the training interval's."""
+        self._collate.phase = "eval" if active else "train"
 
     def _after_training(self, run: _Run) -> None:
         """``_finalize_training`` returned: normally our ``on_train_end`` has finished the run already;
@@ -307,6 +353,7 @@ class TrainLogCallback(TrainerCallback):
             if not run.pending.empty:
                 self._write_interval(run, *run.pending.take(), run.sampler.drain() if run.sampler else {})
             self._write_remaining_collate(run)
+            self._collate.eval.drain()  # an evaluation that logged nothing
             tlog.log_training_summary(
                 total_epochs=state.epoch or 0, total_steps=state.global_step,
                 final_loss=losses[-1] if losses else None, best_loss=min(losses) if losses else None,
@@ -324,6 +371,10 @@ class TrainLogCallback(TrainerCallback):
             if run.alerts is not None:
                 run.alerts.close(wait_s=tlog.config.alert_timeout_s)
             self._last_run = (tlog.config, tlog.run_id)
+            self._collate.logger = None
+            self._collate.phase = "train"
+            if _thread_sums() is self._collate:
+                bind_thread(None)
             if run.owns_logger:
                 tlog.close()
             else:
@@ -353,14 +404,15 @@ class TrainLogCallback(TrainerCallback):
         if run is None or run.state is not state:
             with self._logger_outside_run(state) as tlog:
                 if tlog is not None:
-                    self._write_log(tlog, None, state.global_step, state.epoch, dict(logs), {},
-                                    COLLATE_STATS.drain())
+                    self._drain_workers(None, settle=True)
+                    collate = _merged(self._collate.eval.drain(), self._collate.train.drain())
+                    self._write_log(tlog, None, state.global_step, state.epoch, dict(logs), {}, collate)
             return
-        training = "loss" in logs
+        training = _training_loss_key(logs) is not None
         timing = run.timer.drain(run.samples_per_step) if training else {}
-        if run.collator is not None:
-            run.collator.drain_worker_timings()
-        collate = COLLATE_STATS.drain() if training or _speed_prefix(logs) not in (None, "train") else {}
+        evaluation = not training and _speed_prefix(logs) not in (None, "train")
+        self._drain_workers(run, settle=evaluation)
+        collate = run.collate.train.drain() if training else run.collate.eval.drain() if evaluation else {}
         if run.step_times:
             steps, run.step_times = run.step_times, []
             run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))
@@ -406,9 +458,15 @@ class TrainLogCallback(TrainerCallback):
     @staticmethod
     def _write_epoch(tlog: TrainLogger, number: int, duration_s: float, global_step: int, epoch: float,
                      memory_mb: float | None) -> None:
+        """``epoch_N completed in ...``; an epoch cut short (``max_steps`` reached, training stopped)
+        is ``epoch_N_partial`` with the share of the epoch done (``epoch_fraction``, 0-1)."""
         tlog.mark(global_step, epoch)
-        tlog.log_model_performance(f"epoch_{number}", duration_s, memory_usage=memory_mb,
-                                   additional_metrics={"global_step": global_step, "epoch": epoch})
+        fraction = (epoch or 0) - math.floor(epoch or 0)
+        partial = 1e-6 < fraction < 1 - 1e-6
+        extra = {"epoch_fraction": round(fraction, 6)} if partial else {}
+        tlog.log_model_performance(f"epoch_{number}_partial" if partial else f"epoch_{number}", duration_s,
+                                   memory_usage=memory_mb,
+                                   additional_metrics={"global_step": global_step, "epoch": epoch, **extra})
 
     @never_raises
     def on_save(self, args, state, control, **kwargs):
@@ -437,11 +495,14 @@ class TrainLogCallback(TrainerCallback):
             if _format.is_non_finite_float(value):
                 tlog._warn(f"Non-finite value: {key}={value} at global_step {global_step}", key=key, value=value)
         epoch = values.get("epoch", state_epoch)
-        if "loss" in values:
+        loss_key = _training_loss_key(values)
+        if loss_key is not None:
             if resources is None:
                 resources = {**run.sampler.drain(), **cuda_memory()} if run is not None and run.sampler else {}
-            metrics = {key: value for key, value in values.items() if key not in ("loss", "learning_rate", "epoch")}
-            line = tlog._progress(epoch, global_step, values["loss"], values.get("learning_rate"), None,
+            metrics = {key: value for key, value in values.items() if key not in (loss_key, "learning_rate", "epoch")}
+            if loss_key != "loss":
+                metrics["loss_name"] = loss_key  # e.g. SetFit's embedding_loss: the JSON keeps "loss"
+            line = tlog._progress(epoch, global_step, values[loss_key], values.get("learning_rate"), None,
                                   metrics, timing={**timing, **collate, **resources})
             if run is not None:
                 run.pending.add(run.interval_first_step, global_step, timing, collate)
@@ -514,12 +575,21 @@ class TrainLogCallback(TrainerCallback):
         if data_lines:
             tlog._write("data", "INFO", data_lines)
 
-    @staticmethod
-    def _write_remaining_collate(run: _Run) -> None:
+    def _drain_workers(self, run: _Run | None, settle: bool = False) -> None:
+        """Take the timings DataLoader workers sent; ``settle``: wait briefly for those still on their
+        way (at an evaluation record and at the end of a run, where every batch must be counted)."""
+        collator = run.collator if run is not None else None
+        if collator is None:
+            trainer = find_trainer()
+            candidate = getattr(trainer, "data_collator", None)
+            collator = candidate if isinstance(candidate, TimedDataCollator) else None
+        if collator is not None and collator.__dict__.get("_worker_queue") is not None:
+            collator.drain_worker_timings(settle_s=_WORKER_SETTLE_S if settle else 0.0)
+
+    def _write_remaining_collate(self, run: _Run) -> None:
         """Collations after the last logging step (the last batches, DataLoader workers' final sums)."""
-        if run.collator is not None:
-            run.collator.drain_worker_timings()
-        collate = COLLATE_STATS.drain()
+        self._drain_workers(run, settle=True)
+        collate = run.collate.train.drain() if run.collate is not None else {}
         if collate:
             run.logger.log_message(
                 f"Collate after the last logging step: batches={collate['collate_calls']}, total "
@@ -576,13 +646,28 @@ class TrainLogCallback(TrainerCallback):
         winner = next((cb for cb in peers if cb.config is not None), peers[0])
         return winner is self
 
-    def _open_logger(self) -> tuple[TrainLogger, bool]:
+    def _open_logger(self, resumed_run_id: str | None = None) -> tuple[TrainLogger, bool]:
         """Join the innermost open, joinable TrainLogger (if this callback has no config of its own,
-        or an equal one), else open a run of our own, which no other callback joins."""
+        or an equal one), else open a run of our own, which no other callback joins: the run
+        ``resumed_run_id`` continued, or a new one."""
         active = innermost_open_logger()
         if active is not None and (self.config is None or self.config == active.config):
             return active, False
-        return TrainLogger(self.config or LogConfig.from_env(), joinable=False), True
+        return TrainLogger(self.config or LogConfig.from_env(), run_id=resumed_run_id, joinable=False,
+                           resume=resumed_run_id is not None), True
+
+    def _resumed_run_id(self, state) -> str | None:
+        """The run a resumed ``train()`` continues: the run id our state in the checkpoint's
+        ``trainer_state.json`` holds (or transformers restored on this instance); None for a new run."""
+        if not state.global_step:
+            return None
+        stored = (state.stateful_callbacks or {}).get(_STATE_NAME) if isinstance(state.stateful_callbacks, dict) \
+            else None
+        for entry in stored if isinstance(stored, list) else [stored]:
+            run_id = (entry.get("attributes") or {}).get("run_id") if isinstance(entry, dict) else None
+            if isinstance(run_id, str) and _RUN_ID.match(run_id):
+                return run_id
+        return None
 
     @contextlib.contextmanager
     def _logger_outside_run(self, state) -> Iterator[TrainLogger | None]:
@@ -681,6 +766,50 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, Exception) and bool(should_reduce_batch_size(error))
 
 
+_NOT_TRAINING_PREFIXES = ("eval_", "test_", "predict_", "val_", "validation_")
+
+
+def _training_loss_key(logs: Mapping[Any, Any]) -> str | None:
+    """The key of a training log's loss: ``loss``, else the one key ending in ``loss`` (SetFit's
+    ``embedding_loss``, a trainer's ``train_loss``) in a log that is not an evaluation's or the end of
+    training's; None for any other log."""
+    if "loss" in logs:
+        return "loss"
+    if _speed_prefix(logs) is not None:
+        return None
+    keys = [key for key in logs if isinstance(key, str) and key.endswith("loss")
+            and not key.startswith(_NOT_TRAINING_PREFIXES)]
+    return keys[0] if len(keys) == 1 else None
+
+
+def _merged(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """Two :meth:`CollateStats.drain` results as one."""
+    if not first or not second:
+        return dict(first or second)
+    calls = first["collate_calls"] + second["collate_calls"]
+    total = first["collate_time_s"] + second["collate_time_s"]
+    return {"collate_calls": calls, "collate_time_s": total, "collate_mean_ms": 1000.0 * total / calls,
+            "collate_max_ms": max(first["collate_max_ms"], second["collate_max_ms"]),
+            "collate_samples": first["collate_samples"] + second["collate_samples"]}
+
+
+def _resumed_from(state) -> str | None:
+    """The checkpoint ``train(resume_from_checkpoint=...)`` resumes from (read from the caller's frame),
+    when resuming."""
+    if not state.global_step:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return None
+        if frame.f_code.co_name in ("_inner_training_loop", "train"):
+            value = frame.f_locals.get("resume_from_checkpoint")
+            if isinstance(value, (str, os.PathLike)):
+                return os.fspath(value)
+        frame = frame.f_back
+    return None
+
+
 def _speed_prefix(metrics: Mapping[str, Any]) -> str | None:
     """``eval`` for ``eval_runtime``, ``test`` for ``test_runtime``...: the prefix of the speed metrics
     Trainer adds (``<p>_runtime`` with ``<p>_samples_per_second``); None without them."""
@@ -706,7 +835,26 @@ def _safely(build: Callable[[], Any]) -> Any:
         return f"<unavailable: {type(exc).__name__}: {_format.safe_str(exc)}>"
 
 
-def _hyperparameters(args, state, model, train_dataloader, eval_dataloader) -> dict[str, Any]:
+def _eval_examples(eval_dataloader, trainer) -> int | dict[str, int | None] | None:
+    """Rows of the evaluation data: the dataloader's, else the trainer's ``eval_dataset`` (a dict of
+    datasets gives a dict of sizes)."""
+    size = _dataset_size(eval_dataloader)
+    if size is not None:
+        return size
+    dataset = getattr(trainer, "eval_dataset", None)
+    if isinstance(dataset, Mapping):
+        return {str(name): _length(part) for name, part in dataset.items()}
+    return _length(dataset)
+
+
+def _length(dataset) -> int | None:
+    try:
+        return len(dataset)
+    except Exception:
+        return None
+
+
+def _hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer=None) -> dict[str, Any]:
     """TrainingArguments (``to_dict`` blanks ``*_token`` fields), model facts, dataset sizes, run shape.
     A part that cannot be read is written as ``<unavailable: ...>``; training is never stopped here."""
     values: dict[str, Any] = {"training_args": _safely(args.to_dict)}
@@ -721,7 +869,7 @@ def _hyperparameters(args, state, model, train_dataloader, eval_dataloader) -> d
         if config is not None and hasattr(config, "to_dict"):
             values["model"]["config"] = _safely(config.to_dict)
     values["data"] = {"train_examples": _dataset_size(train_dataloader),
-                      "eval_examples": _dataset_size(eval_dataloader)}
+                      "eval_examples": _eval_examples(eval_dataloader, trainer)}
     values["run"] = {
         "world_size": args.world_size,
         "max_steps": state.max_steps,

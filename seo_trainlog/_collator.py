@@ -1,8 +1,7 @@
 from __future__ import annotations
 
+import copy
 import multiprocessing
-import multiprocessing.util
-import os
 from collections.abc import Callable
 from multiprocessing.context import get_spawning_popen
 from queue import Empty
@@ -11,10 +10,7 @@ from typing import Any
 
 from torch.utils.data import get_worker_info
 
-from ._timing import COLLATE_STATS, CollateStats
-
-_WORKER_BATCH_CALLS = 32
-_WORKER_BATCH_S = 0.5
+from ._timing import CollateSums, thread_sums
 
 
 class TimedDataCollator:
@@ -24,18 +20,23 @@ class TimedDataCollator:
     takes a list of features. It returns exactly what the wrapped collator returns (the same
     object), passes extra arguments through (``return_tensors=...``), and reads and sets other
     attributes on the wrapped collator. Each call's wall time (``time.perf_counter``, seconds) and
-    batch size are added to a process-wide accumulator that :class:`~seo_trainlog.TrainLogCallback`
-    writes to ``data_loading_<stamp>.log`` and the JSON metrics at every logging step
-    (``collate_calls``, ``collate_time_s``, ``collate_mean_ms``, ``collate_max_ms``).
+    batch size belong to the run of the Trainer that uses it: :class:`~seo_trainlog.TrainLogCallback`
+    attaches the Trainer's ``data_collator`` to its run at train begin, and a call made in a thread
+    where a run is training belongs to that run. The sums are written to ``data_loading_<stamp>.log``
+    and the JSON metrics at every logging step (``collate_calls``, ``collate_time_s``,
+    ``collate_mean_ms``, ``collate_max_ms``, ``collate_samples``); batches collated while the Trainer
+    evaluates are counted in the evaluation's record, never in a training interval.
 
-    When the wrapped collator raises, the error is written to the open run's error logs with its
-    context (batch size and feature keys, never feature values) and re-raised unchanged.
+    When the wrapped collator raises, the error is written to the error logs of the run the call
+    belongs to, with its context (batch size and feature keys, never feature values), and re-raised
+    unchanged.
 
     The wrapper holds only the wrapped collator, so it pickles whenever that one does (DataLoader
-    workers started with ``spawn``). With ``dataloader_num_workers > 0`` the callback gives it a
-    queue (:meth:`enable_worker_timings`): each worker sums its calls and sends the sums every 32
-    calls, every 0.5 s and when it exits, so that every batch is counted exactly once in the main
-    process (fork and spawn alike).
+    workers started with ``spawn``); ``copy.copy``/``copy.deepcopy`` give a wrapper attached to no run.
+    With ``dataloader_num_workers > 0`` the callback gives it a queue (:meth:`enable_worker_timings`):
+    each worker sends every call's timing as it returns the batch, so that every batch is counted
+    exactly once in the main process (fork and spawn, persistent workers and repeated ``train()``
+    calls alike).
 
     Args:
         collator: the callable to wrap.
@@ -54,19 +55,29 @@ class TimedDataCollator:
         try:
             batch = self.collator(features, *args, **kwargs)
         except Exception as error:
-            _report_collate_error(error, features)
+            _report_collate_error(error, features, thread_sums() or self.__dict__.get("_sums"))
             raise
         elapsed = perf_counter() - start
         try:
             samples = len(features)
         except TypeError:
             samples = 0
-        queue = self.__dict__.get("_worker_queue")
+        attributes = self.__dict__
+        queue = attributes.get("_worker_queue")
         if queue is not None and get_worker_info() is not None:
-            _worker_stats(queue).add(elapsed, samples)
-        else:
-            COLLATE_STATS.add(elapsed, samples)
+            sums = thread_sums() or attributes.get("_sums")
+            phase = attributes.get("_worker_phase") or (sums.phase if sums is not None else "train")
+            queue.put((phase, (1, elapsed, elapsed, samples)))  # before the batch leaves this worker
+            return batch
+        sums = thread_sums() or attributes.get("_sums")
+        if sums is not None:
+            sums.current().add(elapsed, samples)
         return batch
+
+    def attach(self, sums: CollateSums | None) -> None:
+        """Count this collator's calls in ``sums`` (a run's :class:`~seo_trainlog._timing.CollateSums`;
+        None: in no run's). Called by :class:`~seo_trainlog.TrainLogCallback` at train begin."""
+        object.__setattr__(self, "_sums", sums)
 
     def enable_worker_timings(self, context: str | None = None) -> None:
         """Let DataLoader worker processes send their timings back (see the class docstring).
@@ -78,14 +89,31 @@ class TimedDataCollator:
         if self.__dict__.get("_worker_queue") is None:
             object.__setattr__(self, "_worker_queue", multiprocessing.get_context(context).Queue())
 
-    def drain_worker_timings(self) -> None:
-        """Add the sums the workers sent so far to the process-wide accumulator."""
+    def drain_worker_timings(self, settle_s: float = 0.0) -> None:
+        """Add the timings the workers sent so far to the attached run's sums.
+
+        Args:
+            settle_s: after the queue is empty, wait up to this long (seconds) for timings still on
+                their way (a worker sends a batch's timing just before the batch itself).
+        """
         queue = self.__dict__.get("_worker_queue")
-        while queue is not None:
+        sums = self.__dict__.get("_sums")
+        if queue is None:
+            return
+        while True:
             try:
-                COLLATE_STATS.merge(queue.get_nowait())
+                phase, values = queue.get_nowait()
             except Empty:
+                if settle_s <= 0:
+                    return
+                try:
+                    phase, values = queue.get(timeout=settle_s)
+                except Empty:
+                    return
+            except (OSError, ValueError, EOFError):  # a queue closed under us
                 return
+            if sums is not None:
+                sums.add_sums(phase, values)
 
     def __getattr__(self, name: str) -> Any:
         if name == "collator":  # not yet set (during unpickling)
@@ -102,21 +130,30 @@ class TimedDataCollator:
         state = {"collator": self.collator}
         if get_spawning_popen() is not None:  # pickled to start a worker process: the queue goes along
             state["_worker_queue"] = self.__dict__.get("_worker_queue")
+            sums = thread_sums() or self.__dict__.get("_sums")
+            state["_worker_phase"] = sums.phase if sums is not None else "train"
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
             object.__setattr__(self, name, value)
 
+    def __copy__(self) -> TimedDataCollator:
+        return TimedDataCollator(self.collator)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TimedDataCollator:
+        return TimedDataCollator(copy.deepcopy(self.collator, memo))
+
     def __repr__(self) -> str:
         return f"TimedDataCollator({self.collator!r})"
 
 
-def _report_collate_error(error: Exception, features: Any) -> None:
+def _report_collate_error(error: Exception, features: Any, sums: CollateSums | None) -> None:
     from ._logger import innermost_open_logger
 
-    tlog = innermost_open_logger(joinable_only=False)
-    if tlog is None:
+    tlog = sums.logger if sums is not None and sums.logger is not None else innermost_open_logger(
+        joinable_only=False, this_thread=True)
+    if tlog is None or tlog.closed:
         return
     try:
         batch_size = len(features)
@@ -129,38 +166,3 @@ def _report_collate_error(error: Exception, features: Any) -> None:
         keys = "n/a"
     tlog.log_error(error, operation="collate", context="the data collator failed on a batch",
                    additional_info={"batch_size": batch_size, "feature_keys": keys})
-
-
-class _WorkerStats(CollateStats):
-    """A worker's sums, sent to the main process every 32 calls, every 0.5 s and at exit."""
-
-    __slots__ = ("_queue", "_last_sent")
-
-    def __init__(self, queue) -> None:
-        super().__init__()
-        self._queue = queue
-        self._last_sent = perf_counter()
-        # runs when the worker process exits normally, before the queue's own finaliser (priority 10)
-        multiprocessing.util.Finalize(None, self.send, exitpriority=20)
-
-    def add(self, elapsed_s: float, samples: int) -> None:
-        super().add(elapsed_s, samples)
-        if self.calls >= _WORKER_BATCH_CALLS or perf_counter() - self._last_sent >= _WORKER_BATCH_S:
-            self.send()
-
-    def send(self) -> None:
-        if self.calls:
-            self._queue.put((self.calls, self.total_s, self.max_s, self.samples))
-            self.calls, self.total_s, self.max_s, self.samples = 0, 0.0, 0.0, 0
-        self._last_sent = perf_counter()
-
-
-_WORKER_STATS: dict[int, _WorkerStats] = {}
-
-
-def _worker_stats(queue) -> _WorkerStats:
-    stats = _WORKER_STATS.get(os.getpid())
-    if stats is None:
-        stats = _WORKER_STATS[os.getpid()] = _WorkerStats(queue)
-    return stats
-

@@ -8,6 +8,7 @@ is patched on any class, and :meth:`TrainerGuard.remove` restores every object e
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from ._safety import safe_warn
 # Trainer versions without these private methods.
 LOOP_METHODS = ("_evaluate", "_run_epoch", "_finalize_training")
 FINAL_METHOD = "_finalize_training"
+EVALUATION_METHOD = "_evaluate"  # the training loop's evaluation (``eval_strategy``)
 FALLBACK_METHODS = ("training_step",)
 _MISSING = object()
 
@@ -51,17 +53,23 @@ class TrainerGuard:
       very call that opened the run: wrapped once, each wrapper restores the original when called).
 
     ``on_finalized`` is called when ``_finalize_training`` returns normally (the run may still be
-    open then if our callback was removed from the trainer mid-run).
+    open then if our callback was removed from the trainer mid-run); ``on_evaluation(True)`` when the
+    training loop's evaluation starts and ``on_evaluation(False)`` when it ends, however it ends.
+
+    A ``copy.deepcopy`` of the trainer (or of its callback handler) gets the plain methods, not the
+    wrappers: the copy behaves as the trainer would without seo_trainlog.
     """
 
     def __init__(self, trainer: Any, report: Reporter, later_callbacks: Iterable[Any] = (),
-                 on_finalized: Callable[[], None] | None = None) -> None:
+                 on_finalized: Callable[[], None] | None = None,
+                 on_evaluation: Callable[[bool], None] | None = None) -> None:
         self._saved: list[tuple[Any, str, Any]] = []
         names = [name for name in LOOP_METHODS if callable(getattr(type(trainer), name, None))]
         if not names:
             names = [name for name in FALLBACK_METHODS if callable(getattr(trainer, name, None))]
         for name in names:
-            self._wrap(trainer, name, report, on_finalized if name == FINAL_METHOD else None)
+            self._wrap(trainer, name, report, on_finalized if name == FINAL_METHOD else None,
+                       around=on_evaluation if name == EVALUATION_METHOD else None)
         handler = getattr(trainer, "callback_handler", None)
         if callable(getattr(handler, "call_event", None)):
             self._wrap(handler, "call_event", report)
@@ -69,29 +77,12 @@ class TrainerGuard:
             self._wrap(callback, "on_train_begin", report, once=True)
 
     def _wrap(self, owner: Any, name: str, report: Reporter, on_return: Callable[[], None] | None = None,
-              once: bool = False) -> None:
+              once: bool = False, around: Callable[[bool], None] | None = None) -> None:
         try:
             previous = vars(owner).get(name, _MISSING)
         except TypeError:  # no __dict__ (slots): cannot be wrapped on the instance
             return
-        method = getattr(owner, name)
-        restore = functools.partial(_restore, owner, name, previous)
-
-        @functools.wraps(method)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            if once:
-                restore()
-            try:
-                result = method(*args, **kwargs)
-            except BaseException as exc:
-                _report(report, exc)
-                raise
-            if on_return is not None:
-                on_return()
-            return result
-
-        guarded._seo_trainlog_guard = True  # type: ignore[attr-defined]
-        vars(owner)[name] = guarded
+        vars(owner)[name] = _Guarded(owner, name, previous, getattr(owner, name), report, on_return, once, around)
         self._saved.append((owner, name, previous))
 
     def remove(self) -> None:
@@ -99,6 +90,54 @@ class TrainerGuard:
             if getattr(vars(owner).get(name), "_seo_trainlog_guard", False):
                 _restore(owner, name, previous)
         self._saved.clear()
+
+
+class _Guarded:
+    """The wrapper put on one instance for one method (see :class:`TrainerGuard`)."""
+
+    _seo_trainlog_guard = True
+
+    def __init__(self, owner: Any, name: str, previous: Any, method: Callable[..., Any], report: Reporter,
+                 on_return: Callable[[], None] | None, once: bool, around: Callable[[bool], None] | None) -> None:
+        self._owner, self._name, self._previous, self._method = owner, name, previous, method
+        self._report, self._on_return, self._once, self._around = report, on_return, once, around
+        functools.update_wrapper(self, method)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._once:
+            _restore(self._owner, self._name, self._previous)
+        if self._around is not None:
+            _call_quietly(self._around, True)
+        try:
+            result = self._method(*args, **kwargs)
+        except BaseException as exc:
+            _report(self._report, exc)
+            raise
+        finally:
+            if self._around is not None:
+                _call_quietly(self._around, False)
+        if self._on_return is not None:
+            self._on_return()
+        return result
+
+    def __copy__(self) -> Any:
+        return self  # a shallow copy of the owner shares its attributes, as it would ours
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """In a deep copy of the owner: the method as it was before us, bound to the copy."""
+        if self._previous is not _MISSING:
+            return copy.deepcopy(self._previous, memo)
+        new_owner = memo.get(id(self._owner))
+        if new_owner is None:
+            return copy.deepcopy(self._method, memo)
+        return getattr(type(new_owner), self._name).__get__(new_owner, type(new_owner))
+
+
+def _call_quietly(hook: Callable[[bool], None], value: bool) -> None:
+    try:
+        hook(value)
+    except Exception as exc:
+        safe_warn(f"seo_trainlog evaluation hook failed: {type(exc).__name__}: {exc}")
 
 
 def _restore(owner: Any, name: str, previous: Any) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 import threading
@@ -20,18 +21,23 @@ from ._config import LogConfig
 from ._rank import agree_on_run_id, process_role
 from ._safety import mark_logged, never_raises, safe_warn, was_logged
 from ._secrets import REDACTOR, mask_mapping
-from ._sinks import SINK_FAILURES, RunSinks, claim_stamp, logger, open_sinks, prepare_log_dir
+from ._manifest import RunManifest, manifest_path
+from ._sinks import SINK_FAILURES, RunSinks, claim_stamp, file_path, logger, open_sinks, prepare_log_dir
 
 SCHEMA_VERSION = 1  # of the JSON metrics lines; readers refuse files of a newer schema
 _OPEN: list[TrainLogger] = []
+_KEYS = itertools.count(1)
 _OWN_WRAPPERS = (_guard.__file__,)
 
-def innermost_open_logger(joinable_only: bool = True) -> TrainLogger | None:
-    """The most recently opened, still open (and joinable) :class:`TrainLogger` of this process."""
-    for tlog in reversed(_OPEN):
-        if tlog.joinable or not joinable_only:
+def innermost_open_logger(joinable_only: bool = True, this_thread: bool = False) -> TrainLogger | None:
+    """The most recently opened, still open (and joinable) :class:`TrainLogger` of this process:
+    one opened in the calling thread first; with ``this_thread`` only such a one."""
+    candidates = [tlog for tlog in reversed(_OPEN) if tlog.joinable or not joinable_only]
+    ident = get_ident()
+    for tlog in candidates:
+        if tlog.thread == ident:
             return tlog
-    return None
+    return None if this_thread or not candidates else candidates[0]
 
 
 class TrainLogger:
@@ -81,6 +87,8 @@ class TrainLogger:
     Args:
         config: the settings; ``None`` reads :meth:`LogConfig.from_env`.
         run_id: append to the files of this existing run stamp instead of starting a new run.
+        resume: with ``run_id``: the run is continued (``train(resume_from_checkpoint=...)``); in a
+            directory without its files it starts them with a ``run_start`` record (``resumed: true``).
         joinable: while this logger is open, a :class:`~seo_trainlog.TrainLogCallback` without an
             explicit config (or with an equal one) writes into this run instead of opening its own.
 
@@ -94,11 +102,13 @@ class TrainLogger:
     """
 
     def __init__(self, config: LogConfig | None = None, *, run_id: str | None = None,
-                 joinable: bool = True) -> None:
+                 joinable: bool = True, resume: bool = False) -> None:
         if config is not None and not isinstance(config, LogConfig):
             raise TypeError(f"config must be a seo_trainlog.LogConfig or None, got {type(config).__name__}")
         self.config = config if config is not None else LogConfig.from_env()
         self.role = process_role()
+        self.thread = get_ident()  # the thread that opened it (a callback there joins it first)
+        self.key = f"{os.getpid()}-{next(_KEYS)}"  # routes this logger's records to its own files
         self.writes = self.role.is_world_process_zero  # the shared files
         self.joinable = joinable
         self.global_step: int | None = None
@@ -117,17 +127,26 @@ class TrainLogger:
         REDACTOR.add_environment(os.environ)
         self.log_dir = prepare_log_dir(self.config.log_dir)
         self.run_id = run_id or self._agreed_run_id()
-        self._sinks = open_sinks(self.config, self.run_id, self.log_dir, self.role.rank)
+        # a run continued in a directory that has none of its files yet starts them with run_start
+        fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id).exists())
+        self.manifest: RunManifest | None = None
+        if self.writes:
+            self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id), self.run_id, _version())
+        self._manifest_written_s = perf_counter()
+        self._manifest_failed = False
+        self._sinks = open_sinks(self.config, self.run_id, self.log_dir, self.role.rank, key=self.key,
+                                 on_flush=self._write_manifest, on_library_record=self._library_record)
         self.files = dict(self._sinks.files)
         self._identity = self.role.identity()
-        self._log = {category.name: logger.bind(seo_run=self.run_id, seo_cat=category.name,
+        self._log = {category.name: logger.bind(seo_run=self.run_id, seo_key=self.key, seo_cat=category.name,
                                                 seo_label=category.label) for category in CATEGORIES}
-        self._console_log = logger.bind(seo_run=self.run_id, seo_cat="console", seo_label="")
+        self._console_log = logger.bind(seo_run=self.run_id, seo_key=self.key, seo_cat="console", seo_label="")
         _OPEN.append(self)
-        if run_id is None:
+        if fresh:
             self.log_message(f"Run {self.run_id} started: log directory {self.log_dir}")
             self.log_metrics("run_start", {"log_dir": str(self.log_dir), "schema_version": SCHEMA_VERSION,
-                                           "seo_trainlog_version": _version()})
+                                           "seo_trainlog_version": _version(),
+                                           **({"resumed": True} if run_id is not None else {})})
             self._console(f"run {self.run_id} started, logs in {self.log_dir}")
 
     def _agreed_run_id(self) -> str:
@@ -262,7 +281,10 @@ class TrainLogger:
                                      "final_loss": final_loss, "best_loss": best_loss,
                                      "training_duration_s": training_duration,
                                      "early_stopping_triggered": bool(early_stopping_triggered),
+                                     **({"segment": self.manifest.segment} if self.manifest and self.manifest.segment
+                                        else {}),
                                      **{key: value for key, value in extra.items() if key != "Status"}})
+        self._write_manifest(force=True)  # the run's end is in the manifest at once
         self._console(f"training {status}: {_format.fmt_value(total_steps)} steps, "
                       f"{_format.fmt_epoch(total_epochs)} epochs, final loss {_format.fmt_loss(final_loss)}, "
                       f"best loss {_format.fmt_loss(best_loss)}, {_format.fmt_value(training_duration, '.2f')}s")
@@ -321,9 +343,14 @@ class TrainLogger:
             return None
         if self._deferred:
             self._settle()
+        values = self._mapping("values", values)
+        at = time or self._when()
         line = _format.json_line(_format.safe_str(event), self.run_id, self.global_step, self.epoch,
-                                 {**self._identity, **self._mapping("values", values)}, time or self._when())
+                                 {**self._identity, **values}, at)
         self._log["metrics"].info(line)
+        if self.manifest is not None:
+            self.manifest.note(event, values, self.global_step, at)
+            self._manifest_due()
         return line
 
     def log_message(self, message: str, level: str = "INFO", category: str = "general") -> None:
@@ -354,6 +381,53 @@ class TrainLogger:
         if _format.is_finite_number(epoch):
             self.epoch = _format.to_number(epoch)
 
+    def start_segment(self, start_global_step: int, resumed_from_checkpoint: str | None = None) -> int:
+        """Note that a ``train()`` call begins in this run (the callback calls it at train begin):
+        segment 1 for the first, then a ``segment_start`` record (text and JSON: ``segment``,
+        ``start_global_step``, ``resumed_from_checkpoint``) for each later one, e.g. a resumed run.
+
+        Returns:
+            the segment's number (1, 2, ...; 0 on a rank that does not write the shared files).
+        """
+        if self.manifest is None:
+            return 0
+        if self._deferred:
+            self._settle()
+        number = self.manifest.start_segment(start_global_step, self._when(), resumed_from_checkpoint)
+        if number > 1:
+            source = f" from {resumed_from_checkpoint}" if resumed_from_checkpoint else ""
+            self.log_message(f"Run {self.run_id} continues{source} at global_step {start_global_step} "
+                             f"(segment {number})")
+            self.log_metrics("segment_start", {"segment": number, "start_global_step": start_global_step,
+                                               "resumed_from_checkpoint": resumed_from_checkpoint})
+        self._write_manifest(force=True)
+        return number
+
+    def _manifest_due(self) -> None:
+        """Without a flusher thread (``flush_interval_s == 0``) the manifest is written from here, at
+        most once a second."""
+        if self._sinks.flusher is None and perf_counter() - self._manifest_written_s >= 1.0:
+            self._write_manifest()
+
+    def _write_manifest(self, force: bool = False) -> None:
+        manifest = self.manifest
+        if manifest is None:
+            return
+        self._manifest_written_s = perf_counter()
+        error = manifest.write(force)
+        if error is not None and not self._manifest_failed:
+            self._manifest_failed = True
+            SINK_FAILURES.add(f"cannot write the run manifest {manifest.path}: {type(error).__name__}: {error}; "
+                              "it is retried at every flush")
+        elif error is None and force:
+            self._manifest_failed = False
+
+    def _library_record(self, label: str, level: str, message: str) -> None:
+        """A WARNING+ record of transformers/datasets/accelerate (the stdlib bridge): a line in the
+        error logs and a JSON ``warning`` event with its ``source``."""
+        self._write_text("errors", level, _format.text_block(label, level, [message], self._when()))
+        self.log_metrics("warning", {"message": message, "source": label.lower(), "level": level})
+
     def flush(self) -> None:
         """Put every record written so far on disk (the non-error files are otherwise flushed every
         ``config.flush_interval_s`` seconds)."""
@@ -365,6 +439,7 @@ class TrainLogger:
         if self.closed:
             return
         self._settle(force=True)
+        self._write_manifest(force=True)
         self._sinks.flush()  # a file that failed and works again says so in this run's errors
         self._report_sink_failures()
         self.closed = True
@@ -462,6 +537,9 @@ class TrainLogger:
         # the text lines and the JSON line of a logging step travel as one record (the router writes
         # the JSON to the metrics file): one loguru record per logging step instead of two
         self._log["training"].bind(seo_json=line).info(_format.text_block("TRAINING", "INFO", lines, at))
+        if self.manifest is not None:
+            self.manifest.note("train", values, self.global_step, at)
+            self._manifest_due()
         self._report_sink_failures()
         if self.config.console:
             self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))

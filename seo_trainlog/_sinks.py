@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -10,6 +11,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,8 +312,9 @@ class CategoryRouter:
     exception formatter per run (its costliest start-up step) rather than nine.
     """
 
-    def __init__(self, config, run_id: str, log_dir: Path, rank: int) -> None:
+    def __init__(self, config, run_id: str, log_dir: Path, rank: int, key: str | None = None) -> None:
         self.run_id = run_id
+        self.key = key if key is not None else run_id
         self.files: dict[str, Path] = {}
         self._lock = threading.Lock()  # writes (from loguru's handler) against flushes (the flusher thread)
         self._sinks: list[GuardedFileSink | ConsoleSink] = []
@@ -342,7 +345,7 @@ class CategoryRouter:
             self._routes.setdefault(name, []).append((levelno, sink))
 
     def accepts(self, record) -> bool:
-        return record["extra"].get("seo_run") == self.run_id
+        return record["extra"].get("seo_key") == self.key
 
     def write(self, message) -> None:
         record = message.record
@@ -377,8 +380,9 @@ class CategoryRouter:
 class Flusher:
     """A daemon thread that flushes a router's buffered files every ``interval_s`` seconds."""
 
-    def __init__(self, router: CategoryRouter, interval_s: float) -> None:
+    def __init__(self, router: CategoryRouter, interval_s: float, on_flush: Callable[[], None] | None = None) -> None:
         self._router = router
+        self._on_flush = on_flush
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="seo_trainlog-flush", daemon=True)
@@ -387,6 +391,11 @@ class Flusher:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             self._router.flush_buffers()
+            if self._on_flush is not None:
+                try:
+                    self._on_flush()
+                except Exception:  # reported by the callable itself; the flusher must go on
+                    pass
 
     def stop(self) -> None:
         self._stop.set()
@@ -414,6 +423,7 @@ class RunSinks:
             self.flusher = None
         for target, handler in self.bridges:
             target.removeHandler(handler)
+            handler.close()
         self.bridges.clear()
         for handler_id in self.handler_ids:
             try:
@@ -423,22 +433,33 @@ class RunSinks:
         self.handler_ids.clear()
 
 
-def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0) -> RunSinks:
+def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0, *, key: str | None = None,
+               on_flush: Callable[[], None] | None = None,
+               on_library_record: Callable[[str, str, str], None] | None = None) -> RunSinks:
     """Open a file per enabled category (on a rank other than 0 only the ``per_rank`` categories'
     own files, and no console) behind one loguru handler, and add the stdlib bridge.
+
+    Args:
+        key: the records this handler takes (``extra["seo_key"]``): unique to the open run, so that
+            runs open at once in one process never write into each other's files.
+        on_flush: called by the flusher thread after each periodic flush (the run manifest).
+        on_library_record: ``(label, level, message)`` for each library record the bridge takes;
+            None: written to the error logs as a plain record.
 
     Raises:
         OSError: when a file cannot be opened (nothing stays added).
     """
     sinks = RunSinks()
-    router = CategoryRouter(config, run_id, log_dir, rank)
+    key = key if key is not None else run_id
+    router = CategoryRouter(config, run_id, log_dir, rank, key)
     sinks.files, sinks.router = dict(router.files), router
     try:
         if config.flush_interval_s > 0:
-            sinks.flusher = Flusher(router, config.flush_interval_s)
+            sinks.flusher = Flusher(router, config.flush_interval_s, on_flush)
         sinks.handler_ids.append(logger.add(router, level="DEBUG", format="{message}", filter=router.accepts,
                                             colorize=False, backtrace=False, diagnose=False))
-        bridge = StdlibBridge(logger.bind(seo_run=run_id, seo_cat="errors"))
+        run_logger = logger.bind(seo_run=run_id, seo_key=key, seo_cat="errors")
+        bridge = StdlibBridge(on_library_record or functools.partial(_plain_library_record, run_logger))
         for name in BRIDGED_LIBRARIES:
             target = logging.getLogger(name)
             target.addHandler(bridge)
@@ -448,6 +469,14 @@ def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0) -> RunSinks:
         sinks.close()
         raise
     return sinks
+
+
+def _plain_library_record(run_logger, label: str, level: str, message: str) -> None:
+    run_logger.log(level, text_block(label, level, [message]))
+
+
+_BRIDGES: list[StdlibBridge] = []  # of the open runs, to tell which run a library record belongs to
+_BRIDGES_LOCK = threading.Lock()
 
 
 class StdlibBridge(logging.Handler):
@@ -460,15 +489,33 @@ class StdlibBridge(logging.Handler):
     (stderr) as it would without us.
     """
 
-    def __init__(self, run_logger) -> None:
+    def __init__(self, on_record: Callable[[str, str, str], None]) -> None:
         super().__init__(level=logging.WARNING)
-        self._log = run_logger
+        self._on_record = on_record
+        self.thread = threading.get_ident()  # the run's thread (where its Trainer trains)
+        with _BRIDGES_LOCK:
+            _BRIDGES.append(self)
+
+    def close(self) -> None:
+        with _BRIDGES_LOCK:
+            if self in _BRIDGES:
+                _BRIDGES.remove(self)
+        super().close()
+
+    def _takes(self, record: logging.LogRecord) -> bool:
+        """A record made in the thread of an open run belongs to that run only; one made in any other
+        thread goes to every open run."""
+        with _BRIDGES_LOCK:
+            owners = [bridge for bridge in _BRIDGES if bridge.thread == record.thread]
+        return not owners or self in owners
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            if not self._takes(record):
+                return
             level = record.levelname if record.levelname in LEVEL_NO else "WARNING"
             label = record.name.split(".", 1)[0].upper()
-            self._log.log(level, text_block(label, level, [_ANSI_ESCAPE.sub("", record.getMessage())]))
+            self._on_record(label, level, _ANSI_ESCAPE.sub("", record.getMessage()))
             if not self._others_handle(record):
                 last_resort = logging.lastResort
                 if last_resort is not None and record.levelno >= last_resort.level:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 class StepTimer:
     """Wall time of optimizer steps and of the waits between them.
@@ -165,4 +167,41 @@ class CollateStats:
                 "collate_max_ms": 1000.0 * peak, "collate_samples": samples}
 
 
-COLLATE_STATS = CollateStats()
+class CollateSums:
+    """The collate timings of one :class:`~seo_trainlog.TrainLogCallback` (its Trainer's runs), kept
+    apart by phase: batches collated while the Trainer evaluates (``phase == "eval"``, set around
+    its evaluation loop) go to ``eval``, every other batch to ``train``. ``logger`` is the open run's
+    :class:`~seo_trainlog.TrainLogger` (where a collator's error is written), None between runs."""
+
+    __slots__ = ("train", "eval", "phase", "logger", "__weakref__")
+
+    def __init__(self) -> None:
+        self.train = CollateStats()
+        self.eval = CollateStats()
+        self.phase = "train"
+        self.logger = None
+
+    def current(self) -> CollateStats:
+        return self.eval if self.phase == "eval" else self.train
+
+    def add_sums(self, phase: str, sums: tuple[int, float, float, int]) -> None:
+        (self.eval if phase == "eval" else self.train).merge(sums)
+
+    def discard(self) -> None:
+        """Forget every sum (the calls before a run are not the run's)."""
+        self.train.drain()
+        self.eval.drain()
+
+
+_THREAD = threading.local()
+
+
+def bind_thread(sums: CollateSums | None) -> None:
+    """Collations in this thread (the Trainer's training loop, ``dataloader_num_workers=0``) belong
+    to ``sums`` from now on (None: to no run)."""
+    _THREAD.sums = sums
+
+
+def thread_sums() -> CollateSums | None:
+    """The :class:`CollateSums` of the run training in this thread, if any."""
+    return getattr(_THREAD, "sums", None)

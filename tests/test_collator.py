@@ -7,7 +7,7 @@ import torch
 from transformers import DataCollatorWithPadding, default_data_collator
 
 from seo_trainlog import TimedDataCollator
-from seo_trainlog._timing import COLLATE_STATS
+from seo_trainlog._timing import CollateSums
 
 
 def stack_lengths(features):
@@ -25,14 +25,17 @@ def test_returns_exactly_what_the_wrapped_collator_returns(make_collator, tokeni
     if inner is default_data_collator:  # needs equal lengths
         features = [{"input_ids": f["input_ids"][:2], "labels": f["labels"]} for f in features]
     sentinel = object()
-    COLLATE_STATS.drain()
+    sums = CollateSums()
 
     expected = inner(features)
-    got = TimedDataCollator(inner)(features)
+    timed = TimedDataCollator(inner)
+    timed.attach(sums)
+    got = timed(features)
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key])
-    stats = COLLATE_STATS.drain()
+    assert sums.eval.drain() == {}
+    stats = sums.train.drain()
     assert stats["collate_calls"] == 1 and stats["collate_samples"] == 4
     assert 0 < stats["collate_time_s"] < 5 and stats["collate_max_ms"] == stats["collate_mean_ms"]
 

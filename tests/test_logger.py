@@ -95,7 +95,9 @@ def test_all_files_of_a_run_share_one_stamp_and_runs_never_share_files(log_dir):
     second.close()
     assert first.run_id != second.run_id
     stamps = {}
-    for path in log_dir.iterdir():
+    manifests = sorted(path.name for path in log_dir.glob("run_manifest_*.json"))
+    assert manifests == sorted(f"run_manifest_{run.run_id}.json" for run in (first, second))
+    for path in log_dir.glob("*.log"):
         stamps.setdefault(STAMP.match(path.name).group(1), []).append(path.name.split("_2")[0])
     assert sorted(stamps) == sorted([first.run_id, second.run_id])
     for files in stamps.values():
@@ -221,7 +223,7 @@ def test_rotation_keeps_each_category_to_its_own_files(log_dir):
     assert all(name in names for name in (f"{p}_{other_run.run_id}.log" for p in ("errors", "error_tracking")))
     by_prefix = {}
     for name in names:
-        if tlog.run_id in name:
+        if tlog.run_id in name and name.endswith(".log"):
             prefix = name.split(f"_{tlog.run_id}")[0]
             by_prefix.setdefault(prefix, []).append(name)
     for prefix, files in by_prefix.items():
@@ -236,6 +238,17 @@ def test_rotation_keeps_each_category_to_its_own_files(log_dir):
             assert lines and all(LINE.match(line).group(2) == label for line in lines)
     for name in by_prefix["performance_metrics"]:
         assert all(json.loads(line)["run_id"] == tlog.run_id for line in (log_dir / name).read_text().splitlines())
+    # retention deleted the run's first records; its manifest, outside rotation, still has the facts
+    remaining = [json.loads(line) for name in by_prefix["performance_metrics"]
+                 for line in (log_dir / name).read_text().splitlines()]
+    assert "run_start" not in {row["event"] for row in remaining}
+    manifest = json.loads((log_dir / f"run_manifest_{tlog.run_id}.json").read_text())
+    assert manifest["run_id"] == tlog.run_id and manifest["started"] is not None
+    assert manifest["train"] == {"records": 400, "first_global_step": 1, "last_global_step": 400,
+                                 "first_time": manifest["train"]["first_time"],
+                                 "last_time": manifest["train"]["last_time"], "final_loss": 1.0 / 400,
+                                 "best_loss": 1.0 / 400, "best_loss_step": 400}
+    assert manifest["counts"] == {"error": 200, "warning": 0, "anomaly": 0}
 
 
 def test_from_env_reads_every_variable():

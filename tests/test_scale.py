@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import itertools
 import os
 import shutil
@@ -252,7 +253,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_continues_the_step_count(make_trainer, log_dir, tmp_path):
+def test_resume_continues_the_same_run(make_trainer, log_dir, tmp_path):
     output = tmp_path / "resume"
     first = make_trainer(max_steps=30, save_strategy="steps", save_steps=10, output_dir=str(output),
                          callbacks=[StopAt(20)])
@@ -261,21 +262,35 @@ def test_resume_continues_the_step_count(make_trainer, log_dir, tmp_path):
     first_run = RunFiles(log_dir)
     snapshot = {p.name: p.read_bytes() for p in log_dir.glob("*.log")}
     assert progress_steps(first_run) == list(range(1, 21))
+    # the checkpoint carries the run id (TrainLogCallback is an ExportableState)
+    saved = json.loads((output / "checkpoint-20" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["TrainLogCallback"]["attributes"] == {"run_id": first_run.run_id}
 
     second = make_trainer(max_steps=30, save_strategy="steps", save_steps=10, output_dir=str(output))
-    second.add_callback(TrainLogCallback(quiet(log_dir)))
+    second.add_callback(TrainLogCallback(quiet(log_dir)))  # a new callback, as in a new process
     second.train(resume_from_checkpoint=str(output / "checkpoint-20"))
-    stamps = sorted(p.name[len("seo_engine_"):-4] for p in log_dir.glob("seo_engine_*.log"))
-    resumed = RunFiles(log_dir, stamps[-1])
-    assert resumed.run_id != first_run.run_id
-    assert progress_steps(resumed) == list(range(21, 31))
+    assert sorted(p.name for p in log_dir.glob("seo_engine_*.log")) == [f"seo_engine_{first_run.run_id}.log"]
+    run = RunFiles(log_dir, first_run.run_id)
+    assert progress_steps(run) == list(range(1, 31))
+    assert (f"Run {run.run_id} continues from {output / 'checkpoint-20'} at global_step 20 (segment 2)"
+            in run.messages("seo_engine"))
     assert "Training started: max_steps=30, num_train_epochs=4, world_size=1, resuming at global_step 20" in \
-        resumed.messages("seo_engine")
-    train = resumed.records("train")
-    assert [row["steps"] for row in train] == [1] * 10  # throughput from the resumed steps only
-    assert all(row["samples_per_second"] > 0 for row in train)
-    for name, content in snapshot.items():  # nothing of the first run truncated or rewritten
+        run.messages("seo_engine")
+    assert [row["event"] for row in run.records() if row["event"] in ("run_start", "segment_start")] == \
+        ["run_start", "segment_start"]
+    segment_start = run.records("segment_start")[0]
+    assert (segment_start["segment"], segment_start["start_global_step"]) == (2, 20)
+    assert [(row["segment"], row["status"], row["total_steps"]) for row in run.records("summary")] == \
+        [(1, "completed", 20), (2, "completed", 30)]
+    train = run.records("train")
+    assert [row["global_step"] for row in train] == list(range(1, 31))
+    assert [row["steps"] for row in train[20:]] == [1] * 10  # throughput from the resumed steps only
+    for name, content in snapshot.items():  # nothing of the first segment truncated or rewritten
         assert (log_dir / name).read_bytes()[: len(content)] == content
+    manifest = json.loads((log_dir / f"run_manifest_{run.run_id}.json").read_text())
+    assert [(s["segment"], s["start_global_step"], s["end_global_step"], s["status"]) for s in manifest["segments"]] \
+        == [(1, 0, 20, "completed"), (2, 20, 30, "completed")]
+    assert manifest["status"] == "completed" and manifest["train"]["records"] == 30
 
 
 def test_gradient_accumulation_counts_optimizer_steps(make_trainer, log_dir, tiny_dataset, tokenizer):
