@@ -5,6 +5,8 @@
     python sigterm_child.py LOG_DIR ignore           # SIGTERM was set to SIG_IGN: training goes on
     python sigterm_child.py LOG_DIR busy             # SIGTERM from a timer while records are being written
     python sigterm_child.py LOG_DIR fork             # a callback forks a child that exits normally
+    python sigterm_child.py LOG_DIR preempt          # checkpoints every 3 steps, SIGTERM right after checkpoint-3
+    python sigterm_child.py LOG_DIR resume           # resumes from checkpoint-3 and finishes (max_steps 8)
 """
 
 import os
@@ -39,6 +41,12 @@ class SendSigterm(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class Preempt(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Busy(TrainerCallback):
     """Thousands of records per step, and SIGTERM from a timer: it lands inside a write sooner or later."""
 
@@ -63,12 +71,13 @@ class Fork(TrainerCallback):
 
 tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])})
 data = Dataset.from_dict({**tokenizer([" ".join(WORDS[i:i + 3]) for i in range(32)]), "labels": [i % 4 for i in range(32)]})
-extra = {"busy": [Busy()], "fork": [Fork()]}.get(mode, [SendSigterm()])
+extra = {"busy": [Busy()], "fork": [Fork()], "preempt": [Preempt()], "resume": []}.get(mode, [SendSigterm()])
+saving = {"save_strategy": "steps", "save_steps": 3} if mode in ("preempt", "resume") else {"save_strategy": "no"}
 trainer = Trainer(model=tiny_model(), train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),
                   args=TrainingArguments(output_dir=os.path.join(log_dir, "out"), max_steps=8 if mode != "busy" else 10_000,
                                          logging_steps=1, per_device_train_batch_size=4, report_to="none",
-                                         use_cpu=True, save_strategy="no", disable_tqdm=True),
+                                         use_cpu=True, disable_tqdm=True, **saving),
                   callbacks=extra)
 trainer.add_callback(TrainLogCallback(quiet(log_dir)))
-trainer.train()
+trainer.train(resume_from_checkpoint=os.path.join(log_dir, "out", "checkpoint-3") if mode == "resume" else None)
 print("training finished without termination")

@@ -1,0 +1,261 @@
+"""A run is one identity and owns its state: runs open at once in one process, collate timings,
+evaluation batches, persistent workers, copies of a Trainer, resume after preemption."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import RunFiles, json_rows, quiet, tiny_model
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
+
+from seo_trainlog import TimedDataCollator, TrainLogCallback, TrainLogger
+from seo_trainlog import _sinks
+
+HERE = Path(__file__).resolve().parent
+FIXED_STAMP = "20260101_000000"
+
+
+@pytest.fixture
+def same_second(monkeypatch):
+    """Every run claims its stamp in the same second (the case where stamps collide across dirs)."""
+    real = time.strftime
+
+    def strftime(fmt, *args):
+        return FIXED_STAMP if fmt == "%Y%m%d_%H%M%S" and not args else real(fmt, *args)
+
+    monkeypatch.setattr(_sinks.time, "strftime", strftime)
+
+
+class Meet(TrainerCallback):
+    """Holds each trainer at step 1 until every run is open, then emits a library warning naming its run."""
+
+    def __init__(self, barrier: threading.Barrier, name: str):
+        self.barrier, self.name = barrier, name
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.barrier.wait(timeout=60)
+        if state.global_step == 2:
+            logging.getLogger("transformers.trainer").warning("library warning from run %s", self.name)
+
+
+def train_in_threads(*jobs):
+    """Run each ``job()`` in its own thread; return the exceptions they raised (None for success)."""
+    errors = [None] * len(jobs)
+
+    def run(index, job):
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return errors
+
+
+def collate_totals(run: RunFiles) -> tuple[int, int]:
+    """Calls and samples of every training-phase collate record of a run (train records plus the
+    'after the last logging step' data record)."""
+    rows = run.records("train") + [row for row in run.records("data") if row.get("operation") == "collate"]
+    return (sum(row.get("collate_calls", 0) for row in rows), sum(row.get("collate_samples", 0) for row in rows))
+
+
+def test_two_trainers_training_in_two_threads_write_only_their_own_files(
+        make_trainer, tmp_path, tokenizer, same_second):
+    barrier = threading.Barrier(2)
+    setups = {"a": (8, 8), "b": (4, 16)}  # batch size, max_steps: one epoch of the 64 rows each
+    trainers = {}
+    for name, (batch, steps) in setups.items():
+        trainer = make_trainer(per_device_train_batch_size=batch, max_steps=steps, output_dir=str(tmp_path / name),
+                               data_collator=TimedDataCollator(DataCollatorWithPadding(tokenizer)),
+                               callbacks=[Meet(barrier, name)])
+        trainer.add_callback(TrainLogCallback(quiet(tmp_path / f"logs_{name}")))
+        trainers[name] = trainer
+    assert train_in_threads(*(trainer.train for trainer in trainers.values())) == [None, None]
+
+    for name, (batch, steps) in setups.items():
+        run = RunFiles(tmp_path / f"logs_{name}")
+        assert run.run_id == FIXED_STAMP  # the same stamp in both directories...
+        rows = json_rows(tmp_path / f"logs_{name}")
+        # ...and still each directory holds exactly its own run
+        assert [row["event"] for row in rows].count("run_start") == 1
+        assert [row["global_step"] for row in rows if row["event"] == "train"] == list(range(1, steps + 1))
+        assert [row["status"] for row in rows if row["event"] == "summary"] == ["completed"]
+        assert collate_totals(run) == (steps, steps * batch)  # its own collator's calls, its own batch size
+        warnings_ = [row["message"] for row in rows if row["event"] == "warning"]
+        assert warnings_ == [f"library warning from run {name}"]
+        assert [row["source"] for row in rows if row["event"] == "warning"] == ["transformers"]
+        assert f"TRANSFORMERS - WARNING - library warning from run {name}" in "\n".join(run.lines("errors"))
+
+
+def test_a_trainlogger_on_one_dir_while_a_callback_with_its_own_config_trains_on_another(
+        make_trainer, tmp_path, same_second):
+    outer_dir, inner_dir = tmp_path / "outer", tmp_path / "inner"
+    with TrainLogger(quiet(outer_dir)) as outer:
+        outer.log_message("the user's own run")
+        trainer = make_trainer(max_steps=5)
+        trainer.add_callback(TrainLogCallback(quiet(inner_dir)))
+        trainer.train()
+        outer.log_message("still the user's own run")
+    assert outer.run_id == FIXED_STAMP and RunFiles(inner_dir).run_id == FIXED_STAMP
+    outer_rows = json_rows(outer_dir)
+    assert [row["event"] for row in outer_rows] == ["run_start"]
+    assert RunFiles(outer_dir).messages("seo_engine")[1:] == ["the user's own run", "still the user's own run"]
+    inner_rows = json_rows(inner_dir)
+    assert [row["event"] for row in inner_rows].count("run_start") == 1
+    assert [row["global_step"] for row in inner_rows if row["event"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_a_collator_error_in_one_thread_is_an_error_of_that_threads_run_only(
+        make_trainer, tmp_path, tokenizer, same_second):
+    barrier = threading.Barrier(2)
+    pad = DataCollatorWithPadding(tokenizer)
+    calls = {"n": 0}
+
+    def failing(features):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ValueError("broken batch in run a")
+        return pad(features)
+
+    trainer_a = make_trainer(max_steps=8, output_dir=str(tmp_path / "a"), data_collator=TimedDataCollator(failing),
+                             callbacks=[Meet(barrier, "a")])
+    trainer_a.add_callback(TrainLogCallback(quiet(tmp_path / "logs_a")))
+    trainer_b = make_trainer(max_steps=8, output_dir=str(tmp_path / "b"), callbacks=[Meet(barrier, "b")],
+                             data_collator=TimedDataCollator(pad))
+    trainer_b.add_callback(TrainLogCallback(quiet(tmp_path / "logs_b")))
+    errors = train_in_threads(trainer_a.train, trainer_b.train)
+    assert isinstance(errors[0], ValueError) and errors[1] is None
+
+    run_a, run_b = RunFiles(tmp_path / "logs_a"), RunFiles(tmp_path / "logs_b")
+    assert [m for m in run_a.messages("errors") if m.startswith("Error in collate")] == \
+        ["Error in collate: ValueError: broken batch in run a"]
+    assert "broken batch" not in "\n".join(run_b.lines("errors") + run_b.lines("error_tracking"))
+    assert [row["status"] for row in run_a.records("summary")] == ["failed"]
+    assert [row["status"] for row in run_b.records("summary")] == ["completed"]
+
+
+def eval_setup(make_trainer, tokenizer, tiny_dataset, **overrides):
+    values = dict(max_steps=8, logging_steps=4, eval_strategy="steps", eval_steps=4, per_device_eval_batch_size=16,
+                  eval_dataset=tiny_dataset.select(range(48)),
+                  data_collator=TimedDataCollator(DataCollatorWithPadding(tokenizer)))
+    values.update(overrides)
+    return make_trainer(**values)
+
+
+def test_evaluation_batches_are_counted_in_the_evaluation_record_only(make_trainer, log_dir, tokenizer, tiny_dataset):
+    trainer = eval_setup(make_trainer, tokenizer, tiny_dataset)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
+    trainer.train()
+    run = RunFiles(log_dir)
+    evals = run.records("eval")
+    assert [(row["global_step"], row["collate_calls"], row["collate_samples"]) for row in evals] == \
+        [(4, 3, 48), (8, 3, 48)]  # 3 batches of 16 rows each time
+    assert collate_totals(run) == (8, 64)  # the 8 training batches of 8, none lost, none from evaluation
+    hyper = run.records("hyperparameters")[0]["hyperparameters"]
+    assert hyper["data"] == {"train_examples": 64, "eval_examples": 48}
+
+
+def test_persistent_workers_count_every_batch_once_over_two_train_calls(make_trainer, log_dir, tokenizer,
+                                                                         tiny_dataset):
+    trainer = eval_setup(make_trainer, tokenizer, tiny_dataset, dataloader_num_workers=2,
+                         dataloader_persistent_workers=True)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
+    trainer.train()
+    trainer.train()
+    runs = sorted({row["run_id"] for row in json_rows(log_dir)})
+    assert len(runs) == 2
+    for run_id in runs:
+        run = RunFiles(log_dir, run_id)
+        assert collate_totals(run) == (8, 64)
+        assert [(row["collate_calls"], row["collate_samples"]) for row in run.records("eval")] == [(3, 48), (3, 48)]
+
+
+def test_copies_of_a_trainer_mid_run_behave_as_without_the_package(make_trainer, log_dir, tiny_dataset):
+    copies = {}
+
+    class Copier(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                copies["shallow"] = copy.copy(trainer)
+                copies["deep"] = copy.deepcopy(trainer)
+
+    trainer = make_trainer(max_steps=4, callbacks=[Copier()])
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
+    trainer.train()
+    deep = copies["deep"]
+    # the copy has the plain methods, bound to itself, and a callback with no open run
+    for owner, name in ((deep, "_evaluate"), (deep, "_run_epoch"), (deep.callback_handler, "call_event")):
+        method = getattr(owner, name)
+        assert not getattr(method, "_seo_trainlog_guard", False) and method.__self__ is owner
+    [copied] = [cb for cb in deep.callback_handler.callbacks if isinstance(cb, TrainLogCallback)]
+    assert copied._run is None and copied.config == quiet(log_dir)
+    # the original run is whole and its guards are gone
+    run = RunFiles(log_dir)
+    assert [row["global_step"] for row in run.records("train")] == [1, 2, 3, 4]
+    assert "_evaluate" not in vars(trainer) and "call_event" not in vars(trainer.callback_handler)
+    metrics = deep.evaluate(eval_dataset=tiny_dataset.select(range(16)))
+    assert "eval_loss" in metrics
+
+
+def test_a_setfit_style_loss_key_is_training_progress(make_trainer, log_dir):
+    class EmbeddingLossTrainer(Trainer):
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs:
+                logs = {("embedding_loss" if key == "loss" else key): value for key, value in logs.items()}
+            return super().log(logs, *args, **kwargs)
+
+    trainer = make_trainer(max_steps=3)
+    trainer.__class__ = EmbeddingLossTrainer
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
+    trainer.train()
+    run = RunFiles(log_dir)
+    train = run.records("train")
+    assert [row["global_step"] for row in train] == [1, 2, 3]
+    assert all(isinstance(row["loss"], float) and row["loss_name"] == "embedding_loss" for row in train)
+    assert len([m for m in run.messages("training_progress") if m.startswith("Epoch ") and "Loss=" in m]) == 3
+    assert not run.records("log")
+
+
+def test_an_epoch_cut_short_by_max_steps_is_logged_as_partial(make_trainer, log_dir):
+    trainer = make_trainer(max_steps=3)  # 8 batches of 8 per epoch: stops at 0.375 epochs
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
+    trainer.train()
+    run = RunFiles(log_dir)
+    messages = run.messages("model_performance")
+    assert any(m.startswith("epoch_1_partial completed in ") for m in messages)
+    assert not any(m.startswith("epoch_1 completed") for m in messages)
+    [epoch] = [row for row in run.records("model") if row["operation"].startswith("epoch_")]
+    assert (epoch["operation"], epoch["epoch_fraction"]) == ("epoch_1_partial", 0.375)
+
+
+def test_a_run_preempted_by_sigterm_and_resumed_ends_completed(log_dir):
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    preempted = subprocess.run([sys.executable, str(HERE / "sigterm_child.py"), str(log_dir), "preempt"],
+                               capture_output=True, text=True, timeout=300, env=env)
+    assert preempted.returncode == -15, preempted.stderr[-3000:]
+    resumed = subprocess.run([sys.executable, str(HERE / "sigterm_child.py"), str(log_dir), "resume"],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
+    run = RunFiles(log_dir)
+    assert [row["global_step"] for row in run.records("train")] == list(range(1, 9))
+    assert [(row["segment"], row["status"]) for row in run.records("summary")] == \
+        [(1, "terminated"), (2, "completed")]
+    manifest = json.loads((log_dir / f"run_manifest_{run.run_id}.json").read_text())
+    assert manifest["status"] == "completed"
+    assert [(s["status"], s["start_global_step"]) for s in manifest["segments"]] == [("terminated", 0), ("completed", 3)]
