@@ -8,7 +8,8 @@ Public API:
 - :class:`TimedDataCollator` — times any data collator into the data-loading log.
 - :class:`SeoTrainlogTracker` — ``Accelerator(log_with="seo_trainlog")`` for hand-written loops.
 - ``logger`` — the independent loguru logger all records go through (add a sink to receive them;
-  records carry ``extra["seo_run"]``, ``extra["seo_cat"]``, ``extra["seo_label"]``).
+  records carry ``extra["seo_run"]`` (the stamp), ``extra["seo_key"]`` (unique to the open run),
+  ``extra["seo_cat"]``, ``extra["seo_label"]``).
 
 Importing the package does not import torch or transformers (the ``seo-trainlog`` command needs
 neither): the classes that do are imported on first use, and ``report_to="seo_trainlog"`` and
