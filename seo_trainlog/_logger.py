@@ -134,6 +134,7 @@ class TrainLogger:
             self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id), self.run_id, _version())
         self._manifest_written_s = perf_counter()
         self._manifest_failed = False
+        self._started_segment = False  # this logger began the manifest's last segment
         self._sinks = open_sinks(self.config, self.run_id, self.log_dir, self.role.rank, key=self.key,
                                  on_flush=self._write_manifest, on_library_record=self._library_record)
         self.files = dict(self._sinks.files)
@@ -284,6 +285,7 @@ class TrainLogger:
                                      **({"segment": self.manifest.segment} if self.manifest and self.manifest.segment
                                         else {}),
                                      **{key: value for key, value in extra.items() if key != "Status"}})
+        self._started_segment = False  # the segment's end is said
         self._write_manifest(force=True)  # the run's end is in the manifest at once
         self._console(f"training {status}: {_format.fmt_value(total_steps)} steps, "
                       f"{_format.fmt_epoch(total_epochs)} epochs, final loss {_format.fmt_loss(final_loss)}, "
@@ -394,6 +396,7 @@ class TrainLogger:
         if self._deferred:
             self._settle()
         number = self.manifest.start_segment(start_global_step, self._when(), resumed_from_checkpoint)
+        self._started_segment = True
         if number > 1:
             source = f" from {resumed_from_checkpoint}" if resumed_from_checkpoint else ""
             self.log_message(f"Run {self.run_id} continues{source} at global_step {start_global_step} "
@@ -439,6 +442,8 @@ class TrainLogger:
         if self.closed:
             return
         self._settle(force=True)
+        if self.manifest is not None and self._started_segment:
+            self.manifest.end_open_segment("abandoned")  # started here, and no summary said how it ended
         self._write_manifest(force=True)
         self._sinks.flush()  # a file that failed and works again says so in this run's errors
         self._report_sink_failures()

@@ -148,6 +148,15 @@ class RunManifest:
             self._dirty = True
             return len(segments)
 
+    def end_open_segment(self, status: str) -> None:
+        """The logger that started the last segment closes without its summary: say how it ended."""
+        with self._lock:
+            segments = self.data["segments"]
+            if segments and segments[-1].get("status") == "running":
+                segments[-1]["status"] = status
+                self.data["status"] = status
+                self._dirty = True
+
     def write(self, force: bool = False) -> OSError | None:
         """Replace the manifest file with the current facts, when they changed (or ``force``)."""
         with self._lock:

@@ -259,3 +259,22 @@ def test_a_run_preempted_by_sigterm_and_resumed_ends_completed(log_dir):
     manifest = json.loads((log_dir / f"run_manifest_{run.run_id}.json").read_text())
     assert manifest["status"] == "completed"
     assert [(s["status"], s["start_global_step"]) for s in manifest["segments"]] == [("terminated", 0), ("completed", 3)]
+
+
+def test_a_run_continued_in_a_directory_without_its_files_starts_them(tmp_path):
+    with TrainLogger(quiet(tmp_path / "first")) as first:
+        first.start_segment(0)
+    with TrainLogger(quiet(tmp_path / "elsewhere"), run_id=first.run_id, resume=True) as moved:
+        assert moved.start_segment(20, "out/checkpoint-20") == 1
+    with TrainLogger(quiet(tmp_path / "first"), run_id=first.run_id, resume=True) as same:
+        assert same.start_segment(20, "out/checkpoint-20") == 2
+    moved_rows = json_rows(tmp_path / "elsewhere")
+    assert [(row["event"], row.get("resumed")) for row in moved_rows] == [("run_start", True)]
+    rows = json_rows(tmp_path / "first")
+    assert [row["event"] for row in rows] == ["run_start", "segment_start"]
+    assert (rows[1]["segment"], rows[1]["start_global_step"], rows[1]["resumed_from_checkpoint"]) == \
+        (2, 20, "out/checkpoint-20")
+    manifest = json.loads((tmp_path / "first" / f"run_manifest_{first.run_id}.json").read_text())
+    # neither segment wrote a summary: each closed "abandoned"
+    assert [(s["segment"], s["status"]) for s in manifest["segments"]] == [(1, "abandoned"), (2, "abandoned")]
+    assert manifest["status"] == "abandoned"
