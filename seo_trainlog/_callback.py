@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import functools
 import math
 import os
 import re
 import sys
+import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -68,6 +70,7 @@ class _Run:
     alerts: AlertDispatcher | None = None
     retrying: bool = False
     pid: int = field(default_factory=os.getpid)
+    thread: int = field(default_factory=threading.get_ident)  # where its Trainer trains
     step_times: list[tuple[int, float, float]] = field(default_factory=list)  # per-step DEBUG lines to write
 
 
@@ -151,6 +154,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self._last_run: tuple[LogConfig, str] | None = None
         self._failed_events: set[str] = set()
         self._collate = CollateSums()  # the timings of our Trainer's TimedDataCollator
+        self._begin_lock = threading.Lock()
         self._token = uuid.uuid4().hex
         _INSTANCES[self._token] = self
         self.run_id: str | None = None  # the run this callback writes or wrote last (restored on resume)
@@ -174,13 +178,26 @@ class TrainLogCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None,
                        **kwargs):
+        with self._begin_lock:  # two Trainers sharing this instance may begin at once in two threads
+            return self._train_begin(args, state, control, model, train_dataloader, eval_dataloader, **kwargs)
+
+    def _train_begin(self, args, state, control, model, train_dataloader, eval_dataloader, **kwargs):
+        trainer = find_trainer()
         if self._run is not None:
             if self._run.retrying:
                 return self._resume_after_retry(args, state)
             if self._run.state is state:  # the same instance twice in the callback list
                 return None
+            if self._run.thread != threading.get_ident() and self._run.pid == os.getpid() and trainer is not None \
+                    and self in trainer.callback_handler.callbacks:
+                # this instance was given to another Trainer that trains in another thread now: this
+                # Trainer gets a twin of its own (same settings and hooks), so each run keeps its state
+                callbacks = trainer.callback_handler.callbacks
+                twin = copy.copy(self)
+                callbacks[callbacks.index(self)] = twin
+                return twin.on_train_begin(args, state, control, model=model, train_dataloader=train_dataloader,
+                                           eval_dataloader=eval_dataloader, **kwargs)
             self._finish("abandoned")  # the previous train() ended without any event we could see
-        trainer = find_trainer()
         if not self._elected(trainer):
             return None
         tlog, owns = self._open_logger(self._resumed_run_id(state))  # ValueError/OSError: before any step

@@ -278,3 +278,27 @@ def test_a_run_continued_in_a_directory_without_its_files_starts_them(tmp_path):
     # neither segment wrote a summary: each closed "abandoned"
     assert [(s["segment"], s["status"]) for s in manifest["segments"]] == [(1, "abandoned"), (2, "abandoned")]
     assert manifest["status"] == "abandoned"
+
+
+def test_one_callback_given_to_two_trainers_training_at_once_keeps_two_runs(make_trainer, tmp_path, log_dir,
+                                                                             tokenizer):
+    barrier = threading.Barrier(2)
+    shared = TrainLogCallback(quiet(log_dir))
+    trainers = []
+    for name, (batch, steps) in {"a": (8, 8), "b": (4, 16)}.items():
+        trainer = make_trainer(per_device_train_batch_size=batch, max_steps=steps, output_dir=str(tmp_path / name),
+                               data_collator=TimedDataCollator(DataCollatorWithPadding(tokenizer)),
+                               callbacks=[Meet(barrier, name)])
+        trainer.add_callback(shared)
+        trainers.append(trainer)
+    assert train_in_threads(*(trainer.train for trainer in trainers)) == [None, None]
+    rows = json_rows(log_dir)
+    runs = sorted({row["run_id"] for row in rows})
+    assert len(runs) == 2
+    by_steps = {}
+    for run_id in runs:
+        run = RunFiles(log_dir, run_id)
+        steps = [row["global_step"] for row in run.records("train")]
+        assert [row["status"] for row in run.records("summary")] == ["completed"]
+        by_steps[len(steps)] = (steps, collate_totals(run))
+    assert by_steps == {8: (list(range(1, 9)), (8, 64)), 16: (list(range(1, 17)), (16, 64))}
