@@ -1,0 +1,271 @@
+"""``seo-trainlog`` on the inputs real runs leave behind: resumed runs (segments), metrics files deleted
+by retention (with and without the run's manifest), library and anomaly warnings, a bad run among
+good ones, huge or damaged files, and a narrow terminal. Metrics files are written with the
+library's own JSON writer under the names loguru gives them; the manifest in the shape the writer
+keeps it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from html import escape
+from pathlib import Path
+
+import pytest
+from conftest import quiet
+from rich.console import Console
+
+from seo_trainlog import LogConfig, TrainLogger
+from seo_trainlog._format import json_line
+from seo_trainlog._reader import RunFollower, find_runs, read_records
+from seo_trainlog._watch import MAX_ALERTS, SPARK_POINTS, WatchState, render_frame
+from seo_trainlog.cli import main
+
+RUN = "20261130_120000"
+START = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def at(seconds: float) -> str:
+    return (START + timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
+
+
+def lines(rows: list[tuple[str, int | None, dict]], first_second: int = 0, run_id: str = RUN) -> list[str]:
+    """JSON lines of ``rows`` (event, global_step, values), one second apart from ``first_second``."""
+    return [json_line(event, run_id, step, None if step is None else step / 100, values,
+                      time=START + timedelta(seconds=first_second + index)) + "\n"
+            for index, (event, step, values) in enumerate(rows)]
+
+
+def train_row(step: int, loss: float, samples_per_second: float = 100.0) -> tuple[str, int, dict]:
+    return ("train", step, {"loss": loss, "learning_rate": 1e-3, "grad_norm": 1.0, "interval_s": 1.0, "steps": 1,
+                            "samples_per_second": samples_per_second, "data_wait_pct": 10.0, "rss_mb": 800.0})
+
+
+def run_json(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert main(["summarize", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def table_rows(text: str) -> dict[str, str]:
+    """``{label: value}`` of the summary table rich printed, a value wrapped over lines joined again."""
+    rows: dict[str, str] = {}
+    label = None
+    for line in text.splitlines():
+        cells = line.split("│")
+        if len(cells) != 4:
+            continue
+        if cells[1].strip():
+            label = cells[1].strip()
+            rows[label] = cells[2].strip()
+        elif label is not None:
+            rows[label] += " " + cells[2].strip()
+    return rows
+
+
+def summarize_text(capsys, *args: str) -> tuple[str, str]:
+    capsys.readouterr()
+    assert main(["summarize", *args]) == 0
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+# ---------------------------------------------------------------- resumed runs: segments
+
+
+def resumed_run(log_dir: Path) -> Path:
+    """Segment 1: steps 1-25, terminated (preempted); resumed from checkpoint-20: steps 21-40, completed."""
+    rows = [("run_start", None, {"schema_version": 1}),
+            ("hyperparameters", 0, {"hyperparameters": {"run": {"max_steps": 40}}})]
+    rows += [train_row(step, 2.0 - step / 100) for step in range(1, 26)]
+    rows += [("summary", 25, {"segment": 1, "status": "terminated", "training_duration_s": 25.5})]
+    rows += [("segment_start", 20, {"segment": 2, "start_global_step": 20,
+                                    "resumed_from_checkpoint": "out/checkpoint-20"})]
+    rows += [train_row(step, 2.2 - step / 100) for step in range(21, 41)]  # higher after resuming
+    rows += [("summary", 40, {"segment": 2, "status": "completed", "training_duration_s": 20.25})]
+    log_dir.mkdir(parents=True)
+    path = log_dir / f"performance_metrics_{RUN}.log"
+    path.write_text("".join(lines(rows)), encoding="utf-8")
+    return path
+
+
+def test_a_resumed_run_is_one_run_with_its_segments(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    resumed_run(log_dir)
+    out = run_json(capsys, str(log_dir))
+    assert (out["status"], out["global_step"], out["max_steps"]) == ("completed", 40, 40)
+    assert out["training_duration_s"] == 25.5 + 20.25
+    assert out["segments"] == [
+        {"segment": 1, "started": at(0), "start_global_step": 0, "status": "terminated", "training_duration_s": 25.5},
+        {"segment": 2, "started": at(28), "start_global_step": 20, "status": "completed",
+         "training_duration_s": 20.25}]
+    assert (out["best_loss"], out["best_loss_step"]) == (pytest.approx(2.0 - 0.25), 25)  # segment 1's 2.0-25/100
+    assert out["final_loss"] == pytest.approx(2.2 - 0.40)
+    assert out["records_cover"] == {"first_global_step": 1, "last_global_step": 40, "complete": True}
+
+    text, err = summarize_text(capsys, str(log_dir))
+    rows = table_rows(text)
+    assert err == "" and rows["status"] == "completed"
+    assert rows["segment 1"] == "started 2026-11-30 12:00:00 at global_step 0, terminated, 25.5 s"
+    assert rows["segment 2"] == "started 2026-11-30 12:00:28 at global_step 20, completed, 20.2 s"
+    assert rows["duration"] == "45.8 s (2 segments)"
+    listed = run_json(capsys, str(log_dir), "--list")
+    assert [run["run_id"] for run in listed["runs"]] == [RUN]
+
+
+def test_a_run_resumed_and_still_running(tmp_path, capsys):
+    path = resumed_run(tmp_path / "logs")
+    kept = path.read_text().splitlines(keepends=True)[:-10]  # segment 2 has not ended yet
+    path.write_text("".join(kept))
+    out = run_json(capsys, str(tmp_path / "logs"))
+    assert out["status"] == "no_summary" and out["global_step"] == 31
+    assert [(s["segment"], s["status"], s["training_duration_s"]) for s in out["segments"]] == [
+        (1, "terminated", 25.5), (2, "no_summary", None)]
+    assert out["training_duration_s"] == 25.5
+    state = WatchState(RUN, LogConfig())
+    for record in read_records(find_runs(tmp_path / "logs")[0]):
+        state.add(record)
+    assert not state.finished and state.segment == 2  # the first segment's summary did not end the watch
+
+
+# ---------------------------------------------------------------- retention
+
+
+def retained_run(log_dir: Path, manifest: bool) -> list[Path]:
+    """A 60-step run in 4 metrics files as loguru rotates them; the first (run_start, hyperparameters,
+    steps 1-15, when the loss was lowest and throughput half) deleted by retention."""
+    rows = [("run_start", None, {"schema_version": 1}),
+            ("hyperparameters", 0, {"hyperparameters": {"run": {"max_steps": 60}, "optimizer": {"lr": 1e-3}}})]
+    rows += [train_row(step, 0.5 + step / 100, 100.0) for step in range(1, 16)]  # best loss: step 1
+    rows += [("error", 10, {"error_type": "ValueError", "message": "bad batch"})]
+    rows += [train_row(step, 0.5 + step / 100, 200.0) for step in range(16, 61)]
+    rows += [("warning", 50, {"message": "a library warning", "source": "transformers"})]
+    rows += [("summary", 60, {"segment": 1, "status": "completed", "training_duration_s": 61.0,
+                              "data_wait_pct": 99.0})]
+    text = lines(rows)
+    cuts = [0, 18, 33, 48, len(text)]  # the first file: run_start, hyperparameters, steps 1-15, the error
+    names = [f"performance_metrics_{RUN}.2026-11-30_12-00-{second:02d}_000000.log" for second in (17, 32, 47)]
+    names.append(f"performance_metrics_{RUN}.log")
+    log_dir.mkdir(parents=True)
+    paths = []
+    for name, start, end in zip(names, cuts, cuts[1:]):
+        (log_dir / name).write_text("".join(text[start:end]), encoding="utf-8")
+        paths.append(log_dir / name)
+    paths[0].unlink()  # retention
+    if manifest:
+        (log_dir / f"run_manifest_{RUN}.json").write_text(json.dumps({
+            "schema_version": 1, "run_id": RUN, "seo_trainlog_version": "0.1.0", "updated": at(60),
+            "started": at(0), "hyperparameters": {"run": {"max_steps": 60}, "optimizer": {"lr": 1e-3}},
+            "max_steps": 60, "status": "completed",
+            "segments": [{"segment": 1, "started": at(0), "start_global_step": 0, "status": "completed",
+                          "ended": at(64), "end_global_step": 60, "training_duration_s": 61.0}],
+            "train": {"records": 60, "first_global_step": 1, "last_global_step": 58, "first_time": at(2),
+                      "last_time": at(60), "final_loss": 1.08, "best_loss": 0.51, "best_loss_step": 1},
+            "counts": {"error": 1, "warning": 0, "anomaly": 0}, "summary": None}))  # a few seconds behind
+    return paths[1:]
+
+
+COVER_WITH_MANIFEST = (f"records cover global_step 16-60 only: older records were removed by retention "
+                       f"(run_manifest_{RUN}.json gives the run's totals)")
+COVER_WITHOUT_MANIFEST = (f"WARNING: records cover global_step 16-60 only: older records were removed by "
+                          f"retention and there is no run_manifest_{RUN}.json: start time, hyperparameters and "
+                          "best loss may be incomplete")
+
+
+def test_retention_with_a_manifest_gives_the_true_totals(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    retained_run(log_dir, manifest=True)
+    (run,) = find_runs(log_dir)  # the manifest is not a metrics file
+    assert [path.name.split(".")[1] for path in run.paths] == ["2026-11-30_12-00-32_000000",
+                                                               "2026-11-30_12-00-47_000000", "log"]
+    out = run_json(capsys, str(log_dir))
+    assert (out["started"], out["max_steps"], out["global_step"], out["status"]) == (at(0), 60, 60, "completed")
+    assert (out["best_loss"], out["best_loss_step"]) == (0.51, 1)  # from the manifest: its file is gone
+    assert out["final_loss"] == pytest.approx(1.1)  # step 60, later than the manifest's 58
+    assert (out["errors"], out["warnings"]) == (1, 1)  # the error's record is gone, the manifest counted it
+    assert out["training_duration_s"] == 61.0
+    assert out["samples_per_second"] == 200.0  # over the remaining records only, as records_cover says
+    assert out["data_wait_pct"] == 10.0  # computed over them too, not the summary's whole-run 99
+    assert out["records_cover"] == {"first_global_step": 16, "last_global_step": 60, "complete": False}
+    assert out["manifest_used"] is True
+    text, err = summarize_text(capsys, str(log_dir))
+    rows = table_rows(text)
+    assert err == ""
+    assert (rows["records"], rows["steps"], rows["started"]) == (COVER_WITH_MANIFEST, "60 / 60", at(0))
+    assert rows["best loss"] == "0.51 at step 1" and rows["errors / warnings"] == "1 error, 1 warning"
+
+    report = tmp_path / "r.html"
+    assert main(["report", str(log_dir), "-o", str(report)]) == 0
+    html = report.read_text()
+    assert escape(COVER_WITH_MANIFEST) in html and "<td>optimizer.lr</td>" in html
+
+
+def test_retention_without_a_manifest_is_never_silently_wrong(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    retained_run(log_dir, manifest=False)
+    out = run_json(capsys, str(log_dir))
+    assert out["records_cover"] == {"first_global_step": 16, "last_global_step": 60, "complete": False}
+    assert out["manifest_used"] is False
+    assert out["started"] == at(18) and out["max_steps"] is None  # what the records say, flagged below
+    text, err = summarize_text(capsys, str(log_dir))
+    assert table_rows(text)["records"] == COVER_WITHOUT_MANIFEST
+    assert err == (f"seo-trainlog: warning: run {RUN}: its oldest metrics files were deleted by retention (the "
+                   f"oldest left, performance_metrics_{RUN}.2026-11-30_12-00-32_000000.log, does not begin with "
+                   f"run_start) and there is no run_manifest_{RUN}.json: start time, hyperparameters and best "
+                   "loss may be incomplete\n")
+    assert main(["summarize", str(log_dir), "--list"]) == 0
+    assert f"{RUN} completed*" in capsys.readouterr().out
+
+
+def test_watch_shows_the_coverage_line(tmp_path):
+    from seo_trainlog._reader import read_manifest
+
+    for manifest, expected in ((True, COVER_WITH_MANIFEST), (False, COVER_WITHOUT_MANIFEST)):
+        log_dir = tmp_path / str(manifest)
+        retained_run(log_dir, manifest)
+        (run,) = find_runs(log_dir)
+        state = WatchState(RUN, LogConfig(), manifest=read_manifest(run), rotated=len(run.paths) > 1)
+        follower = RunFollower(run)
+        for record in follower.poll():
+            state.add(record)
+        follower.close()
+        console = Console(file=io.StringIO(), width=100)
+        console.print(render_frame(state))
+        frame = console.file.getvalue()
+        assert " ".join(expected.split()) in " ".join(frame.replace("│", " ").split())
+        assert ("global_step 60 / 60" in frame) is manifest  # max_steps from the manifest
+
+
+def test_a_complete_rotated_run_has_no_coverage_line(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    retained_run(log_dir, manifest=False)
+    first = log_dir / f"performance_metrics_{RUN}.2026-11-30_12-00-17_000000.log"
+    first.write_text("".join(lines([("run_start", None, {"schema_version": 1})])))
+    out = run_json(capsys, str(log_dir))
+    assert out["records_cover"]["complete"] is True and out["started"] == at(0)
+    text, err = summarize_text(capsys, str(log_dir))
+    assert "records cover" not in text and err == ""
+
+
+def test_real_retention_is_reported_not_hidden(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    with TrainLogger(quiet(log_dir, rotation="2 KB", retention=2)) as tlog:
+        tlog.log_hyperparameters({"run": {"max_steps": 200}})
+        for step in range(1, 201):
+            tlog.log_training_progress(step / 100, step, 1.0 / step, 1e-4)
+    for manifest in log_dir.glob("run_manifest_*.json"):
+        manifest.unlink()  # the behaviour without one (a writer that keeps one is tested with it)
+    (run,) = find_runs(log_dir)
+    assert len(run.paths) == 3  # the active file and the 2 rotated files retention keeps
+    out = run_json(capsys, str(log_dir))
+    cover = out["records_cover"]
+    assert cover["complete"] is False and 1 < cover["first_global_step"] < cover["last_global_step"] == 200
+    text, err = summarize_text(capsys, str(log_dir))
+    assert table_rows(text)["records"].startswith(f"WARNING: records cover global_step {cover['first_global_step']}"
+                                                  "-200 only: older records were removed by retention")
+    assert "start time, hyperparameters and best loss may be incomplete" in err
