@@ -269,3 +269,33 @@ def test_real_retention_is_reported_not_hidden(tmp_path, capsys):
     assert table_rows(text)["records"].startswith(f"WARNING: records cover global_step {cover['first_global_step']}"
                                                   "-200 only: older records were removed by retention")
     assert "start time, hyperparameters and best loss may be incomplete" in err
+
+
+# ---------------------------------------------------------------- warnings counted, in plain English
+
+
+def test_library_and_anomaly_warnings_are_counted(tmp_path, capsys):
+    rows = [("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0) for step in range(1, 8)]
+    rows += [("warning", 3, {"message": "Some weights of the model were not initialized", "source": "transformers"}),
+             ("warning", 5, {"message": "Non-finite loss at global_step 5: nan"}),
+             ("anomaly", 5, {"kind": "non_finite", "message": "Non-finite loss at global_step 5: nan"}),  # counted once
+             ("anomaly", 7, {"kind": "loss_spike", "message": "Loss spike at global_step 7"}),
+             ("error", 7, {"error_type": "ValueError", "message": "bad batch"}),
+             ("summary", 7, {"status": "completed", "training_duration_s": 7.0})]
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows)))
+    out = run_json(capsys, str(log_dir))
+    assert (out["errors"], out["warnings"], out["anomaly_count"]) == (1, 3, 2)
+    text, _ = summarize_text(capsys, str(log_dir))
+    assert table_rows(text)["errors / warnings"] == "1 error, 3 warnings"
+    report = tmp_path / "r.html"
+    assert main(["report", str(log_dir), "-o", str(report)]) == 0
+    html = report.read_text()
+    assert "<h2>Warnings (3)</h2>\n<ul><li>[transformers] Some weights of the model were not initialized</li>" \
+           "<li>Non-finite loss at global_step 5: nan</li><li>Loss spike at global_step 7</li></ul>" in html
+    assert f"from {len(rows)} JSON metrics records." in html
+
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows[:9] + rows[-1:])))
+    text, _ = summarize_text(capsys, str(log_dir))
+    assert table_rows(text)["errors / warnings"] == "0 errors, 1 warning"
