@@ -299,3 +299,53 @@ def test_library_and_anomaly_warnings_are_counted(tmp_path, capsys):
     (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows[:9] + rows[-1:])))
     text, _ = summarize_text(capsys, str(log_dir))
     assert table_rows(text)["errors / warnings"] == "0 errors, 1 warning"
+
+
+# ---------------------------------------------------------------- one bad run among good ones
+
+
+def good_run(log_dir: Path, run_id: str, steps: int) -> None:
+    rows = [("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0 / step) for step in range(1, steps + 1)]
+    rows.append(("summary", steps, {"status": "completed", "training_duration_s": float(steps)}))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / f"performance_metrics_{run_id}.log").write_text("".join(lines(rows, run_id=run_id)))
+
+
+def test_one_bad_run_is_reported_and_the_others_still_read(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    good_run(log_dir, "20261130_110000", 4)
+    good_run(log_dir, "20261130_120000", 6)
+    newer = log_dir / "performance_metrics_20261130_130000.log"
+    newer.write_text("".join(lines([("run_start", None, {"schema_version": 99})], run_id="20261130_130000")))
+    (log_dir / "performance_metrics_20261130_140000.log").mkdir()  # cannot be read as a file
+    corrupt = log_dir / "performance_metrics_20261130_150000.log"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary\n")  # not a metrics file at all
+    expected_err = [
+        f"seo-trainlog: warning: run 20261130_130000 skipped: {newer} was written with metrics schema version 99; "
+        "this seo-trainlog reads versions up to 1: upgrade seo_trainlog to read it",
+        f"seo-trainlog: warning: run 20261130_140000 skipped: cannot read {log_dir}/performance_metrics_20261130_"
+        "140000.log: Is a directory",
+        f"seo-trainlog: warning: run 20261130_150000 skipped: {corrupt}: line 1 is not valid JSON"]
+
+    listed = run_json(capsys, str(log_dir), "--list")
+    assert [(run["run_id"], run["global_step"]) for run in listed["runs"]] == [("20261130_110000", 4),
+                                                                                ("20261130_120000", 6)]
+    capsys.readouterr()
+    assert main(["summarize", str(log_dir), "--list"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert len(err) == 3 and [line[:len(start)] for line, start in zip(err, expected_err)] == expected_err
+    assert "20261130_110000" in captured.out and "20261130_120000" in captured.out
+
+    report = tmp_path / "r.html"
+    assert main(["report", str(log_dir), "-o", str(report)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"wrote {report}\n" and len(captured.err.splitlines()) == 3
+    html = report.read_text()
+    assert "<h1>Training run 20261130_120000:" in html and "<h2>All 2 runs in this directory</h2>" in html
+
+    out = run_json(capsys, str(log_dir))  # the latest run that can be read
+    assert out["run_id"] == "20261130_120000"
+    assert main(["summarize", str(log_dir), "--run", "20261130_130000"]) == 2  # asked for by name: an error
+    assert "schema version 99" in capsys.readouterr().err
+    assert main(["report", str(log_dir), "--run", "20261130_150000", "-o", str(report)]) == 2
