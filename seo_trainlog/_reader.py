@@ -4,6 +4,7 @@ record beyond its ``event`` and the ``schema_version`` of ``run_start``."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -116,6 +117,8 @@ def read_records(run: MetricsRun, warn: Callable[[str], None] = lambda message: 
                     record = _record(line, path, number, warn)
                     if record is not None:
                         yield record
+                if lines.skipping:
+                    _skip_hole(handle)
         last = lines.rest()
         if last is not None:
             number, line = last
@@ -132,15 +135,15 @@ class _Lines:
         self.path, self.warn = path, warn
         self.number = 0
         self._pending = bytearray()
-        self._skipping = False
+        self.skipping = False  # within a line too long, until its newline
 
     def feed(self, chunk: bytes) -> list[tuple[int, bytes]]:
         start = 0
-        if self._skipping:
+        if self.skipping:
             start = chunk.find(b"\n") + 1
             if not start:
                 return []
-            self._skipping = False
+            self.skipping = False
         end = chunk.rfind(b"\n")
         if end < start:  # no newline in what is left
             self._pending += chunk[start:] if start else chunk
@@ -158,7 +161,7 @@ class _Lines:
 
     def rest(self) -> tuple[int, bytes] | None:
         """The last line when it has no newline (``None`` when there is none)."""
-        if self._skipping or not self._pending:
+        if self.skipping or not self._pending:
             return None
         self.number += 1
         return self.number, bytes(self._pending)
@@ -169,7 +172,7 @@ class _Lines:
             self.warn(f"{self.path}: line {self.number} is longer than {MAX_LINE_BYTES >> 20} MiB, which no "
                       "record is (a damaged file, e.g. one filled with NUL bytes); it is skipped")
             self._pending = bytearray()
-            self._skipping = True
+            self.skipping = True
 
 
 def _record(line: bytes, path: Path, number: int, warn: Callable[[str], None],
@@ -314,9 +317,19 @@ def read_manifest(run: MetricsRun, warn: Callable[[str], None] = lambda message:
 
 def _open(path: Path) -> BinaryIO:
     try:
-        return open(path, "rb")
+        return open(path, "rb", buffering=0)  # reads of CHUNK_BYTES need no buffer
     except OSError as exc:
         raise LogReadError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _skip_hole(handle: BinaryIO) -> None:
+    """Move past a hole of a sparse file (NUL bytes that take no disk: a file extended by ``truncate``
+    or a crash), which holds no newline; a file system without ``SEEK_DATA`` is read through."""
+    try:
+        handle.seek(os.lseek(handle.fileno(), handle.tell(), os.SEEK_DATA))
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
+            handle.seek(0, os.SEEK_END)
 
 
 def _read(handle: BinaryIO, path: Path) -> bytes:

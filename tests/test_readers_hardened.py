@@ -349,3 +349,73 @@ def test_one_bad_run_is_reported_and_the_others_still_read(tmp_path, capsys):
     assert main(["summarize", str(log_dir), "--run", "20261130_130000"]) == 2  # asked for by name: an error
     assert "schema version 99" in capsys.readouterr().err
     assert main(["report", str(log_dir), "--run", "20261130_150000", "-o", str(report)]) == 2
+
+
+# ---------------------------------------------------------------- bounded memory on damaged files
+
+# the child's own peak (VmHWM: ru_maxrss would include the test process it was forked from)
+PEAK_RSS = ("import re, sys; from seo_trainlog.cli import main; code = main(sys.argv[1:]); "
+            "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1], file=sys.stderr); "
+            "sys.exit(code)")
+
+
+def summarize_child(log_dir: Path) -> tuple[dict, list[str], float]:
+    """``seo-trainlog summarize --json`` in a child process: its JSON, its warnings, its peak RSS in MiB."""
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, "summarize", str(log_dir), "--json"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    *warnings_, peak_kib = done.stderr.splitlines()
+    return json.loads(done.stdout), warnings_, int(peak_kib) / 1024
+
+
+def metrics_file(log_dir: Path) -> Path:
+    log_dir.mkdir(parents=True)
+    return log_dir / f"performance_metrics_{RUN}.log"
+
+
+def test_memory_stays_bounded_on_a_2_gb_sparse_file(tmp_path):
+    path = metrics_file(tmp_path / "sparse")
+    path.write_text("".join(lines([("run_start", None, {"schema_version": 1})]
+                                  + [train_row(step, 1.0 / step) for step in range(1, 11)])))
+    with open(path, "r+b") as out:
+        out.truncate(2 << 30)  # what a crash or a copy can leave: 2 GB of NUL bytes, no newline
+    out, warnings_, peak_mb = summarize_child(tmp_path / "sparse")
+    assert (out["global_step"], out["records_cover"]["last_global_step"]) == (10, 10)
+    assert warnings_ == [f"seo-trainlog: warning: {path}: line 12 is longer than 16 MiB, which no record is (a "
+                         "damaged file, e.g. one filled with NUL bytes); it is skipped"]
+    assert peak_mb < 400
+
+    path = metrics_file(tmp_path / "nul")
+    with open(path, "wb") as out:
+        out.truncate(2 << 30)  # nothing but NUL bytes
+    out, warnings_, peak_mb = summarize_child(tmp_path / "nul")
+    assert out["global_step"] is None and len(warnings_) == 1 and "line 1 is longer than 16 MiB" in warnings_[0]
+    assert peak_mb < 400
+
+
+def test_a_100_mb_line_is_skipped_without_being_held(tmp_path):
+    path = metrics_file(tmp_path / "logs")
+    before = lines([("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0 / step) for step in range(1, 6)])
+    after = lines([train_row(step, 1.0 / step) for step in range(6, 11)], 10)
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("".join(before))
+        out.write(json_line("train", RUN, 99, None, {"loss": 0.0001, "blob": "x" * (100 << 20)}) + "\n")
+        out.write("".join(after))
+    out, warnings_, peak_mb = summarize_child(tmp_path / "logs")
+    assert (out["global_step"], out["best_loss"], out["final_loss"]) == (10, 0.1, 0.1)  # step 99 never read
+    assert warnings_ == [f"seo-trainlog: warning: {path}: line 7 is longer than 16 MiB, which no record is (a "
+                         "damaged file, e.g. one filled with NUL bytes); it is skipped"]
+    assert peak_mb < 400
+
+
+def test_nul_bytes_before_a_record_are_dropped_with_a_warning(tmp_path, capsys):
+    path = metrics_file(tmp_path / "logs")
+    text = lines([("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0 / step) for step in range(1, 5)])
+    path.write_bytes("".join(text[:3]).encode() + b"\x00" * 4096 + "".join(text[3:]).encode() + b"\x00" * 100 + b"\n")
+    out = run_json(capsys, str(tmp_path / "logs"))
+    assert out["global_step"] == 4
+    assert capsys.readouterr().err == ""  # run_json read it: the warnings went with the JSON
+    assert main(["summarize", str(tmp_path / "logs"), "--json"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"seo-trainlog: warning: {path}: line 4 holds 4096 NUL bytes (a file extended by a crash); they are skipped",
+        f"seo-trainlog: warning: {path}: line 6 holds 100 NUL bytes (a file extended by a crash); they are skipped"]
