@@ -419,3 +419,30 @@ def test_nul_bytes_before_a_record_are_dropped_with_a_warning(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"seo-trainlog: warning: {path}: line 4 holds 4096 NUL bytes (a file extended by a crash); they are skipped",
         f"seo-trainlog: warning: {path}: line 6 holds 100 NUL bytes (a file extended by a crash); they are skipped"]
+
+
+# ---------------------------------------------------------------- watch reads as summarize does
+
+
+def test_watch_skips_a_record_cut_short_as_summarize_does(tmp_path, capsys):
+    from seo_trainlog._watch import watch
+
+    path = metrics_file(tmp_path / "logs")
+    text = lines([("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0 / step) for step in range(1, 9)]
+                 + [("summary", 8, {"status": "completed", "training_duration_s": 8.0})])
+    path.write_text("".join(text[:4]) + text[4][:40] + "\n" + "".join(text[4:]))  # a write that failed at step 4
+    (run,) = find_runs(tmp_path / "logs")
+    from_summarize, from_watch = [], []
+    read = list(read_records(run, from_summarize.append))
+    follower = RunFollower(run, from_watch.append)
+    followed = list(follower.poll())
+    follower.close()
+    assert followed == read and len(read) == 10
+    assert from_watch == from_summarize == [f"{path}: line 5 is a record cut short (a write that failed, e.g. on a "
+                                            "full disk); it is skipped"]
+
+    capsys.readouterr()
+    console = Console(file=io.StringIO(), width=100)
+    assert watch(tmp_path / "logs", None, LogConfig(), console, interval_s=0.05, timeout_s=10) == 0
+    assert capsys.readouterr().err == f"seo-trainlog: warning: {from_summarize[0]}\n"
+    assert f"run {RUN}: completed" in console.file.getvalue()
