@@ -446,3 +446,43 @@ def test_watch_skips_a_record_cut_short_as_summarize_does(tmp_path, capsys):
     assert watch(tmp_path / "logs", None, LogConfig(), console, interval_s=0.05, timeout_s=10) == 0
     assert capsys.readouterr().err == f"seo-trainlog: warning: {from_summarize[0]}\n"
     assert f"run {RUN}: completed" in console.file.getvalue()
+
+
+# ---------------------------------------------------------------- watch in bounded memory
+
+
+def test_watch_state_stays_bounded_over_200k_records():
+    config = LogConfig()
+    state = WatchState(RUN, config)
+    state.add({"event": "run_start", "global_step": None})
+    record = {"event": "train", "time": at(0), "loss": 0.5, "grad_norm": 1.0, "samples_per_second": 100.0,
+              "rss_mb": 800.0}
+    for step in range(1, 200_001):
+        record["global_step"], record["loss"] = step, 0.5 + (step % 7) / 100
+        state.add(record)
+        if step % 1000 == 0:
+            state.add({"event": "anomaly", "global_step": step, "kind": "loss_spike", "message": f"spike {step}"})
+    assert (state.records, state.global_step, state.anomaly_count) == (200_201, 200_000, 200)
+    assert len(state.losses) == SPARK_POINTS and len(state.alerts) == MAX_ALERTS
+    assert [message for _, _, message in state.alerts] == [f"spike {step}" for step in range(195_000, 200_001, 1000)]
+    detector = state.detector
+    assert all(len(window.values) <= config.anomaly_window and len(window.ordered) <= config.anomaly_window
+               for window in (detector._losses, detector._grad_norms, detector._throughputs))
+    assert set(vars(state)) == {"run_id", "manifest", "_rotated", "_head", "_train_steps", "segment", "detector",
+                                "records", "global_step", "epoch", "max_steps", "latest_train", "latest_eval", "losses",
+                                "alerts", "anomaly_count", "status", "_first_train", "_last_train"}  # nothing grows
+
+
+def test_watch_reads_200k_lines_in_as_little_memory_as_summarize(tmp_path):
+    path = metrics_file(tmp_path / "logs")
+    template = lines([train_row(1, 0.5)])[0]
+    before, after = template.split('"global_step":1,', 1)
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(lines([("run_start", None, {"schema_version": 1})])[0])
+        out.write("".join(f'{before}"global_step":{step},{after}' for step in range(1, 200_001)))
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, "watch", str(tmp_path / "logs"), "--timeout", "0.5"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"})
+    assert done.returncode == 1  # no summary: the timeout ended it, after the first read of every line
+    assert "global_step 200000" in done.stdout
+    assert int(done.stderr.splitlines()[-1]) / 1024 < 150  # summarize: about 35 MiB; before: 306 MiB
