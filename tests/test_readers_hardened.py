@@ -151,7 +151,7 @@ def retained_run(log_dir: Path, manifest: bool) -> list[Path]:
     cuts = [0, 18, 33, 48, len(text)]  # the first file: run_start, hyperparameters, steps 1-15, the error
     names = [f"performance_metrics_{RUN}.2026-11-30_12-00-{second:02d}_000000.log" for second in (17, 32, 47)]
     names.append(f"performance_metrics_{RUN}.log")
-    log_dir.mkdir(parents=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, start, end in zip(names, cuts, cuts[1:]):
         (log_dir / name).write_text("".join(text[start:end]), encoding="utf-8")
@@ -486,3 +486,28 @@ def test_watch_reads_200k_lines_in_as_little_memory_as_summarize(tmp_path):
     assert done.returncode == 1  # no summary: the timeout ended it, after the first read of every line
     assert "global_step 200000" in done.stdout
     assert int(done.stderr.splitlines()[-1]) / 1024 < 150  # summarize: about 35 MiB; before: 306 MiB
+
+
+# ---------------------------------------------------------------- the run list at 80 columns
+
+
+def test_the_run_list_is_readable_at_80_columns(tmp_path, capsys, monkeypatch):
+    log_dir = tmp_path / "a-rather-long-directory-name-for-the-logs-of-this-experiment" / "logs"
+    good_run(log_dir, "20261130_110000", 4)
+    good_run(log_dir, "20261130_110000_1", 12000)
+    retained_run(log_dir, manifest=False)  # 20261130_120000, completed, its first file deleted
+    rows = [("run_start", None, {"schema_version": 1}), ("hyperparameters", 0, {"hyperparameters": {
+        "run": {"max_steps": 100000}}})] + [train_row(step, 0.123456789) for step in range(1, 4)]
+    (log_dir / "performance_metrics_20261201_080000.log").write_text("".join(lines(rows, run_id="20261201_080000")))
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    assert main(["summarize", str(log_dir), "--list"]) == 0
+    text = capsys.readouterr().out
+    assert max(map(len, text.splitlines())) <= 80, text
+    by_run = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("2026")}
+    assert by_run["20261130_110000"] == ["20261130_110000", "completed", "4", "0.25", "n/a", "4.0", "s", "0/0"]
+    assert by_run["20261130_110000_1"][:3] == ["20261130_110000_1", "completed", "12000"]
+    assert by_run["20261130_110000_1"][-5:] == ["3", "h", "20", "min", "0/0"]
+    assert by_run["20261130_120000"][:3] == ["20261130_120000", "completed*", "60"]
+    assert by_run["20261201_080000"][:5] == ["20261201_080000", "no", "summary", "3/100000", "0.1235"]
+    assert "older records removed by retention" in " ".join(text.split())
