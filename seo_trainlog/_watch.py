@@ -102,8 +102,9 @@ class WatchState:
             self._alert(record.get("kind"), record.get("user_global_step", step), record.get("message"))
         elif event in ("summary", "status"):
             self.status = record.get("status") or "unknown"
-        elif event == "segment_start":  # the run was resumed: it goes on
+        elif event == "segment_start":  # the run was resumed: it goes on, the ETA from its new pace
             self.status = None
+            self._first_train = None
             self.segment = record["segment"] if isinstance(record.get("segment"), int) else self.segment + 1
 
     @property

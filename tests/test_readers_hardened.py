@@ -511,3 +511,25 @@ def test_the_run_list_is_readable_at_80_columns(tmp_path, capsys, monkeypatch):
     assert by_run["20261130_120000"][:3] == ["20261130_120000", "completed*", "60"]
     assert by_run["20261201_080000"][:5] == ["20261201_080000", "no", "summary", "3/100000", "0.1235"]
     assert "older records removed by retention" in " ".join(text.split())
+
+
+def test_the_figure_and_the_eta_know_about_retention_and_resumption(tmp_path):
+    from seo_trainlog._analysis import RunAnalysis
+    from seo_trainlog._plots import build_figure
+
+    retained_run(tmp_path / "logs", manifest=False)
+    (run,) = find_runs(tmp_path / "logs")
+    analysis = RunAnalysis(RUN, LogConfig(), rotated=True).add_all(read_records(run))
+    assert build_figure(analysis).get_suptitle() == (
+        "Run 20261130_120000: completed, global_step 60, epoch 0.6\n"
+        "WARNING: records cover global_step 16-60 only (older records removed by retention)")
+
+    state = WatchState(RUN, LogConfig())
+    state.add({"event": "hyperparameters", "hyperparameters": {"run": {"max_steps": 40}}})
+    for step in range(1, 11):  # one step a second
+        state.add({"event": "train", "global_step": step, "time": at(step), "loss": 1.0})
+    state.add({"event": "summary", "global_step": 10, "status": "terminated"})
+    state.add({"event": "segment_start", "global_step": 10, "segment": 2, "time": at(3600)})  # an hour later
+    for step in range(11, 21):  # two steps a second
+        state.add({"event": "train", "global_step": step, "time": at(3600 + (step - 10) / 2), "loss": 1.0})
+    assert state.eta_s() == pytest.approx(20 * 0.5)  # 20 steps left at the pace since resuming (steps 11-20), not the hour
