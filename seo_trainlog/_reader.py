@@ -44,7 +44,9 @@ class MetricsRun:
 
 
 def find_runs(log_dir: str | os.PathLike[str]) -> list[MetricsRun]:
-    """The runs of ``log_dir``, oldest first (by stamp ``YYYYMMDD_HHMMSS``, then its ``_1``, ``_2``...).
+    """The runs of ``log_dir``, oldest first (by stamp ``YYYYMMDD_HHMMSS``, then its ``_1``, ``_2``...):
+    each one's ``performance_metrics_<stamp>[.<rotation date>[.<n>]].log`` files (a run's
+    ``run_manifest_<stamp>.json`` is not one of them: see :func:`read_manifest`).
 
     Raises:
         LogReadError: the directory is missing or unreadable, or holds no metrics file.

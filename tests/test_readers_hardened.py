@@ -533,3 +533,22 @@ def test_the_figure_and_the_eta_know_about_retention_and_resumption(tmp_path):
     for step in range(11, 21):  # two steps a second
         state.add({"event": "train", "global_step": step, "time": at(3600 + (step - 10) / 2), "loss": 1.0})
     assert state.eta_s() == pytest.approx(20 * 0.5)  # 20 steps left at the pace since resuming (steps 11-20), not the hour
+
+
+def test_a_manifest_that_cannot_be_used_is_said_and_ignored(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    retained_run(log_dir, manifest=True)
+    manifest = log_dir / f"run_manifest_{RUN}.json"
+    good = json.loads(manifest.read_text())
+    for content, problem in (('{"schema_version": 1, "run_id": "2026', "is not a JSON object"),
+                             (json.dumps({**good, "schema_version": 2}),
+                              "has schema version 2 (this seo-trainlog reads up to 1)"),
+                             (json.dumps({**good, "run_id": "20261130_130000"}),
+                              "is the manifest of run '20261130_130000'")):
+        manifest.write_text(content)
+        out = run_json(capsys, str(log_dir))
+        assert out["manifest_used"] is False and out["best_loss"] == pytest.approx(0.66)  # the records' best
+        text, err = summarize_text(capsys, str(log_dir))
+        assert err.splitlines()[0] == (f"seo-trainlog: warning: {manifest} {problem}; the run's totals in it are "
+                                       "not used")
+        assert table_rows(text)["records"] == COVER_WITHOUT_MANIFEST
