@@ -90,7 +90,8 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows += [(f"segment {segment['segment']}", segment_text(segment)) for segment in segments]
     if summary["training_duration_s"] is not None:
         parts = len(segments)
-        rows.append(("duration", duration(summary["training_duration_s"]) + (f" ({parts} segments)" if parts > 1 else "")))
+        rows.append(("duration", duration(summary["training_duration_s"])
+                     + (f" ({parts} segments)" if parts > 1 else "")))
     else:
         rows.append(("duration", f"{duration(summary['wall_time_s'])} (first to last record)"))
     max_steps = summary["max_steps"]

@@ -10,8 +10,9 @@ Commands (``seo-trainlog COMMAND --help`` for each)::
 Exit status: 0 on success; 2 for a usage error or a log directory that cannot be read (a missing or
 empty directory, an unknown run, a broken line, metrics of a newer schema: one line on stderr,
 never a traceback). Without ``--run``, a run that cannot be read is skipped with a warning on stderr
-naming its file, and the others are listed and reported (status 0 when at least one was read); ``watch`` waits for a missing directory or a first run, and exits 1 when
-``--timeout`` ends it before the run's summary, 130 on Ctrl-C.
+naming its file, and the others are listed and reported (status 0 when at least one was read).
+``watch`` waits for a missing directory or a first run, and exits 1 when ``--timeout`` ends it
+before the run's summary, 130 on Ctrl-C.
 Anomaly thresholds come from the ``SEO_TRAINLOG_*`` variables (:meth:`LogConfig.from_env`).
 """
 

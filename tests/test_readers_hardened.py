@@ -532,7 +532,7 @@ def test_the_figure_and_the_eta_know_about_retention_and_resumption(tmp_path):
     state.add({"event": "segment_start", "global_step": 10, "segment": 2, "time": at(3600)})  # an hour later
     for step in range(11, 21):  # two steps a second
         state.add({"event": "train", "global_step": step, "time": at(3600 + (step - 10) / 2), "loss": 1.0})
-    assert state.eta_s() == pytest.approx(20 * 0.5)  # 20 steps left at the pace since resuming (steps 11-20), not the hour
+    assert state.eta_s() == pytest.approx(20 * 0.5)  # 20 steps left at the pace since resuming, not the hour
 
 
 def test_a_manifest_that_cannot_be_used_is_said_and_ignored(tmp_path, capsys):
