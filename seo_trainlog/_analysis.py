@@ -16,6 +16,7 @@ from ._config import LogConfig
 MAX_POINTS = 2000  # per plotted series (a run with more train records keeps every k-th)
 MAX_KEPT = 50  # errors and warnings kept for the report (all are counted)
 MAX_ANOMALIES = 200  # anomalies kept (all are counted)
+MAX_SEGMENTS = 1000  # segments (resumed parts of a run) kept
 TRAIN_COLUMNS = ("loss", "learning_rate", "grad_norm", "samples_per_second", "rss_mb", "gpu_util_pct",
                  "gpu_mem_used_mb")
 _LOWER_IS_BETTER = frozenset({"loss", "error", "err", "wer", "cer", "perplexity", "ppl", "mae", "mse", "rmse"})
@@ -67,18 +68,35 @@ class RunAnalysis:
     Sources: ``train`` records give the losses, throughput, data wait and resource readings;
     ``eval`` records the evaluation metrics; ``hyperparameters`` the hyperparameters (and
     ``run.max_steps``); ``summary`` the status, duration, early stopping and the run totals the
-    callback measured; ``error``/``warning`` records are counted; anomalies come from an
-    :class:`AnomalyDetector` run over the records plus the ``anomaly`` records already in the file
-    (one found both ways counts once).
+    callback measured; ``error`` records are counted as errors, ``warning`` records and
+    ``anomaly`` records other than ``non_finite`` (which has its own ``warning`` record) as warnings;
+    anomalies come from an :class:`AnomalyDetector` run over the records plus the ``anomaly``
+    records already in the file (one found both ways counts once).
+
+    A resumed run holds several segments: ``run_start`` then, for each later segment, a
+    ``segment_start`` record, and a ``summary`` per segment (``segment``: its number).
+
+    ``manifest`` (:func:`~seo_trainlog._reader.read_manifest`) gives the run's facts when retention
+    deleted its oldest metrics files (the first record is not ``run_start`` while ``rotated``: the
+    run's files were rotated, or a manifest exists): start, hyperparameters, ``max_steps``,
+    segments, best and final loss, counts. Throughput and data wait then cover the remaining
+    records only, and :meth:`summary` says which steps they cover (``records_cover``).
     """
 
-    def __init__(self, run_id: str, config: LogConfig | None = None, max_points: int = MAX_POINTS) -> None:
+    def __init__(self, run_id: str, config: LogConfig | None = None, max_points: int = MAX_POINTS, *,
+                 manifest: Mapping[str, Any] | None = None, rotated: bool = False) -> None:
         self.run_id = run_id
         self.config = config or LogConfig()
+        self.manifest = manifest if isinstance(manifest, Mapping) else None
+        self._rotated = rotated or self.manifest is not None
+        self._head: bool | None = None  # the first record is run_start: no file was deleted
+        self._segments: dict[int, dict[str, Any]] = {}
+        self._segment = 1
+        self._train_steps: list[Any] = [None, None]  # global_step of the first and last train record
         self.detector: AnomalyDetector | None = AnomalyDetector(self.config)
         self.train = Series(("epoch",) + TRAIN_COLUMNS, self._train_row, max_points)
         self.evals = Series(("eval_loss",), _eval_row, max_points)
-        self.hyperparameters: dict[str, Any] | None = None
+        self._hyperparameters: dict[str, Any] | None = None
         self.errors: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self.anomalies: list[dict[str, Any]] = []
@@ -90,6 +108,7 @@ class RunAnalysis:
         self._summary: dict[str, Any] = {}
         self._status: str | None = None
         self._final_loss: float | None = None
+        self._final_loss_step: Any = None
         self._best_loss: tuple[float, Any] | None = None
         self._best_eval: dict[str, tuple[float, Any]] = {}
         self._last_eval: dict[str, dict[str, Any]] = {}
@@ -114,6 +133,8 @@ class RunAnalysis:
     def add(self, record: dict[str, Any]) -> None:
         self.records += 1
         event, step, epoch = record.get("event"), record.get("global_step"), record.get("epoch")
+        if self._head is None:
+            self._head = event == "run_start"
         if self._first_time is None:
             self._first_time = record.get("time")
         self._last_time = record.get("time", self._last_time)
@@ -128,10 +149,23 @@ class RunAnalysis:
         elif event == "summary":
             self._summary = record
             self._status = record.get("status")
+            segment = self._segment_entry(record.get("segment") if type(record.get("segment")) is int
+                                          else self._segment)
+            if segment is not None:
+                duration = record.get("training_duration_s")
+                segment.update(status=self._status, training_duration_s=duration if _is_number(duration) else None)
+        elif event in ("run_start", "segment_start"):
+            number = record.get("segment") if event == "segment_start" else 1
+            self._segment = number if type(number) is int else self._segment + 1
+            self._status = None  # the run goes on
+            segment = self._segment_entry(self._segment)
+            if segment is not None:
+                start = record.get("start_global_step", step) if event == "segment_start" else 0
+                segment.update(started=record.get("time"), start_global_step=start)
         elif event == "status":
             self._status = record.get("status", self._status)
         elif event == "hyperparameters":
-            self.hyperparameters = record.get("hyperparameters")
+            self._hyperparameters = record.get("hyperparameters")
         elif event == "error":
             self._counts["error"] += 1
             if len(self.errors) < MAX_KEPT:
@@ -139,21 +173,37 @@ class RunAnalysis:
         elif event == "warning":
             self._counts["warning"] += 1
             if len(self.warnings) < MAX_KEPT:
-                self.warnings.append(str(record.get("message")))
+                source = record.get("source")
+                self.warnings.append(f"[{source}] {record.get('message')}" if source else str(record.get("message")))
         elif event == "anomaly":
+            if record.get("kind") != "non_finite":  # a non-finite value has its own warning record
+                self._counts["warning"] += 1
+                if len(self.warnings) < MAX_KEPT:
+                    self.warnings.append(str(record.get("message")))
             self._note_anomaly("logged", record.get("kind"), record.get("user_global_step", step), record)
         elif event == "detector" and _same_settings(record, self.config):
             # the run already fed every record to the same detector with these settings: its anomaly
             # records are what detection here would find, so they are used as they are
             self.detector = None
 
+    def _segment_entry(self, number: int) -> dict[str, Any] | None:
+        segment = self._segments.get(number)
+        if segment is None and len(self._segments) < MAX_SEGMENTS:
+            segment = self._segments[number] = {"segment": number, "started": None, "start_global_step": None,
+                                                "status": None, "training_duration_s": None}
+        return segment
+
     def _add_train(self, record: dict[str, Any], step: Any) -> None:
+        if type(step) is int:
+            if self._train_steps[0] is None:
+                self._train_steps[0] = step
+            self._train_steps[1] = step
         if self.detector is not None:
             for anomaly in self.detector.update("train", record, step):
                 self._note_anomaly("found", anomaly.kind, step, anomaly.to_dict())
         loss = record.get("loss")  # parsed JSON: a float is finite (NaN and infinities are null)
         if type(loss) is float or type(loss) is int:
-            self._final_loss = loss
+            self._final_loss, self._final_loss_step = loss, step
             if self._best_loss is None or loss < self._best_loss[0]:
                 self._best_loss = (loss, step)
         interval = record.get("interval_s")
@@ -226,43 +276,110 @@ class RunAnalysis:
                                    "value": details.get("value"), "threshold": details.get("threshold"),
                                    "source": "logged" if source == "logged" else "detected"})
 
-    def _peak(self, key: str, value: Any) -> None:
-        if _is_number(value) and value > self._peaks.get(key, -math.inf):
-            self._peaks[key] = value
+    @property
+    def hyperparameters(self) -> dict[str, Any] | None:
+        """The ``hyperparameters`` record's nested values; the manifest's when that record was deleted."""
+        if self._hyperparameters is None and self.head_deleted and self.manifest is not None \
+                and isinstance(self.manifest.get("hyperparameters"), dict):
+            return self.manifest["hyperparameters"]
+        return self._hyperparameters
+
+    @property
+    def head_deleted(self) -> bool:
+        """True when the run's oldest metrics files are gone (deleted by retention): its first record
+        read is not ``run_start`` although its files were rotated or it has a manifest."""
+        return self._rotated and self._head is False
+
+    def segments(self) -> list[dict[str, Any]]:
+        """The run's segments, oldest first: ``{"segment", "started" (ISO), "start_global_step",
+        "status" (``no_summary`` until its summary), "training_duration_s"}``; from the records,
+        completed by the manifest's where the records lack a value (their files deleted)."""
+        merged: dict[int, dict[str, Any]] = {}
+        listed = self.manifest.get("segments") if self.manifest else None
+        for entry in listed if isinstance(listed, list) else ():
+            if isinstance(entry, Mapping) and type(entry.get("segment")) is int and len(merged) < MAX_SEGMENTS:
+                merged[entry["segment"]] = {key: entry.get(key) for key in _SEGMENT_KEYS}
+        for number, entry in self._segments.items():
+            known = merged.setdefault(number, dict.fromkeys(_SEGMENT_KEYS))
+            known.update({key: value for key, value in entry.items() if value is not None})
+        segments = [merged[number] for number in sorted(merged)]
+        for segment in segments:
+            if segment["status"] in (None, "running"):  # no summary yet, or never (killed)
+                segment["status"] = (self._status if segment is segments[-1] else None) or NO_SUMMARY
+        return segments
 
     def summary(self) -> dict[str, Any]:
         """The run in one JSON-ready dict (units in the key names; ``None`` where unknown):
 
-        ``run_id``, ``status`` (the summary's ``completed``/``failed``/``interrupted``/``terminated``/
-        ``abandoned``, or ``no_summary`` while a run is still writing or when it ended without one),
-        ``started``/``last_record`` (ISO times), ``wall_time_s`` (between them),
-        ``training_duration_s``, ``global_step``, ``max_steps``, ``epoch``, ``final_loss``,
-        ``best_loss`` with ``best_loss_step``, ``evaluations``, ``best_eval`` (``{metric: {"value",
+        ``run_id``, ``status`` (the last segment's summary: ``completed``/``failed``/
+        ``interrupted``/``terminated``/``abandoned``, or ``no_summary`` while a run is still writing
+        or when it ended without one), ``started``/``last_record`` (ISO times), ``wall_time_s``
+        (between them), ``training_duration_s`` (summed over the segments), ``segments`` (see
+        :meth:`segments`), ``global_step``, ``max_steps``, ``epoch``, ``final_loss``, ``best_loss``
+        with ``best_loss_step``, ``evaluations``, ``best_eval`` (``{metric: {"value",
         "global_step"}}``: lowest for losses and errors, highest otherwise), ``last_eval``
         (``{prefix: {metric: value, "global_step"}}``, e.g. ``eval``, ``test``), ``best_metric`` and
         ``best_model_checkpoint`` (Trainer's), ``samples_per_second`` and ``steps_per_second`` (over
-        the logged step intervals, data wait included, evaluation excluded), ``data_wait_pct``,
-        ``peak_rss_mb``, ``peak_gpu_mem_mb`` (``{key: MiB}``), ``mean_gpu_util_pct``,
-        ``early_stopping_triggered``, ``errors``, ``warnings``, ``anomaly_count``, ``anomalies``.
+        the logged step intervals of the records read, data wait included, evaluation excluded),
+        ``data_wait_pct``, ``peak_rss_mb``, ``peak_gpu_mem_mb`` (``{key: MiB}``),
+        ``mean_gpu_util_pct``, ``early_stopping_triggered``, ``errors``, ``warnings``,
+        ``anomaly_count``, ``anomalies``, ``records_cover`` (``{"first_global_step",
+        "last_global_step", "complete"}``: the train records read; ``complete`` is false when
+        retention deleted older ones) and ``manifest_used`` (the run's manifest filled in what
+        the deleted records held).
         """
-        summary, busy = self._summary, self._interval_s
-        run = (self.hyperparameters or {}).get("run") if isinstance(self.hyperparameters, dict) else None
+        busy = self._interval_s
+        lost = self.head_deleted
+        manifest = self.manifest if lost else None
+        summary = self._summary or (_mapping(manifest, "summary") if manifest else {})
+        hyperparameters = self.hyperparameters
+        run = hyperparameters.get("run") if isinstance(hyperparameters, dict) else None
+        max_steps = run.get("max_steps") if isinstance(run, dict) else None
+        started, global_step = self._first_time, self._global_step if self._global_step >= 0 else None
+        best, final = self._best_loss, (self._final_loss, self._final_loss_step)
+        counts = dict(self._counts)
+        status = self._status
+        if manifest is not None:
+            train = _mapping(manifest, "train")
+            if isinstance(manifest.get("started"), str):
+                started = manifest["started"]
+            if max_steps is None and type(manifest.get("max_steps")) is int:
+                max_steps = manifest["max_steps"]
+            last = train.get("last_global_step")
+            if type(last) is int and (global_step is None or last > global_step):
+                global_step = last
+            if _is_number(train.get("best_loss")) and (best is None or train["best_loss"] < best[0]):
+                best = (train["best_loss"], train.get("best_loss_step"))
+            if _is_number(train.get("final_loss")) and (final[0] is None or (
+                    type(last) is int and type(final[1]) is int and last > final[1])):
+                final = (train["final_loss"], last)
+            for key, value in _mapping(manifest, "counts").items():
+                if key in counts and type(value) is int and value > counts[key]:
+                    counts[key] = value
+            if status is None and manifest.get("status") not in (None, "running"):
+                status = manifest["status"]
+        segments = self.segments()
+        durations = [s["training_duration_s"] for s in segments if _is_number(s["training_duration_s"])]
+        whole = not lost and len(segments) <= 1  # the summary's own figures cover the records read
         peaks = {key.removesuffix("_max"): value for key, value in self._peaks.items()}
         peak_rss = max((v for v in (peaks.pop("rss_mb", None), summary.get("peak_rss_mb")) if _is_number(v)),
                        default=None)
+        computed_wait = 100 * self._wait_s / busy if busy else None
+        computed_util = self._gpu_util_sum / self._gpu_util_count if self._gpu_util_count else None
         return {
             "run_id": self.run_id,
-            "status": self._status or NO_SUMMARY,
-            "started": self._first_time,
+            "status": status or NO_SUMMARY,
+            "started": started,
             "last_record": self._last_time,
-            "wall_time_s": _seconds_between(self._first_time, self._last_time),
-            "training_duration_s": summary.get("training_duration_s"),
-            "global_step": self._global_step if self._global_step >= 0 else None,
-            "max_steps": run.get("max_steps") if isinstance(run, dict) else None,
+            "wall_time_s": _seconds_between(started, self._last_time),
+            "training_duration_s": sum(durations) if durations else summary.get("training_duration_s"),
+            "segments": segments,
+            "global_step": global_step,
+            "max_steps": max_steps,
             "epoch": self._epoch if self._epoch > -math.inf else None,
-            "final_loss": self._final_loss,
-            "best_loss": self._best_loss[0] if self._best_loss else None,
-            "best_loss_step": self._best_loss[1] if self._best_loss else None,
+            "final_loss": final[0],
+            "best_loss": best[0] if best else None,
+            "best_loss_step": best[1] if best else None,
             "evaluations": self._evaluations,
             "best_eval": {key: {"value": value, "global_step": step} for key, (value, step) in self._best_eval.items()},
             "last_eval": self._last_eval,
@@ -270,16 +387,18 @@ class RunAnalysis:
             "best_model_checkpoint": summary.get("best_model_checkpoint"),
             "samples_per_second": self._samples / busy if busy else None,
             "steps_per_second": self._steps / busy if busy else None,
-            "data_wait_pct": summary.get("data_wait_pct", 100 * self._wait_s / busy if busy else None),
+            "data_wait_pct": summary.get("data_wait_pct", computed_wait) if whole else computed_wait,
             "peak_rss_mb": peak_rss,
             "peak_gpu_mem_mb": peaks,
-            "mean_gpu_util_pct": summary.get("mean_gpu_util_pct", self._gpu_util_sum / self._gpu_util_count
-                                             if self._gpu_util_count else None),
+            "mean_gpu_util_pct": summary.get("mean_gpu_util_pct", computed_util) if whole else computed_util,
             "early_stopping_triggered": summary.get("early_stopping_triggered"),
-            "errors": self._counts["error"],
-            "warnings": self._counts["warning"],
-            "anomaly_count": self._counts["anomaly"],
+            "errors": counts["error"],
+            "warnings": counts["warning"],
+            "anomaly_count": counts["anomaly"],
             "anomalies": self.anomalies,
+            "records_cover": {"first_global_step": self._train_steps[0], "last_global_step": self._train_steps[1],
+                              "complete": not lost},
+            "manifest_used": manifest is not None,
         }
 
 
@@ -292,6 +411,14 @@ def lower_is_better(metric: str) -> bool:
 def is_gpu_util_key(key: str) -> bool:
     """``gpu<i>_util_pct`` (NVML), not ``gpu<i>_mem_util_pct``."""
     return key.startswith("gpu") and key.endswith("_util_pct") and "_mem_" not in key
+
+
+_SEGMENT_KEYS = ("segment", "started", "start_global_step", "status", "training_duration_s")
+
+
+def _mapping(parent: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = parent.get(key)
+    return value if isinstance(value, Mapping) else {}
 
 
 def _eval_row(record: dict[str, Any]) -> tuple[Any, ...]:

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from ._analysis import RunAnalysis
 from ._format import fmt_epoch
-from ._present import status_text
+from ._present import coverage_notice, status_text
 
 ANOMALY_COLOR = "tab:red"
 MAX_LABELLED_ANOMALIES = 12
@@ -36,8 +36,11 @@ def build_figure(analysis: RunAnalysis) -> Figure:
     summary = analysis.summary()
     figure = Figure(figsize=(14, 9), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
+    notice = coverage_notice(summary)  # the plotted records are not the whole run: say which steps
     figure.suptitle(f"Run {analysis.run_id}: {status_text(summary['status'])}, global_step "
-                    f"{summary['global_step']}, epoch {fmt_epoch(summary['epoch'])}", fontsize=13)
+                    f"{summary['global_step']}, epoch {fmt_epoch(summary['epoch'])}"
+                    + (f"\n{notice.split(': older')[0]} (older records removed by retention)" if notice else ""),
+                    fontsize=13)
     loss_ax, lr_ax, speed_ax, memory_ax = figure.subplots(2, 2, sharex=True).flat
     anomalies = [a for a in summary["anomalies"] if isinstance(a["global_step"], (int, float))]
 

@@ -4,6 +4,7 @@ by the terminal tables and the HTML report; and the rich tables built from them.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,41 @@ def number(value: Any, digits: int = 4) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return "n/a" if value is None else str(value)
     return str(value) if isinstance(value, int) else f"{value:.{digits}g}"
+
+
+def print_warning(message: str) -> None:
+    """``seo-trainlog: warning: <message on one line>`` on stderr: how every command reports a line
+    skipped, a run skipped, a manifest not used."""
+    print(f"seo-trainlog: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 error``, ``2 errors``, ``0 warnings``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def coverage_notice(summary: Mapping[str, Any]) -> str | None:
+    """The line saying which steps a run's remaining records cover when retention deleted older ones
+    (``records_cover.complete`` false), prefixed ``WARNING:`` when no manifest gave the run's
+    totals; ``None`` for a run whose records are all there."""
+    cover = summary.get("records_cover") or {}
+    if cover.get("complete", True):
+        return None
+    first, last = cover.get("first_global_step"), cover.get("last_global_step")
+    span = f"records cover global_step {first}-{last} only" if first is not None else \
+        "the remaining records hold no train record"
+    manifest = f"run_manifest_{summary['run_id']}.json"
+    if summary.get("manifest_used"):
+        return f"{span}: older records were removed by retention ({manifest} gives the run's totals)"
+    return (f"WARNING: {span}: older records were removed by retention and there is no {manifest}: start time, "
+            "hyperparameters and best loss may be incomplete")
+
+
+def segment_text(segment: Mapping[str, Any]) -> str:
+    """One segment of a resumed run: ``started 2026-11-30 12:00:00 at global_step 20, completed, 41.2 s``."""
+    started = str(segment["started"])[:19].replace("T", " ") if segment["started"] else "n/a"
+    return (f"started {started} at global_step {number(segment['start_global_step'])}, "
+            f"{status_text(segment['status'])}, {duration(segment['training_duration_s'])}")
 
 
 def duration(seconds: Any) -> str:
@@ -46,8 +82,16 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(label, value)`` rows of one run, in reading order."""
     rows = [("run", summary["run_id"]), ("status", status_text(summary["status"])),
             ("started", str(summary["started"] or "n/a"))]
+    notice = coverage_notice(summary)
+    if notice:
+        rows.append(("records", notice))
+    segments = summary.get("segments") or []
+    if len(segments) > 1:
+        rows += [(f"segment {segment['segment']}", segment_text(segment)) for segment in segments]
     if summary["training_duration_s"] is not None:
-        rows.append(("duration", duration(summary["training_duration_s"])))
+        parts = len(segments)
+        rows.append(("duration", duration(summary["training_duration_s"])
+                     + (f" ({parts} segments)" if parts > 1 else "")))
     else:
         rows.append(("duration", f"{duration(summary['wall_time_s'])} (first to last record)"))
     max_steps = summary["max_steps"]
@@ -72,7 +116,7 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
                                   + [f"{key} {_unit(v, ' MiB', 5)}" for key, v in summary["peak_gpu_mem_mb"].items()])),
         ("mean GPU utilisation", _unit(summary["mean_gpu_util_pct"], "%", 3)),
         ("early stopping", {True: "yes", False: "no"}.get(summary["early_stopping_triggered"], "n/a")),
-        ("errors / warnings", f"{summary['errors']} errors, {summary['warnings']} warnings"),
+        ("errors / warnings", f"{plural(summary['errors'], 'error')}, {plural(summary['warnings'], 'warning')}"),
         ("anomalies", anomalies_text(summary)),
     ]
     return rows
@@ -98,6 +142,32 @@ def comparison_row(summary: Mapping[str, Any]) -> tuple[str, ...]:
                      else summary["wall_time_s"]),
             number(summary["samples_per_second"]), _unit(summary["peak_rss_mb"], " MiB", 5),
             str(summary["errors"]), str(summary["anomaly_count"]))
+
+
+def run_list_table(summaries: Sequence[Mapping[str, Any]], title: str) -> Table:
+    """One line per run, readable at 80 columns: run, status, steps, final loss, best eval_loss,
+    duration, errors/warnings (``seo-trainlog summarize --list``; the report has the full table)."""
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1, 0, 0), header_style="bold")
+    for header, justify in (("run", "left"), ("status", "left"), ("steps", "right"), ("final\nloss", "right"),
+                            ("best\neval_loss", "right"), ("duration", "right"), ("errors/\nwarnings", "right")):
+        table.add_column(header, justify=justify, no_wrap=header in ("run", "status", "steps", "duration"))
+    for summary in summaries:
+        best_eval = summary["best_eval"].get("eval_loss")
+        max_steps = summary["max_steps"]
+        steps = number(summary["global_step"]) + (f"/{max_steps}" if isinstance(max_steps, int) and max_steps > 0
+                                                  else "")
+        status = "no summary" if summary["status"] == NO_SUMMARY else str(summary["status"])
+        if not (summary.get("records_cover") or {}).get("complete", True):
+            status += "*"
+        table.add_row(summary["run_id"], status, steps, number(summary["final_loss"]),
+                      number(best_eval["value"]) if best_eval else "n/a",
+                      duration(summary["training_duration_s"] if summary["training_duration_s"] is not None
+                               else summary["wall_time_s"]),
+                      f"{summary['errors']}/{summary['warnings']}")
+    if any(not (s.get("records_cover") or {}).get("complete", True) for s in summaries):
+        table.caption = "* older records removed by retention: see seo-trainlog summarize --run RUN_ID"
+        table.caption_justify = "left"
+    return table
 
 
 def summary_table(summary: Mapping[str, Any]) -> Table:

@@ -4,6 +4,7 @@ record beyond its ``event`` and the ``schema_version`` of ``run_start``."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -36,9 +37,16 @@ class MetricsRun:
     def active_path(self) -> Path:
         return self.paths[0].with_name(f"performance_metrics_{self.run_id}.log")
 
+    @property
+    def manifest_path(self) -> Path:
+        """``run_manifest_<run_id>.json`` beside the metrics files (it may not exist)."""
+        return self.paths[0].with_name(f"run_manifest_{self.run_id}.json")
+
 
 def find_runs(log_dir: str | os.PathLike[str]) -> list[MetricsRun]:
-    """The runs of ``log_dir``, oldest first (by stamp ``YYYYMMDD_HHMMSS``, then its ``_1``, ``_2``...).
+    """The runs of ``log_dir``, oldest first (by stamp ``YYYYMMDD_HHMMSS``, then its ``_1``, ``_2``...):
+    each one's ``performance_metrics_<stamp>[.<rotation date>[.<n>]].log`` files (a run's
+    ``run_manifest_<stamp>.json`` is not one of them: see :func:`read_manifest`).
 
     Raises:
         LogReadError: the directory is missing or unreadable, or holds no metrics file.
@@ -79,81 +87,170 @@ def select_run(runs: list[MetricsRun], run_id: str | None) -> MetricsRun:
 
 
 _RECORD_START = b'{"time":'  # how every line the library writes begins
+CHUNK_BYTES = 1 << 20  # read this much at a time
+MAX_LINE_BYTES = 16 << 20  # a longer line is skipped without being held whole (records are under 1 MiB)
+MANIFEST_SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 def read_records(run: MetricsRun, warn: Callable[[str], None] = lambda message: None) -> Iterator[dict[str, Any]]:
-    """Every record of ``run`` in order, one dict per JSON line, read lazily (constant memory).
+    """Every record of ``run`` in order, one dict per JSON line, read lazily in chunks of
+    :data:`CHUNK_BYTES` (memory stays bounded whatever the files hold).
 
-    A last line of the run without its newline that is not complete JSON (the run is still writing
-    it, or was killed while writing it) is skipped with one call to ``warn``; so is a record cut
-    short anywhere (it begins as every record does but does not end: a write that failed, e.g. on a
-    full disk).
+    Skipped with one call to ``warn`` each (naming the file and line number): a last line of the run
+    without its newline that is not complete JSON (the run is still writing it, or was killed while
+    writing it); a record cut short anywhere (it begins as every record does but does not end: a
+    write that failed, e.g. on a full disk); a line longer than :data:`MAX_LINE_BYTES` (never held
+    whole); a line of NUL bytes (a file extended by a crash). NUL bytes before a record are dropped
+    with a warning and the record read.
 
     Raises:
         LogReadError: a file cannot be read; any other line is not a JSON object (names file and
             line number); a ``run_start`` record has a ``schema_version`` newer than this reader's.
     """
     for path in run.paths:
+        lines = _Lines(path, warn)
         with _open(path) as handle:
-            for number, line in enumerate(handle, 1):
-                try:  # _parse, inlined for the common case: this loop is the hot path of every command
-                    record = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    record = None
-                if type(record) is not dict:
-                    if not line.strip():
-                        continue
-                    if path == run.paths[-1] and not line.endswith(b"\n") and not handle.read(1):
-                        warn(f"{path}: the last line (line {number}) is incomplete, as when a run is still "
-                             "writing it or was killed; it is skipped")
-                        return
-                    if line.startswith(_RECORD_START) and line.strip() and not line.rstrip().endswith(b"}"):
-                        warn(f"{path}: line {number} is a record cut short (a write that failed, e.g. on a "
-                             "full disk); it is skipped")
-                        continue
-                    record = _parse(line, path, number)  # raises the error that names the problem
-                if record.get("event") == "run_start":
-                    _check_schema(record, path)
+            while True:
+                chunk = _read(handle, path)
+                if not chunk:
+                    break
+                for number, line in lines.feed(chunk):
+                    record = _record(line, path, number, warn)
+                    if record is not None:
+                        yield record
+                if lines.skipping:
+                    _skip_hole(handle)
+        last = lines.rest()
+        if last is not None:
+            number, line = last
+            record = _record(line, path, number, warn, last=path == run.paths[-1])
+            if record is not None:
                 yield record
+
+
+class _Lines:
+    """Splits a file's bytes, fed in chunks, into ``(line number, line)`` without the newline; a line
+    that grows past :data:`MAX_LINE_BYTES` is dropped as it comes (one warning), never held whole."""
+
+    def __init__(self, path: Path, warn: Callable[[str], None]) -> None:
+        self.path, self.warn = path, warn
+        self.number = 0
+        self._pending = bytearray()
+        self.skipping = False  # within a line too long, until its newline
+
+    def feed(self, chunk: bytes) -> list[tuple[int, bytes]]:
+        start = 0
+        if self.skipping:
+            start = chunk.find(b"\n") + 1
+            if not start:
+                return []
+            self.skipping = False
+        end = chunk.rfind(b"\n")
+        if end < start:  # no newline in what is left
+            self._pending += chunk[start:] if start else chunk
+            self._check_length()
+            return []
+        pieces = chunk[start:end].split(b"\n")
+        if self._pending:
+            pieces[0] = bytes(self._pending) + pieces[0]
+            self._pending = bytearray()
+        self._pending += chunk[end + 1:]
+        first = self.number + 1
+        self.number += len(pieces)
+        self._check_length()
+        return list(zip(range(first, first + len(pieces)), pieces))
+
+    def rest(self) -> tuple[int, bytes] | None:
+        """The last line when it has no newline (``None`` when there is none)."""
+        if self.skipping or not self._pending:
+            return None
+        self.number += 1
+        return self.number, bytes(self._pending)
+
+    def _check_length(self) -> None:
+        if len(self._pending) > MAX_LINE_BYTES:
+            self.number += 1
+            self.warn(f"{self.path}: line {self.number} is longer than {MAX_LINE_BYTES >> 20} MiB, which no "
+                      "record is (a damaged file, e.g. one filled with NUL bytes); it is skipped")
+            self._pending = bytearray()
+            self.skipping = True
+
+
+def _record(line: bytes, path: Path, number: int, warn: Callable[[str], None],
+            last: bool = False) -> dict[str, Any] | None:
+    """The record of one line, or ``None`` for a line skipped (see :func:`read_records`); ``last``:
+    the run's last line, without its newline. The one place every reader classifies a line."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        record = None
+    if type(record) is not dict:
+        if b"\x00" in line[:1] or b"\x00" in line[-1:]:
+            nuls = len(line) - len(line.strip(b"\x00"))
+            line = line.strip(b"\x00")
+            warn(f"{path}: line {number} holds {nuls} NUL bytes (a file extended by a crash); they are skipped")
+            if not line.strip():
+                return None
+            return _record(line, path, number, warn, last)
+        if not line.strip():
+            return None
+        if last:
+            warn(f"{path}: the last line (line {number}) is incomplete, as when a run is still "
+                 "writing it or was killed; it is skipped")
+            return None
+        if line.startswith(_RECORD_START) and not line.rstrip().endswith(b"}"):
+            warn(f"{path}: line {number} is a record cut short (a write that failed, e.g. on a "
+                 "full disk); it is skipped")
+            return None
+        record = _parse(line, path, number)  # raises the error that names the problem
+    if record.get("event") == "run_start":
+        _check_schema(record, path)
+    return record
 
 
 class RunFollower:
     """A run's records as they are appended, across rotations (like ``tail -F``).
 
-    Each :meth:`poll` returns the records completed since the previous one: the first poll reads the
-    rotated files and what the active file holds; later polls read what was appended. A line is
-    taken once it ends with a newline. When the active file is renamed by rotation, the rest of the
-    renamed file is read before the new active file.
+    Each :meth:`poll` yields the records completed since the previous one, lazily (consume them
+    before the next poll): the first poll reads the rotated files and what the active file holds;
+    later polls read what was appended, in chunks of :data:`CHUNK_BYTES`. A line is taken once it
+    ends with a newline, and classified as :func:`read_records` does (a record cut short, a line
+    too long or of NUL bytes: skipped, with the same warning through ``warn``). When the active
+    file is renamed by rotation, the rest of the renamed file is read before the new active file.
 
     Raises (from :meth:`poll`):
-        LogReadError: a complete line that is not a JSON object, or a newer ``schema_version``.
+        LogReadError: a file cannot be read, a complete line that is not a JSON object, or a newer
+            ``schema_version``.
     """
 
-    def __init__(self, run: MetricsRun) -> None:
+    def __init__(self, run: MetricsRun, warn: Callable[[str], None] = lambda message: None) -> None:
         self.run = run
+        self.warn = warn
         self._handle: BinaryIO | None = None
-        self._pending = b""
-        self._line_number = 0
+        self._lines = _Lines(run.active_path, warn)
         self._started = False
 
-    def poll(self) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = []
+    def poll(self) -> Iterator[dict[str, Any]]:
         if not self._started:
             self._started = True
-            for path in self.run.paths:
-                if path != self.run.active_path:
-                    records += read_records(MetricsRun(self.run.run_id, (path,)))
+            rotated = tuple(path for path in self.run.paths if path != self.run.active_path)
+            yield from read_records(MetricsRun(self.run.run_id, rotated), self.warn)
         if self._handle is None:
             self._open_active()
         if self._handle is not None:
             rotated = self._rotated()
-            records += self._drain()
+            yield from self._drain()
             if rotated:
+                rest = self._lines.rest()
+                if rest is not None:  # loguru ends its lines before rotating: a write cut short
+                    record = _record(rest[1], self.run.active_path, rest[0], self.warn)
+                    if record is not None:
+                        yield record
                 self._handle.close()
                 self._handle = None
                 self._open_active()
-                records += self._drain()
-        return records
+                yield from self._drain()
 
     def close(self) -> None:
         if self._handle is not None:
@@ -167,7 +264,7 @@ class RunFollower:
             return
         except OSError as exc:
             raise LogReadError(f"cannot read {self.run.active_path}: {exc.strerror}") from None
-        self._pending, self._line_number = b"", 0
+        self._lines = _Lines(self.run.active_path, self.warn)
 
     def _rotated(self) -> bool:
         try:
@@ -175,21 +272,71 @@ class RunFollower:
         except FileNotFoundError:
             return True
 
-    def _drain(self) -> list[dict[str, Any]]:
-        if self._handle is None:
-            return []
-        *lines, self._pending = (self._pending + self._handle.read()).split(b"\n")
-        records = []
-        for line in lines:
-            self._line_number += 1
-            if line.strip():
-                records.append(_parse(line, self.run.active_path, self._line_number))
-        return records
+    def _drain(self) -> Iterator[dict[str, Any]]:
+        path = self.run.active_path
+        while self._handle is not None:
+            chunk = _read(self._handle, path)
+            if not chunk:
+                return
+            for number, line in self._lines.feed(chunk):
+                record = _record(line, path, number, self.warn)
+                if record is not None:
+                    yield record
+
+
+def read_manifest(run: MetricsRun, warn: Callable[[str], None] = lambda message: None) -> dict[str, Any] | None:
+    """The run's manifest ``run_manifest_<run_id>.json`` (written by the run outside rotation: its
+    start, hyperparameters, ``max_steps``, segments, train totals, counts and last summary), or
+    ``None`` when there is none. A manifest that cannot be used (unreadable, over 16 MiB, not a JSON
+    object, another run's, a newer ``schema_version``) is ``None`` with one call to ``warn``."""
+    path = run.manifest_path
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        warn(f"cannot read {path}: {exc.strerror}; the run's totals in it are not used")
+        return None
+    problem = None
+    try:
+        manifest = orjson.loads(data) if len(data) <= MAX_MANIFEST_BYTES else None
+    except orjson.JSONDecodeError:
+        manifest = None
+    version = manifest.get("schema_version", 1) if type(manifest) is dict else None
+    if type(manifest) is not dict:
+        problem = "is not a JSON object" if len(data) <= MAX_MANIFEST_BYTES else \
+            f"is larger than {MAX_MANIFEST_BYTES >> 20} MiB"
+    elif type(version) is not int or version > MANIFEST_SCHEMA_VERSION:
+        problem = f"has schema version {version!r} (this seo-trainlog reads up to {MANIFEST_SCHEMA_VERSION})"
+    elif manifest.get("run_id", run.run_id) != run.run_id:
+        problem = f"is the manifest of run {manifest.get('run_id')!r}"
+    if problem:
+        warn(f"{path} {problem}; the run's totals in it are not used")
+        return None
+    return manifest
 
 
 def _open(path: Path) -> BinaryIO:
     try:
-        return open(path, "rb")
+        return open(path, "rb", buffering=0)  # reads of CHUNK_BYTES need no buffer
+    except OSError as exc:
+        raise LogReadError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _skip_hole(handle: BinaryIO) -> None:
+    """Move past a hole of a sparse file (NUL bytes that take no disk: a file extended by ``truncate``
+    or a crash), which holds no newline; a file system without ``SEEK_DATA`` is read through."""
+    try:
+        handle.seek(os.lseek(handle.fileno(), handle.tell(), os.SEEK_DATA))
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
+            handle.seek(0, os.SEEK_END)
+
+
+def _read(handle: BinaryIO, path: Path) -> bytes:
+    try:
+        return handle.read(CHUNK_BYTES)
     except OSError as exc:
         raise LogReadError(f"cannot read {path}: {exc.strerror}") from None
 

@@ -11,7 +11,7 @@ from html import escape
 from typing import Any
 
 from . import _present
-from ._analysis import RunAnalysis
+from ._analysis import MAX_KEPT, RunAnalysis
 from ._format import flatten, fmt_value
 from ._plots import figure_png
 
@@ -36,7 +36,7 @@ def render_report(analysis: RunAnalysis, all_runs: Sequence[RunAnalysis] = ()) -
     parts = [f"<h1>Training run {escape(analysis.run_id)}: <span class=\"{status_class}\">"
              f"{escape(_present.status_text(summary['status']))}</span></h1>",
              f"<p>Report written {escape(datetime.now().astimezone().isoformat(timespec='seconds'))} by "
-             f"seo-trainlog from {analysis.records} JSON metrics records.</p>",
+             f"seo-trainlog from {_present.plural(analysis.records, 'JSON metrics record')}.</p>",
              "<h2>Summary</h2>", _table(None, _present.summary_rows(summary)),
              "<h2>Plots</h2>",
              f"<img alt=\"loss, learning rate, throughput and memory of run {escape(analysis.run_id)}\" "
@@ -51,11 +51,13 @@ def render_report(analysis: RunAnalysis, all_runs: Sequence[RunAnalysis] = ()) -
                      [(a["global_step"], a["kind"], a["source"], a["message"]) for a in summary["anomalies"]])
               if summary["anomalies"] else "<p>None found.</p>"]
     parts += [f"<h2>Errors ({summary['errors']})</h2>", *map(_error, analysis.errors)]
-    if not analysis.errors:
+    if not summary["errors"]:
         parts.append("<p>None logged.</p>")
+    parts += _not_listed(summary["errors"], len(analysis.errors))
     parts += [f"<h2>Warnings ({summary['warnings']})</h2>",
               "<ul>" + "".join(f"<li>{escape(text)}</li>" for text in analysis.warnings) + "</ul>"
-              if analysis.warnings else "<p>None logged.</p>"]
+              if analysis.warnings else "" if summary["warnings"] else "<p>None logged.</p>"]
+    parts += _not_listed(summary["warnings"], len(analysis.warnings))
     hyperparameters = flatten(analysis.hyperparameters) if isinstance(analysis.hyperparameters, dict) else {}
     parts += [f"<h2>Hyperparameters ({len(hyperparameters)})</h2>",
               _table(("name", "value"), [(key, fmt_value(value, "g")) for key, value in hyperparameters.items()])
@@ -88,6 +90,13 @@ def _table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]], highlig
         attributes = ' class="current"' if index in highlight else ""
         lines.append(f"<tr{attributes}>{''.join(cells)}</tr>")
     return "".join(lines) + "</table>"
+
+
+def _not_listed(count: int, listed: int) -> list[str]:
+    if count <= listed:
+        return []
+    return [f"<p>{count - listed} more not listed (the first {MAX_KEPT} are kept; records deleted by retention "
+            "are counted from the run's manifest).</p>"]
 
 
 def _error(record: dict[str, Any]) -> str:

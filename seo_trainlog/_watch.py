@@ -22,8 +22,8 @@ from rich.text import Text
 from ._analysis import SPEED_SUFFIXES, is_gpu_util_key
 from ._anomaly import AnomalyDetector, eval_prefix
 from ._config import LogConfig
-from ._present import duration, number, status_text
-from ._reader import LogReadError, RunFollower, find_runs, select_run
+from ._present import coverage_notice, duration, number, print_warning, status_text
+from ._reader import LogReadError, RunFollower, find_runs, read_manifest, select_run
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_POINTS = 60  # losses in the sparkline
@@ -36,10 +36,19 @@ class WatchState:
     progress (``global_step`` of the latest record, ``run.max_steps`` of the ``hyperparameters``
     record), the latest ``train`` and ``eval`` values, the last :data:`SPARK_POINTS` losses, the
     latest anomalies (from an :class:`AnomalyDetector` and from ``anomaly`` records, once each), and
-    the ``summary`` status once it is written."""
+    the ``summary`` status once it is written (a ``segment_start`` record, a resumed run, clears it).
+    ``manifest`` and ``rotated`` as for :class:`~seo_trainlog._analysis.RunAnalysis`: when retention
+    deleted the run's first records, ``max_steps`` comes from the manifest and :meth:`coverage` says
+    which steps the records cover. Every structure is of bounded length whatever the run's length."""
 
-    def __init__(self, run_id: str, config: LogConfig | None = None) -> None:
+    def __init__(self, run_id: str, config: LogConfig | None = None, *, manifest: Mapping[str, Any] | None = None,
+                 rotated: bool = False) -> None:
         self.run_id = run_id
+        self.manifest = manifest if isinstance(manifest, Mapping) else None
+        self._rotated = rotated or self.manifest is not None
+        self._head: bool | None = None
+        self._train_steps: list[int | None] = [None, None]
+        self.segment = 1
         self.detector = AnomalyDetector(config or LogConfig())
         self.records = 0
         self.global_step: int | None = None
@@ -62,6 +71,10 @@ class WatchState:
     def add(self, record: Mapping[str, Any]) -> None:
         self.records += 1
         event, step = record.get("event"), record.get("global_step")
+        if self._head is None:
+            self._head = event == "run_start"
+            if self.head_deleted and self.manifest is not None and type(self.manifest.get("max_steps")) is int:
+                self.max_steps = self.manifest["max_steps"] or None
         if isinstance(step, int):
             self.global_step = step
         if isinstance(record.get("epoch"), (int, float)):
@@ -72,6 +85,8 @@ class WatchState:
             self.latest_train = dict(record)
             if isinstance(record.get("loss"), (int, float)):
                 self.losses.append(record["loss"])
+            if isinstance(step, int):
+                self._train_steps = [step if self._train_steps[0] is None else self._train_steps[0], step]
             stamp = _time(record.get("time"))
             if stamp is not None and isinstance(step, int):
                 self._first_train = self._first_train or (stamp, step)
@@ -87,6 +102,22 @@ class WatchState:
             self._alert(record.get("kind"), record.get("user_global_step", step), record.get("message"))
         elif event in ("summary", "status"):
             self.status = record.get("status") or "unknown"
+        elif event == "segment_start":  # the run was resumed: it goes on, the ETA from its new pace
+            self.status = None
+            self._first_train = None
+            self.segment = record["segment"] if isinstance(record.get("segment"), int) else self.segment + 1
+
+    @property
+    def head_deleted(self) -> bool:
+        """True when retention deleted the run's oldest records (see ``RunAnalysis.head_deleted``)."""
+        return self._rotated and self._head is False
+
+    def coverage(self) -> str | None:
+        """The line saying which steps the records cover when older ones were deleted, else ``None``."""
+        return coverage_notice({"run_id": self.run_id, "manifest_used": self.manifest is not None,
+                                "records_cover": {"first_global_step": self._train_steps[0],
+                                                  "last_global_step": self._train_steps[1],
+                                                  "complete": not self.head_deleted}})
 
     def eta_s(self) -> float | None:
         """Seconds to ``max_steps`` at the mean pace (steps per second of record time) since the first
@@ -130,6 +161,9 @@ def render_frame(state: WatchState) -> RenderableType:
         progress.add_row(Text(f"{step_text} (max_steps not logged yet)"))
     eta = state.eta_s()
     progress.add_row(Text(f"epoch {number(state.epoch, 3)}"), Text(f"ETA {duration(eta)}" if eta is not None else ""))
+    notice = state.coverage()
+    if notice:
+        progress.add_row(Text(notice, style="yellow"))
 
     metrics = Table(show_header=False, box=None, padding=(0, 1))
     for key in LATEST_KEYS:
@@ -140,7 +174,8 @@ def render_frame(state: WatchState) -> RenderableType:
     metrics.add_row(Text("loss trend"), Text(sparkline(state.losses), style="cyan"))
 
     return Group(
-        Panel(progress, title=f"run {state.run_id}: {status}", title_align="left"),
+        Panel(progress, title=f"run {state.run_id}: {status}" + (f" (segment {state.segment})" if state.segment > 1
+                                                                   else ""), title_align="left"),
         Panel(metrics, title="latest metrics", title_align="left"),
         Panel(_gauges(state.latest_train), title="resources", title_align="left"),
         Panel(_alerts(state), title=f"alerts ({state.anomaly_count})", title_align="left"),
@@ -172,7 +207,8 @@ def watch(log_dir: str | os.PathLike[str], run_id: str | None, config: LogConfig
                 console.print(f"waiting for a run in {log_dir} (Ctrl-C to stop)")
             sleep(interval_s)
     run = select_run(runs, run_id)
-    follower, state = RunFollower(run), WatchState(run.run_id, config)
+    follower = RunFollower(run, print_warning)
+    state = WatchState(run.run_id, config, manifest=read_manifest(run, print_warning), rotated=len(run.paths) > 1)
     try:
         with Live(render_frame(state), console=console, auto_refresh=False) as live:
             while True:

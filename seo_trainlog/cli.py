@@ -9,8 +9,10 @@ Commands (``seo-trainlog COMMAND --help`` for each)::
 
 Exit status: 0 on success; 2 for a usage error or a log directory that cannot be read (a missing or
 empty directory, an unknown run, a broken line, metrics of a newer schema: one line on stderr,
-never a traceback); ``watch`` waits for a missing directory or a first run, and exits 1 when
-``--timeout`` ends it before the run's summary, 130 on Ctrl-C.
+never a traceback). Without ``--run``, a run that cannot be read is skipped with a warning on stderr
+naming its file, and the others are listed and reported (status 0 when at least one was read).
+``watch`` waits for a missing directory or a first run, and exits 1 when ``--timeout`` ends it
+before the run's summary, 130 on Ctrl-C.
 Anomaly thresholds come from the ``SEO_TRAINLOG_*`` variables (:meth:`LogConfig.from_env`).
 """
 
@@ -28,7 +30,7 @@ from . import _present
 from ._analysis import RunAnalysis
 from ._config import LogConfig
 from ._format import to_jsonable
-from ._reader import LogReadError, MetricsRun, find_runs, read_records, select_run
+from ._reader import LogReadError, MetricsRun, find_runs, read_manifest, read_records, select_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,13 +77,13 @@ def _summarize(args: argparse.Namespace) -> int:
     config = _config()
     console = Console()
     if args.list:
-        summaries = [_analyse(run, config).summary() for run in runs]
+        summaries = [analysis.summary() for analysis in _analyse_all(runs, config)]
         if args.json:
             _print_json({"log_dir": str(args.log_dir), "runs": summaries})
         else:
-            console.print(_present.comparison_table(summaries, f"Runs in {args.log_dir}"))
+            console.print(_present.run_list_table(summaries, f"Runs in {args.log_dir}"))
         return 0
-    summary = _analyse(select_run(runs, args.run), config).summary()
+    summary = _analyse_chosen(runs, args.run, config).summary()
     if args.json:
         _print_json(summary)
         return 0
@@ -96,7 +98,7 @@ def _plot(args: argparse.Namespace) -> int:
 
     if args.output.suffix.lower() != ".png":
         raise LogReadError(f"{args.output}: the figure is written as PNG; give a file name ending in .png")
-    analysis = _analyse(select_run(find_runs(args.log_dir), args.run), _config())
+    analysis = _analyse_chosen(find_runs(args.log_dir), args.run, _config())
     save_figure(analysis, args.output)
     print(f"wrote {args.output}")
     return 0
@@ -106,10 +108,10 @@ def _report(args: argparse.Namespace) -> int:
     from ._report import write_report
 
     runs = find_runs(args.log_dir)
-    chosen = select_run(runs, args.run)
-    config = _config()
-    analyses = [_analyse(run, config) for run in runs]
-    write_report(args.output, next(a for a in analyses if a.run_id == chosen.run_id), analyses)
+    chosen = select_run(runs, args.run) if args.run is not None else None
+    analyses = _analyse_all(runs, _config(), required=chosen)
+    current = next(a for a in reversed(analyses) if chosen is None or a.run_id == chosen.run_id)
+    write_report(args.output, current, analyses)
     print(f"wrote {args.output}")
     return 0
 
@@ -121,7 +123,48 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _analyse(run: MetricsRun, config: LogConfig) -> RunAnalysis:
-    return RunAnalysis(run.run_id, config).add_all(read_records(run, _warn))
+    analysis = RunAnalysis(run.run_id, config, manifest=read_manifest(run, _warn), rotated=len(run.paths) > 1)
+    analysis.add_all(read_records(run, _warn))
+    if analysis.head_deleted and analysis.manifest is None:
+        _warn(f"run {run.run_id}: its oldest metrics files were deleted by retention (the oldest left, "
+              f"{run.paths[0].name}, does not begin with run_start) and there is no {run.manifest_path.name}: "
+              "start time, hyperparameters and best loss may be incomplete")
+    return analysis
+
+
+def _analyse_all(runs: list[MetricsRun], config: LogConfig, required: MetricsRun | None = None) -> list[RunAnalysis]:
+    """Every run that can be read; one that cannot is skipped with a warning naming its file (the
+    ``required`` one raises). Raises LogReadError when none can be read (the last run's error)."""
+    analyses, failed = [], []
+    for run in runs:
+        try:
+            analyses.append(_analyse(run, config))
+        except LogReadError as exc:
+            if run is required:
+                raise
+            failed.append((run, exc))
+    if not analyses:
+        *failed, (_, error) = failed
+    for run, exc in failed:
+        _warn(f"run {run.run_id} skipped: {exc}")
+    if not analyses:
+        raise error
+    return analyses
+
+
+def _analyse_chosen(runs: list[MetricsRun], run_id: str | None, config: LogConfig) -> RunAnalysis:
+    """The run ``run_id``; without one, the latest run that can be read (a later one that cannot is
+    skipped with a warning naming its file)."""
+    if run_id is not None:
+        return _analyse(select_run(runs, run_id), config)
+    for index in range(len(runs) - 1, -1, -1):
+        try:
+            return _analyse(runs[index], config)
+        except LogReadError as exc:
+            if index == 0:
+                raise
+            _warn(f"run {runs[index].run_id} skipped: {exc}")
+    raise AssertionError("find_runs returns at least one run")
 
 
 def _config() -> LogConfig:
@@ -131,8 +174,7 @@ def _config() -> LogConfig:
         raise LogReadError(str(exc)) from None
 
 
-def _warn(message: str) -> None:
-    print(f"seo-trainlog: warning: {_one_line(message)}", file=sys.stderr)
+_warn = _present.print_warning
 
 
 def _print_json(value: object) -> None:

@@ -92,7 +92,8 @@ def test_summarize_json_matches_the_trainer(runs, capsys):
     assert out["peak_rss_mb"] == max([summary["peak_rss_mb"]] + [r["rss_mb_max"] for r in steps])
     assert out["early_stopping_triggered"] is False
     assert out["errors"] == 1
-    assert out["warnings"] == sum(r["event"] == "warning" for r in records)
+    assert out["warnings"] == sum(r["event"] == "warning" or (r["event"] == "anomaly" and r["kind"] != "non_finite")
+                                  for r in records)
     assert (out["anomaly_count"], out["anomalies"]) == (0, [])
 
 
