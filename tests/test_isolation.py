@@ -19,6 +19,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
 from seo_trainlog import TimedDataCollator, TrainLogCallback, TrainLogger
 from seo_trainlog import _sinks
+from seo_trainlog.cli import main
 
 HERE = Path(__file__).resolve().parent
 FIXED_STAMP = "20260101_000000"
@@ -242,7 +243,13 @@ def test_an_epoch_cut_short_by_max_steps_is_logged_as_partial(make_trainer, log_
     assert (epoch["operation"], epoch["epoch_fraction"]) == ("epoch_1_partial", 0.375)
 
 
-def test_a_run_preempted_by_sigterm_and_resumed_ends_completed(log_dir):
+def cli_json(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_run_preempted_by_sigterm_and_resumed_ends_completed(log_dir, capsys):
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
     preempted = subprocess.run([sys.executable, str(HERE / "sigterm_child.py"), str(log_dir), "preempt"],
                                capture_output=True, text=True, timeout=300, env=env)
@@ -259,6 +266,17 @@ def test_a_run_preempted_by_sigterm_and_resumed_ends_completed(log_dir):
     manifest = json.loads((log_dir / f"run_manifest_{run.run_id}.json").read_text())
     assert manifest["status"] == "completed"
     assert [(s["status"], s["start_global_step"]) for s in manifest["segments"]] == [("terminated", 0), ("completed", 3)]
+    # seo-trainlog shows one run: steps 1..8, the time of both segments, each segment's start and status
+    summary = cli_json(capsys, "summarize", str(log_dir), "--json")
+    summaries = run.records("summary")
+    assert (summary["run_id"], summary["status"], summary["global_step"]) == (run.run_id, "completed", 8)
+    assert summary["training_duration_s"] == pytest.approx(sum(row["training_duration_s"] for row in summaries))
+    assert [(s["segment"], s["start_global_step"], s["status"]) for s in summary["segments"]] == \
+        [(1, 0, "terminated"), (2, 3, "completed")]
+    assert summary["records_cover"]["complete"] is True
+    assert main(["summarize", str(log_dir), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.count(run.run_id) == 1
 
 
 def test_a_run_continued_in_a_directory_without_its_files_starts_them(tmp_path):
@@ -302,3 +320,33 @@ def test_one_callback_given_to_two_trainers_training_at_once_keeps_two_runs(make
         assert [row["status"] for row in run.records("summary")] == ["completed"]
         by_steps[len(steps)] = (steps, collate_totals(run))
     assert by_steps == {8: (list(range(1, 9)), (8, 64)), 16: (list(range(1, 17)), (16, 64))}
+
+
+def test_retention_never_makes_the_summary_wrong(make_trainer, log_dir, monkeypatch, capsys):
+    monkeypatch.setenv("SEO_TRAINLOG_ROTATION", "2 KB")
+    monkeypatch.setenv("SEO_TRAINLOG_RETENTION", "2")
+    monkeypatch.setenv("SEO_TRAINLOG_DIR", str(log_dir))
+    monkeypatch.setenv("SEO_TRAINLOG_CONSOLE", "0")
+    trainer = make_trainer(max_steps=120, learning_rate=1e-2)
+    trainer.add_callback(TrainLogCallback())
+    trainer.train()
+    losses = [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
+    assert len(losses) == 120
+    remaining = json_rows(log_dir)
+    [run_id] = {row["run_id"] for row in remaining}
+    assert "run_start" not in {row["event"] for row in remaining}  # retention deleted the head
+    first_left = min(row["global_step"] for row in remaining if row["event"] == "train")
+    assert first_left > 1
+
+    manifest = json.loads((log_dir / f"run_manifest_{run_id}.json").read_text())
+    summary = cli_json(capsys, "summarize", str(log_dir), "--json")
+    best_step, best = min(losses, key=lambda pair: (pair[1], pair[0]))
+    assert summary["best_loss"] == pytest.approx(best) and summary["best_loss_step"] == best_step
+    assert summary["final_loss"] == pytest.approx(losses[-1][1])
+    assert (summary["max_steps"], summary["global_step"], summary["status"]) == (120, 120, "completed")
+    assert summary["started"] == manifest["started"] and summary["started"] < remaining[0]["time"]
+    assert summary["records_cover"] == {"first_global_step": first_left, "last_global_step": 120, "complete": False}
+    capsys.readouterr()
+    assert main(["summarize", str(log_dir)]) == 0
+    text = capsys.readouterr().out
+    assert f"records cover global_step {first_left}-120 only" in " ".join(text.split())
