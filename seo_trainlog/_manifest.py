@@ -4,7 +4,8 @@ Retention deletes a long run's oldest files, and with them ``run_start``, the hy
 the first losses. The manifest keeps what a reader needs to stay right about the whole run: when it
 started, its hyperparameters and ``max_steps``, its segments (one per ``train()`` call, resumed
 ones included), running totals of the training records (count, first/last step, final and best
-loss), the error/warning/anomaly counts and the last summary.
+loss), the error/warning/anomaly counts (``warning``: every WARNING line of the error log, anomalies'
+included, as ``seo-trainlog`` counts them) and the last summary.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class RunManifest:
                     data["max_steps"] = to_jsonable(run.get("max_steps"))
             elif event in ("error", "warning", "anomaly"):
                 data["counts"][event] += 1
+                if event == "anomaly" and values.get("kind") != "non_finite":
+                    data["counts"]["warning"] += 1  # its WARNING line (a non-finite value has a warning record)
             elif event == "summary":
                 data["summary"] = to_jsonable(dict(values, time=_iso(at), global_step=global_step))
                 data["status"] = values.get("status")
