@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ._secrets import mask_mapping
+from ._secrets import REDACTOR, mask_mapping
 
 RULE = "=" * 80
 _SCALARS = (str, int, float, bool, type(None))
@@ -371,7 +371,7 @@ def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Map
     ``performance_metrics_*.log``.
 
     Keys: ``time`` (ISO 8601 with UTC offset), ``run_id``, ``event``, ``global_step``, ``epoch``,
-    then ``values`` (secrets masked); a value named like one of those five is kept as ``user_<key>``,
+    then ``values`` (secrets masked: by key, and in every string value by known value and shape); a value named like one of those five is kept as ``user_<key>``,
     unless it equals the record's own.
     """
     record: dict[str, Any] = {
@@ -386,6 +386,8 @@ def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Map
         kind = type(value)  # orjson writes these as they are (NaN and infinities as null)
         plain = kind is float or kind is str or kind is bool or value is None or (kind is int and -(2**63) <= value < 2**63)
         value = value if plain else to_jsonable(value)
+        if type(value) is str:  # masked as decoded text: a quote inside is not yet JSON-escaped
+            value = REDACTOR(value)
         if key in RESERVED_JSON_KEYS:
             if record[key] == value:
                 continue  # the record says it already
