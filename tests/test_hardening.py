@@ -4,10 +4,19 @@ printed as integers."""
 from __future__ import annotations
 
 import base64
+import collections
+import errno
+import json
+import os
+import re
+import subprocess
 
+import pytest
 from conftest import RunFiles, all_text, quiet
 
 from seo_trainlog import TrainLogger
+from seo_trainlog import _sinks
+from seo_trainlog._sinks import RecordFile
 
 # ---------------------------------------------------------------------------------------- secrets
 
@@ -93,3 +102,112 @@ def test_what_cannot_be_masked_is_what_the_readme_says(log_dir, monkeypatch):
                  f"as base64: {B64}, as is: <redacted>",
                  "the password is hunter2secret", "password: abc12", "login.pass: passSECRET1"):
         assert line in messages, line
+
+
+# ---------------------------------------------------------------------------------------- disk full, then freed
+
+
+class SimulatedDisk:
+    """A disk with ``free_bytes`` left (None: no limit), at the OS boundary: a write takes what fits
+    and returns its count, the next one raises ENOSPC, as write(2) on a full file system does."""
+
+    def __init__(self) -> None:
+        self.free_bytes: int | None = None
+
+    def open(self, path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)
+        return self.File(self, handle) if mode == "ab" else handle
+
+    class File:
+        def __init__(self, disk, raw) -> None:
+            self.disk, self.raw = disk, raw
+
+        def write(self, data) -> int:
+            if self.disk.free_bytes is None:
+                return self.raw.write(data)
+            if self.disk.free_bytes == 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            count = self.raw.write(bytes(data[:self.disk.free_bytes]))
+            self.disk.free_bytes -= count
+            return count
+
+        def __getattr__(self, name):
+            return getattr(self.raw, name)
+
+
+@pytest.fixture(params=["tmpfs", "simulated"])
+def full_disk(request, tmp_path, monkeypatch):
+    """(log directory, fill(), free()): a real 1 MiB tmpfs where mounting is allowed (root), else
+    skipped; and the simulated disk, always."""
+    if request.param == "simulated":
+        disk = SimulatedDisk()
+        monkeypatch.setattr(_sinks, "open", disk.open, raising=False)
+        yield tmp_path / "logs", lambda: setattr(disk, "free_bytes", 700), lambda: setattr(disk, "free_bytes", None)
+        return
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True).returncode == 0 if hasattr(os, "geteuid") and os.geteuid() == 0 \
+        else False
+    if not mounted:
+        pytest.skip("mounting a tmpfs needs root")
+    filler = mount_point / "filler"
+
+    def fill() -> None:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            for size in (65536, 4096, 1):
+                try:
+                    while True:
+                        os.write(fd, b"x" * size)
+                except OSError as error:
+                    assert error.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+
+    try:
+        yield mount_point / "logs", fill, filler.unlink
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_disk_full_then_freed_writes_no_record_twice_and_counts_what_was_lost(full_disk, monkeypatch):
+    log_dir, fill, free = full_disk
+    monkeypatch.setattr(RecordFile, "HOLD_BYTES", 2000)  # so that the full disk costs records
+    pad = "p" * 200
+
+    def record(tlog, index):
+        tlog.log_metrics("mine", {"index": index, "pad": pad})
+        tlog.log_training_progress(0.1, index, 0.5, 1e-4, metrics={"note": pad})
+
+    with TrainLogger(quiet(log_dir, flush_interval_s=3600)) as tlog:  # flushed here, not by the clock
+        for index in range(1, 21):
+            record(tlog, index)
+        tlog.flush()
+        fill()
+        for index in range(21, 61):
+            record(tlog, index)
+            if index % 10 == 0:
+                tlog.flush()
+        free()
+        for index in range(61, 81):
+            record(tlog, index)
+        tlog.flush()
+        tlog.log_message("after the disk was freed", category="training")  # reports the notices
+    run = RunFiles(log_dir, tlog.run_id)
+    rows = [json.loads(line) for line in run.path("performance_metrics").read_text().split("\n") if line]  # none cut short
+    mine = collections.Counter(row["index"] for row in rows if row["event"] == "mine")
+    trained = collections.Counter(row["global_step"] for row in rows if row["event"] == "train")
+    steps = collections.Counter(int(step) for step in re.findall(r"Step (\d+):", run.path("training_progress").read_text()))
+    for counts in (mine, trained, steps):
+        assert set(counts.values()) == {1}  # no record written twice
+        assert set(range(1, 21)) | set(range(61, 81)) <= set(counts)  # before and after: all there
+    lost_json = (80 - len(mine)) + (80 - len(trained))
+    lost_text = 80 - len(steps)
+    assert lost_json > 0 and lost_text > 0  # the full disk cost records
+    notices = [m for m in run.messages("errors") if m.startswith("seo_trainlog: ")]
+    assert len(notices) == len(set(notices))  # the errors file (written at every record) holds none twice
+    for path, lost in ((tlog.files["metrics"], lost_json), (tlog.files["training"], lost_text)):
+        about = [m for m in notices if str(path) in m]
+        assert len(about) == 2 and about[0].startswith(f"seo_trainlog: cannot write to {path}: OSError: [Errno 28]")
+        assert about[1] == f"seo_trainlog: writing to {path} works again after {lost} lost records"
