@@ -263,8 +263,9 @@ class TrainLogger:
                                      "training_duration_s": training_duration,
                                      "early_stopping_triggered": bool(early_stopping_triggered),
                                      **{key: value for key, value in extra.items() if key != "Status"}})
-        self._console(f"training {status}: {_format.fmt_value(total_steps)} steps, "
-                      f"{_format.fmt_epoch(total_epochs)} epochs, final loss {_format.fmt_loss(final_loss)}, "
+        epochs = _format.fmt_epoch(total_epochs)
+        self._console(f"training {status}: {_format.plural(total_steps, 'step')}, "
+                      f"{epochs} epoch{'' if epochs == '1' else 's'}, final loss {_format.fmt_loss(final_loss)}, "
                       f"best loss {_format.fmt_loss(best_loss)}, {_format.fmt_value(training_duration, '.2f')}s")
 
     @never_raises
@@ -277,7 +278,7 @@ class TrainLogger:
         masked = mask_mapping(self._mapping("config", config))
         self._write("training", "INFO", _format.hyperparameter_lines(masked))
         self.log_metrics("hyperparameters", {"hyperparameters": masked})
-        self._console(f"hyperparameters: {len(_format.flatten(masked))} values logged")
+        self._console(f"hyperparameters: {_format.plural(len(_format.flatten(masked)), 'value')} logged")
 
     # ------------------------------------------------------------------ further public methods
 

@@ -211,3 +211,41 @@ def test_a_disk_full_then_freed_writes_no_record_twice_and_counts_what_was_lost(
         about = [m for m in notices if str(path) in m]
         assert len(about) == 2 and about[0].startswith(f"seo_trainlog: cannot write to {path}: OSError: [Errno 28]")
         assert about[1] == f"seo_trainlog: writing to {path} works again after {lost} lost records"
+
+
+# ---------------------------------------------------------------------------------------- counters and grammar
+
+
+def test_counters_print_as_integers_in_text_logs(log_dir):
+    counters = {"num_tokens": 582.0, "num_input_tokens_seen": 1024.0, "total_flos": 3e12, "train_samples": 32.0,
+                "grad_norm": 2.0, "mean_token_accuracy": 1.0, "tokens_per_second": 100.0, "num_tokens_mean": 582.0,
+                "num_tokens_partial": 582.5}
+    with TrainLogger(quiet(log_dir)) as tlog:
+        tlog.log_training_progress(0.5, 10.0, 0.25, 1e-4, metrics=counters)
+        tlog.log_training_summary(1.0, 10.0, 0.2, 0.1, 5.0, extra={"num_input_tokens_seen": 2048.0, "train_loss": 1.0})
+    run = RunFiles(log_dir, tlog.run_id)
+    messages = run.messages("training_progress")
+    assert messages[:2] == [
+        "Epoch 0.5, Step 10: Loss=0.250000, LR=1.00e-04",
+        "Metrics: num_tokens=582, num_input_tokens_seen=1024, total_flos=3000000000000, train_samples=32, "
+        "grad_norm=2.000000, mean_token_accuracy=1.000000, tokens_per_second=100.000000, "
+        "num_tokens_mean=582.000000, num_tokens_partial=582.500000"]
+    for line in ("Total steps: 10", "Final loss: 0.200000", "num_input_tokens_seen: 2048", "train_loss: 1.000000"):
+        assert line in messages, line
+    row = run.records("train")[0]  # the JSON keeps the numbers as they came
+    assert (row["num_tokens"], row["total_flos"], row["grad_norm"]) == (582.0, 3e12, 2.0)
+
+
+def test_one_thing_is_written_in_the_singular(log_dir, capsys):
+    from seo_trainlog import LogConfig
+    from seo_trainlog._anomaly import AnomalyDetector
+
+    with TrainLogger(quiet(log_dir, console=True)) as tlog:
+        tlog.log_hyperparameters({"learning_rate": 1e-4})
+        tlog.log_training_summary(1.0, 1, 0.2, 0.1, 5.0)
+    err = capsys.readouterr().err
+    assert "seo_trainlog | hyperparameters: 1 value logged" in err
+    assert "seo_trainlog | training completed: 1 step, 1 epoch, final loss 0.200000" in err
+    detector = AnomalyDetector(LogConfig(log_dir=log_dir, plateau_evals=1, console=False))
+    found = [a.message for step in (1, 2) for a in detector.update("eval", {"eval_loss": 1.0, "metric_prefix": "eval"}, step)]
+    assert found == ["Plateau at global_step 2: eval_loss has not improved on its best 1 for 1 evaluation (min delta 0)"]
