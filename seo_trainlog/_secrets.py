@@ -177,9 +177,11 @@ def _mask_shape(match: re.Match[str]) -> str:
 # JSON-escaped inside a JSON line (``{\"password\": \"...\"}``), ``?access_token=...``,
 # ``PASSWORD: ...``, ``x-api-key: ...``.
 _NAME_TRIGGERS = ("secret", "pass", "pwd", "cred", "key", "cookie", "token", "authorization")
-_SECRET_NAME = re.compile(
-    r"(?<![A-Za-z0-9_.-])(?P<open>\\?[\"'])?(?P<name>[A-Za-z0-9_.-]*(?:" + "|".join(_NAME_TRIGGERS)
-    + r")[A-Za-z0-9_.-]*)(?P<close>\\?[\"'])?[ \t]*(?P<sep>[:=])[ \t]*", re.I)
+_TRIGGER = re.compile("|".join(_NAME_TRIGGERS))  # searched in lower case: far faster than re.I
+_TRIGGER_ANY_CASE = re.compile("|".join(_NAME_TRIGGERS), re.I)
+_NAME_TAIL = re.compile(r"[A-Za-z0-9_.-]*")
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_AFTER_NAME = re.compile(r"(?P<close>\\?[\"'])?[ \t]*(?P<sep>[:=])[ \t]*")
 _QUOTES = ('\\"', "\\'", '"', "'")  # JSON-escaped first
 _UNQUOTED = re.compile(r"[^\s\"'\\,;&(){}\[\]<>]+")  # never a quote, a backslash or a JSON delimiter
 _SCHEMES = frozenset({"bearer", "basic", "token", "digest"})  # Authorization: Bearer <the secret>
@@ -264,7 +266,7 @@ def _value_span(text: str, start: int, kind: str, quoted_name: bool, sep: str, i
     return match.span()
 
 
-def mask_named_values(text: str) -> str:
+def mask_named_values(text: str, lowered: str | None = None) -> str:
     """``text`` with the values written after secret names (see :func:`secret_kind`) replaced by
     ``<redacted>``: ``password=x``, ``api_key='x'``, ``{'password': 'x'}``, ``{"password": "x"}``
     (also JSON-escaped inside a JSON line), ``?access_token=x&``, ``db_creds=x``,
@@ -275,23 +277,34 @@ def mask_named_values(text: str) -> str:
     ``,;&(){}[]<>``."""
     in_json = text.startswith('{"')  # one of our JSON lines: never cross one of its strings
     pieces: list[str] = []
-    done = 0
-    for match in _SECRET_NAME.finditer(text):
-        if match.start() < done:
-            continue  # inside a value already masked
-        kind = secret_kind(match["name"])
+    done = 0  # the text before this is in pieces
+    skip = 0  # the triggers before this are in a name looked at, or in a masked value
+    lowered = text.lower() if lowered is None else lowered
+    # a trigger word, then the whole name around it (where lower case changes the length, as "İ"
+    # does, positions in the lowered text are not those of the text: search it in any case)
+    triggers = _TRIGGER.finditer(lowered) if len(lowered) == len(text) else _TRIGGER_ANY_CASE.finditer(text)
+    for trigger in triggers:
+        if trigger.start() < skip:
+            continue
+        name_end = _NAME_TAIL.match(text, trigger.end()).end()
+        name_start = trigger.start()
+        while name_start > 0 and text[name_start - 1] in _NAME_CHARS:
+            name_start -= 1
+        after = _AFTER_NAME.match(text, name_end)
+        kind = secret_kind(text[name_start:name_end]) if after is not None else None
+        skip = name_end
         if kind is None:
             continue
-        span = _value_span(text, match.end(), kind, match["close"] is not None, match["sep"], in_json)
+        span = _value_span(text, after.end(), kind, after["close"] is not None, after["sep"], in_json)
         if span is None or text[span[0]:span[1]] == MASK:
             continue
         begin, end = span
         mask = MASK
-        close = match["close"]
-        if close and close.endswith('"') and begin == match.end():  # "pin":1234 -> "pin":"<redacted>"
+        close = after["close"]
+        if close and close.endswith('"') and begin == after.end():  # "pin":1234 -> "pin":"<redacted>"
             mask = close + MASK + close
         pieces += (text[done:begin], mask)
-        done = end
+        done = skip = end
     if not pieces:
         return text
     pieces.append(text[done:])
@@ -310,7 +323,7 @@ def mask_shapes(text: str) -> str:
                 lowered = text.lower()
                 break
     if any(trigger in lowered for trigger in _NAME_TRIGGERS):
-        text = mask_named_values(text)
+        text = mask_named_values(text, lowered)
     return text
 
 
