@@ -50,6 +50,8 @@ def secret_kind(key: str) -> str | None:
     ``aws_cred``, ``x-api-key``). Token: a name ending in token(s) that is not a tokenizer's special
     token (``hub_token``; not ``pad_token``), and a strong name that measures it (``password_length``,
     ``num_secrets``: their numbers are not secrets)."""
+    if key in _SHELL_DIRECTORIES:  # the shell's PWD and OLDPWD are directories, not passwords
+        return None
     words = _words(key)
     strong = bool(_STRONG_WORDS.intersection(words)) or any(
         word in ("key", "keys") and index > 0 and words[index - 1] in _KEY_QUALIFIERS

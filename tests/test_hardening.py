@@ -73,10 +73,12 @@ def test_ordinary_text_next_to_secret_names_is_kept(log_dir):
     with TrainLogger(quiet(log_dir)) as tlog:
         tlog.log_message("num_tokens=582, mean_token_accuracy=0.5, password_length=12, num_secrets=3, "
                          "use_secret=True, hub_token=None, pad_token: [PAD], Authorization: Bearer abcdefgh123")
+        tlog.log_message("started with PWD=/work/main/runs OLDPWD=/tmp/old-dir")
         tlog.log_hyperparameters({"password_length": 12, "num_secrets": 3, "credit_score": 700, "pad_token": "[PAD]"})
     run = RunFiles(log_dir, tlog.run_id)
     assert ("num_tokens=582, mean_token_accuracy=0.5, password_length=12, num_secrets=3, use_secret=True, "
             "hub_token=None, pad_token: [PAD], Authorization: Bearer <redacted>") in run.messages("seo_engine")
+    assert "started with PWD=/work/main/runs OLDPWD=/tmp/old-dir" in run.messages("seo_engine")  # directories
     assert run.records("hyperparameters")[0]["hyperparameters"] == {
         "password_length": 12, "num_secrets": 3, "credit_score": 700, "pad_token": "[PAD]"}
 
