@@ -407,6 +407,7 @@ class GuardedFileSink:
             except Exception as exc:
                 self._fail(exc)
                 return
+            self.dirty = self._state.error is not None  # what the disk refused: retried at the next flush
             self._settle(drains)
 
     def stop(self) -> None:

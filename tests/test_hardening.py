@@ -251,3 +251,21 @@ def test_one_thing_is_written_in_the_singular(log_dir, capsys):
     detector = AnomalyDetector(LogConfig(log_dir=log_dir, plateau_evals=1, console=False))
     found = [a.message for step in (1, 2) for a in detector.update("eval", {"eval_loss": 1.0, "metric_prefix": "eval"}, step)]
     assert found == ["Plateau at global_step 2: eval_loss has not improved on its best 1 for 1 evaluation (min delta 0)"]
+
+
+def test_what_the_full_disk_refused_is_written_by_the_flusher_once_space_returns(log_dir, monkeypatch):
+    import time
+
+    disk = SimulatedDisk()
+    monkeypatch.setattr(_sinks, "open", disk.open, raising=False)
+    with TrainLogger(quiet(log_dir, flush_interval_s=0.1)) as tlog:
+        disk.free_bytes = 50  # the first record is cut after 50 bytes
+        for index in range(1, 4):
+            tlog.log_metrics("mine", {"index": index})
+        tlog.flush()
+        disk.free_bytes = None  # space returns; no record is written after it
+        deadline = time.monotonic() + 30
+        while tlog.files["metrics"].read_text().count("\"event\":\"mine\"") < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rows = [json.loads(line) for line in tlog.files["metrics"].read_text().splitlines()]
+        assert [row["index"] for row in rows if row["event"] == "mine"] == [1, 2, 3]
