@@ -259,7 +259,7 @@ def test_what_the_full_disk_refused_is_written_by_the_flusher_once_space_returns
     disk = SimulatedDisk()
     monkeypatch.setattr(_sinks, "open", disk.open, raising=False)
     with TrainLogger(quiet(log_dir, flush_interval_s=0.1)) as tlog:
-        disk.free_bytes = 50  # the first record is cut after 50 bytes
+        disk.free_bytes = 50  # 50 more bytes, for all the files of the run: then the disk is full
         for index in range(1, 4):
             tlog.log_metrics("mine", {"index": index})
         tlog.flush()
