@@ -154,7 +154,7 @@ class AnomalyDetector:
             self._evals_since_best += 1
         if self._latch("plateau", self._evals_since_best >= self.config.plateau_evals, improved):
             found.append(Anomaly("plateau", step, f"Plateau at global_step {step}: eval_loss has not improved "
-                                 f"on its best {best:.6g} for {self._evals_since_best} evaluations (min delta "
+                                 f"on its best {best:.6g} for {self._evals_since_best} evaluation{'' if self._evals_since_best == 1 else 's'} (min delta "
                                  f"{delta:g})", loss, best - delta))
         return found
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import re
 import traceback
@@ -15,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ._secrets import mask_mapping
+from ._secrets import REDACTOR, mask_mapping
 
 RULE = "=" * 80
 _SCALARS = (str, int, float, bool, type(None))
@@ -154,6 +155,49 @@ def fmt_value(value: Any, float_format: str = ".6f") -> str:
     return escape_controls(safe_str(value), in_value=True)
 
 
+# A value named with one of these words counts things (num_tokens, num_input_tokens_seen, total_flos,
+# train_samples, collate_calls, max_steps): a whole float there is a count and prints as an integer.
+_COUNT_WORDS = frozenset({"num", "count", "counts", "tokens", "flos", "step", "steps", "samples", "examples", "seen",
+                          "batches", "calls", "rows", "items", "size"})
+# ...unless the name says it is a rate, a share, a mean, a loss or a time (tokens_per_second,
+# mean_token_accuracy, total_loss, step_time_s).
+_NOT_COUNT_WORDS = frozenset({"per", "rate", "ratio", "pct", "percent", "fraction", "share", "mean", "avg", "average",
+                              "accuracy", "loss", "lr", "norm", "time", "runtime", "s", "ms", "sec", "seconds", "mb",
+                              "gb", "mib", "gib"})
+
+
+@functools.lru_cache(maxsize=4096)
+def is_count_name(key: str) -> bool:
+    """True for names of counts: ``num_tokens``, ``num_input_tokens_seen``, ``total_flos``,
+    ``train_samples``, ``global_step``, ``eval/num_tokens``; false for ``tokens_per_second``,
+    ``mean_token_accuracy``, ``train_loss``, ``step_time_s``, ``learning_rate``."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key)
+    words = {word for word in re.split(r"[^a-z0-9]+", spaced.lower()) if word}
+    return bool(words & _COUNT_WORDS) and not words & _NOT_COUNT_WORDS
+
+
+def fmt_count(value: Any, float_format: str = ".6f") -> str:
+    """A count: a whole float (``582.0``, as Trainer sends ``num_input_tokens_seen``) as the integer
+    ``582``; anything else as :func:`fmt_value` writes it (``582.5`` -> ``582.500000``)."""
+    value = to_number(value)
+    if type(value) is float and value.is_integer():
+        return str(int(value))
+    return fmt_value(value, float_format)
+
+
+def fmt_named(key: str, value: Any, float_format: str = ".6f") -> str:
+    """``value`` as :func:`fmt_value` writes it, except that under the name of a count
+    (:func:`is_count_name`) a whole float is written as an integer: ``num_tokens=582``, not
+    ``num_tokens=582.000000``. Losses, learning rates and other measures stay floats."""
+    return fmt_count(value, float_format) if is_count_name(key) else fmt_value(value, float_format)
+
+
+def plural(count: Any, word: str) -> str:
+    """``1 error``, ``2 errors``, ``0 errors``, ``1.5 epochs`` (``count`` as :func:`fmt_count` writes it)."""
+    text = fmt_count(count)
+    return f"{text} {word}" if text in ("1", "-1") else f"{text} {word}s"
+
+
 def flatten(values: Mapping[Any, Any], separator: str = ".", prefix: str = "", _depth: int = 0) -> dict[str, Any]:
     """Nested mappings become joined keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; keys become strings."""
     flat: dict[str, Any] = {}
@@ -180,8 +224,8 @@ def metric_values(values: Mapping[Any, Any]) -> dict[str, Any]:
 
 def fmt_pairs(values: Mapping[Any, Any], float_format: str = ".6f") -> str:
     """``{"accuracy": 0.85, "batch_size": 32}`` -> ``accuracy=0.850000, batch_size=32`` (secrets masked,
-    nested mappings flattened with ``/``)."""
-    return ", ".join(f"{key}={fmt_value(value, float_format)}" for key, value in metric_values(values).items())
+    nested mappings flattened with ``/``; counts as integers, see :func:`fmt_named`)."""
+    return ", ".join(f"{key}={fmt_named(key, value, float_format)}" for key, value in metric_values(values).items())
 
 
 def fmt_seconds(value: Any) -> str:
@@ -205,7 +249,7 @@ def progress_lines(epoch: Any, step: Any, loss: Any, learning_rate: Any,
     """
     learning_rate = to_number(learning_rate)
     lr_text = f"{learning_rate:.2e}" if is_finite_number(learning_rate) else fmt_value(learning_rate)
-    lines = [f"Epoch {fmt_epoch(epoch)}, Step {fmt_value(step)}: Loss={fmt_loss(loss)}, LR={lr_text}"]
+    lines = [f"Epoch {fmt_epoch(epoch)}, Step {fmt_count(step)}: Loss={fmt_loss(loss)}, LR={lr_text}"]
     lines += evaluation_lines(validation_loss, metrics)
     return lines
 
@@ -283,14 +327,14 @@ def summary_lines(total_epochs: Any, total_steps: Any, final_loss: Any, best_los
         "TRAINING SUMMARY",
         RULE,
         f"Total epochs: {fmt_epoch(total_epochs)}",
-        f"Total steps: {fmt_value(total_steps)}",
+        f"Total steps: {fmt_count(total_steps)}",
         f"Final loss: {fmt_loss(final_loss)}",
         f"Best loss: {fmt_loss(best_loss)}",
         f"Training duration: {fmt_value(_as_float(training_duration_s), '.2f')}s",
         f"Early stopping triggered: {bool(early_stopping_triggered)}",
     ]
     for key, value in metric_values(extra or {}).items():
-        lines.append(f"{key}: {fmt_value(value)}")
+        lines.append(f"{key}: {fmt_named(key, value)}")
     lines.append(RULE)
     return lines
 
@@ -371,7 +415,7 @@ def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Map
     ``performance_metrics_*.log``.
 
     Keys: ``time`` (ISO 8601 with UTC offset), ``run_id``, ``event``, ``global_step``, ``epoch``,
-    then ``values`` (secrets masked); a value named like one of those five is kept as ``user_<key>``,
+    then ``values`` (secrets masked: by key, and in every string value by known value and shape); a value named like one of those five is kept as ``user_<key>``,
     unless it equals the record's own.
     """
     record: dict[str, Any] = {
@@ -386,6 +430,8 @@ def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Map
         kind = type(value)  # orjson writes these as they are (NaN and infinities as null)
         plain = kind is float or kind is str or kind is bool or value is None or (kind is int and -(2**63) <= value < 2**63)
         value = value if plain else to_jsonable(value)
+        if type(value) is str:  # masked as decoded text: a quote inside is not yet JSON-escaped
+            value = REDACTOR(value)
         if key in RESERVED_JSON_KEYS:
             if record[key] == value:
                 continue  # the record says it already

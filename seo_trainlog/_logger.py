@@ -15,13 +15,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import orjson
+
 from . import _format, _guard
 from ._categories import BY_NAME, CATEGORIES, TEXT_NAMES
 from ._config import LogConfig
 from ._rank import agree_on_run_id, process_role
 from ._safety import mark_logged, never_raises, safe_warn, was_logged
 from ._secrets import REDACTOR, mask_mapping
-from ._manifest import RunManifest, manifest_path
+from ._manifest import MANIFEST_EVENTS, RunManifest, manifest_path
 from ._sinks import SINK_FAILURES, RunSinks, claim_stamp, file_path, logger, open_sinks, prepare_log_dir
 
 SCHEMA_VERSION = 1  # of the JSON metrics lines; readers refuse files of a newer schema
@@ -287,8 +289,9 @@ class TrainLogger:
                                      **{key: value for key, value in extra.items() if key != "Status"}})
         self._started_segment = False  # the segment's end is said
         self._write_manifest(force=True)  # the run's end is in the manifest at once
-        self._console(f"training {status}: {_format.fmt_value(total_steps)} steps, "
-                      f"{_format.fmt_epoch(total_epochs)} epochs, final loss {_format.fmt_loss(final_loss)}, "
+        epochs = _format.fmt_epoch(total_epochs)
+        self._console(f"training {status}: {_format.plural(total_steps, 'step')}, "
+                      f"{epochs} epoch{'' if epochs == '1' else 's'}, final loss {_format.fmt_loss(final_loss)}, "
                       f"best loss {_format.fmt_loss(best_loss)}, {_format.fmt_value(training_duration, '.2f')}s")
 
     @never_raises
@@ -301,7 +304,7 @@ class TrainLogger:
         masked = mask_mapping(self._mapping("config", config))
         self._write("training", "INFO", _format.hyperparameter_lines(masked))
         self.log_metrics("hyperparameters", {"hyperparameters": masked})
-        self._console(f"hyperparameters: {len(_format.flatten(masked))} values logged")
+        self._console(f"hyperparameters: {_format.plural(len(_format.flatten(masked)), 'value')} logged")
 
     # ------------------------------------------------------------------ further public methods
 
@@ -350,8 +353,9 @@ class TrainLogger:
         line = _format.json_line(_format.safe_str(event), self.run_id, self.global_step, self.epoch,
                                  {**self._identity, **values}, at)
         self._log["metrics"].info(line)
-        if self.manifest is not None:
-            self.manifest.note(event, values, self.global_step, at)
+        if self.manifest is not None and event in MANIFEST_EVENTS:
+            # the record as the file has it (secrets masked): the manifest must hold no more than the logs
+            self.manifest.note(event, orjson.loads(REDACTOR(line)), self.global_step, at)
             self._manifest_due()
         return line
 
@@ -420,7 +424,7 @@ class TrainLogger:
         error = manifest.write(force)
         if error is not None and not self._manifest_failed:
             self._manifest_failed = True
-            SINK_FAILURES.add(f"cannot write the run manifest {manifest.path}: {type(error).__name__}: {error}; "
+            self._sinks.failures.add(f"cannot write the run manifest {manifest.path}: {type(error).__name__}: {error}; "
                               "it is retried at every flush")
         elif error is None and force:
             self._manifest_failed = False
@@ -451,6 +455,8 @@ class TrainLogger:
         if self in _OPEN:
             _OPEN.remove(self)
         self._sinks.close()
+        for notice in self._sinks.failures.take():  # said while closing: no file of the run is open now
+            _stderr_notice(notice)
 
     def __enter__(self) -> TrainLogger:
         return self
@@ -591,7 +597,7 @@ class TrainLogger:
         self._write_text("training_detailed", "DEBUG", text)
 
     def _report_sink_failures(self) -> None:
-        for notice in SINK_FAILURES.take():
+        for notice in self._sinks.failures.take() + SINK_FAILURES.take():
             self._write("errors", "WARNING", [f"seo_trainlog: {notice}"])
             _stderr_notice(notice)
 

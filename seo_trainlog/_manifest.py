@@ -24,6 +24,8 @@ import orjson
 from ._format import to_jsonable
 
 MANIFEST_PREFIX = "run_manifest"
+# the JSON events whose facts the manifest keeps (``train`` records are noted apart, from their numbers)
+MANIFEST_EVENTS = frozenset({"run_start", "hyperparameters", "error", "warning", "anomaly", "summary", "status"})
 SCHEMA_VERSION = 1
 
 

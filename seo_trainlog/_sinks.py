@@ -143,24 +143,159 @@ class SizeRotation:
         return False
 
 
+@dataclass
+class _WriteState:
+    """What the files of one :class:`GuardedFileSink` (the current one and those before a rotation)
+    tell it: the disk's last refusal (None once a write got through), how many writes got through,
+    how many records were lost."""
+
+    error: Exception | None = None
+    drains: int = 0
+    lost_records: int = 0
+
+
+class RecordFile:
+    """The file object a :class:`GuardedFileSink` writes through, in place of loguru's text file.
+
+    Records are encoded (``errors`` as :func:`open`'s) and held in memory, then written with one
+    system call per batch: a durable file at every record, the others once ``BLOCK_BYTES`` are held
+    and at :meth:`flush`. What the disk refuses (full, gone) stays held from the first byte it did
+    not take, and goes with the next attempt: no byte is written twice, and a record cut short by a
+    full disk is completed when space returns. While the disk refuses, at most ``HOLD_BYTES`` are
+    held; a record beyond is dropped whole. Records dropped, and those still held when the file is
+    closed, are counted in ``state.lost_records``. ``write`` and ``flush`` never raise for the disk:
+    ``state.error`` says it refused.
+    """
+
+    BLOCK_BYTES = 64 * 1024
+    HOLD_BYTES = 4 * 1024 * 1024
+
+    def __init__(self, path: str, encoding: str, errors: str, durable: bool, state: _WriteState) -> None:
+        self.name = path
+        self.encoding = encoding
+        self._errors = errors
+        self._durable = durable
+        self._state = state
+        self._held: list[bytes] = []  # records not written yet (the first may be the tail of one)
+        self._held_bytes = 0
+        self._pid = os.getpid()
+        self._raw = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+
+    @property
+    def closed(self) -> bool:
+        return self._raw.closed
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def tell(self) -> int:
+        """The size the file will have once what is held is written (rotation functions ask it)."""
+        return os.fstat(self._raw.fileno()).st_size + self._held_bytes
+
+    def seek(self, offset: int, whence: int = 0) -> int:  # appended to only: where it would be
+        return self.tell()
+
+    def write(self, text: str) -> int:
+        data = text.encode(self.encoding, self._errors)
+        if self._state.error is not None and self._held_bytes + len(data) > self.HOLD_BYTES and not self._drain():
+            self._state.lost_records += 1  # the disk still refuses and enough is held: this record is lost
+            return 0
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._durable or self._held_bytes >= self.BLOCK_BYTES:
+            self._drain()
+        return len(text)
+
+    def flush(self) -> None:
+        self._drain()
+
+    def _drain(self) -> bool:
+        held = self._held
+        if not held:
+            return True
+        data = held[0] if len(held) == 1 else b"".join(held)
+        written = 0
+        try:
+            with memoryview(data) as view:
+                while written < len(data):
+                    count = self._raw.write(view[written:])
+                    if not count:
+                        raise OSError(f"{self.name}: the file took no bytes")
+                    written += count
+        except OSError as error:
+            self._keep_unwritten(written)
+            self._state.error = error
+            return False
+        held.clear()
+        self._held_bytes = 0
+        self._state.error = None
+        self._state.drains += 1
+        return True
+
+    def _keep_unwritten(self, written: int) -> None:
+        for index, record in enumerate(self._held):
+            if written < len(record):
+                self._held = [record[written:], *self._held[index + 1:]]
+                self._held_bytes = sum(map(len, self._held))
+                return
+            written -= len(record)
+
+    def close(self) -> None:
+        """Write what is held (what the disk still refuses is lost and counted), close the file."""
+        if self._raw.closed:
+            return
+        try:
+            self._drain()
+        finally:
+            self._state.lost_records += len(self._held)
+            self._held, self._held_bytes = [], 0
+            self._raw.close()
+
+    def __del__(self) -> None:  # as a text file would, at exit; never in a forked child
+        try:
+            if self._pid == os.getpid():
+                self.close()
+        except Exception:
+            pass
+
+
+class _RecordFileSink(FileSink):
+    """loguru's ``FileSink`` (path template, rotation, retention) writing through a :class:`RecordFile`."""
+
+    def __init__(self, path: str, *, durable: bool, state: _WriteState, **kwargs) -> None:
+        self._durable = durable
+        self._state = state
+        super().__init__(path, **kwargs)
+
+    def _create_file(self, path: str) -> None:
+        self._file = RecordFile(path, self.encoding, self._kwargs.get("errors") or "strict", self._durable,
+                                self._state)
+        self._file_path = path
+
+
 class GuardedFileSink:
     """A loguru ``FileSink`` (rotation, retention, UTF-8) that survives write trouble.
 
-    ``durable`` files are line-buffered: a record is on disk (in the OS) when its write returns.
-    The others are block-buffered and flushed by :meth:`flush` (the run's flusher thread calls it
-    every ``flush_interval_s``, and closing flushes): far fewer system calls in the training loop.
+    ``durable`` files are written at every record: a record is on disk (in the OS) when its write
+    returns. The others hold records up to 64 KiB and are written by :meth:`flush` (the run's
+    flusher thread calls it every ``flush_interval_s``, and closing flushes): far fewer system
+    calls in the training loop.
 
-    A failed write (disk full, file system gone) or rotation (rename refused) never reaches the
-    training: it is reported once through :data:`SINK_FAILURES`, the record is retried once, and
-    the sink keeps trying on later records; a rotation that keeps failing is switched off so that
-    records go on being appended to the current file. A file someone removed or moved away is
-    reopened at its path (checked at most once a second, not at every record as loguru's
-    ``watch=True`` does).
+    A failed write (disk full, file system gone) never reaches the training: it is reported once
+    through ``failures`` (the run's own :class:`SinkFailures`); what the disk refused is kept (up to 4 MiB) and written with the
+    next attempt from the byte where it stopped, so that no record is written twice and a record cut
+    short is completed; "works again after N lost records" is said once a write gets through, N
+    counting exactly the records that never reached the file (see :class:`RecordFile`). A rotation
+    that fails (rename refused) is switched off so that records go on being appended to the current
+    file. A file someone removed or moved away is reopened at its path (checked at most once a
+    second, not at every record as loguru's ``watch=True`` does).
     """
 
     WATCH_INTERVAL_S = 1.0
 
-    def __init__(self, path: Path, rotation: object, retention: object, encoding: str, durable: bool) -> None:
+    def __init__(self, path: Path, rotation: object, retention: object, encoding: str, durable: bool,
+                 failures: SinkFailures | None = None) -> None:
+        self.failures = failures if failures is not None else SINK_FAILURES  # where trouble is reported
         self.path = path
         self.durable = durable
         self.dirty = False
@@ -169,50 +304,57 @@ class GuardedFileSink:
                 _parse_size(rotation)
             if size is not None:
                 rotation = SizeRotation(size, path, encoding)
-        self._sink = FileSink(_escape_braces(str(path)), rotation=rotation, retention=retention, encoding=encoding,
-                              errors="backslashreplace", buffering=1 if durable else -1)
+        self._state = _WriteState()
+        self._sink = _RecordFileSink(_escape_braces(str(path)), durable=durable, state=self._state, rotation=rotation,
+                                     retention=retention, encoding=encoding, errors="backslashreplace")
         self._failing = False
-        self._flush_failed = False
-        self._new_line = False  # after a failed buffered write: the file may end in a partial line
+        self._new_line = False  # after a write that raised: the file may end in a partial line
         self._watched_at = time.monotonic()
-        self.failed_writes = 0
+        self.failed_writes = 0  # records whose write raised, twice
+        self._lost_reported = 0
+
+    @property
+    def lost_records(self) -> int:
+        """Records that never reached the file: writes that raised twice, and records the disk refused
+        that could not be kept (see :class:`RecordFile`)."""
+        return self.failed_writes + self._state.lost_records
 
     def write(self, message: str) -> None:
         now = time.monotonic()
         if now - self._watched_at >= self.WATCH_INTERVAL_S:
             self._watched_at = now
             self._reopen_if_removed()
+        drains = self._state.drains
         try:
             self._put(message)
             self.dirty = not self.durable
         except Exception as error:
             self._recover(message, error)
             return
-        if self._failing and self.durable:  # line-buffered: the record reached the file
-            self._recovered()
+        self._settle(drains)
 
     def _put(self, message: str) -> None:
         self._sink.write("\n" + message if self._new_line else message)
         self._new_line = False
 
+    def _settle(self, drains: int) -> None:
+        """After a write or flush: report the disk refusing, or taking records again."""
+        if self._state.error is not None:
+            self._fail(self._state.error)
+        elif self._failing and self._state.drains > drains:
+            self._recovered()
+
     def _fail(self, error: Exception) -> None:
         if not self._failing:
             self._failing = True
-            SINK_FAILURES.add(f"cannot write to {self.path}: {type(error).__name__}: {error}; "
+            self.failures.add(f"cannot write to {self.path}: {type(error).__name__}: {error}; "
                               "training goes on and the file is retried with every record")
-
-    def _lost_buffer(self, error: Exception) -> None:
-        """A buffered write or flush failed (disk full): what the buffer held is gone and the file may
-        end in a partial line; report it, and start the next record on a line of its own."""
-        self._flush_failed = True
-        self._new_line = True
-        self._fail(error)
 
     def _recovered(self) -> None:
         self._failing = False
-        buffered = "; records buffered when a write or flush failed may be lost too" if self._flush_failed else ""
-        self._flush_failed = False
-        SINK_FAILURES.add(f"writing to {self.path} works again after {self.failed_writes} lost records{buffered}")
+        lost = self.lost_records - self._lost_reported
+        self._lost_reported += lost
+        self.failures.add(f"writing to {self.path} works again after {lost} lost record{'' if lost == 1 else 's'}")
 
     def _reopen_if_removed(self) -> None:
         handle, path = self._sink._file, self._sink._file_path
@@ -226,45 +368,62 @@ class GuardedFileSink:
         except (OSError, ValueError):
             return
         if removed:
-            self._sink._close_file()
-            self._sink._create_dirs(path)
-            self._sink._create_file(path)
+            try:
+                self._sink._close_file()
+                self._sink._create_dirs(path)
+                self._sink._create_file(path)
+            except OSError as error:  # the next write creates the file
+                self._sink._file = self._sink._file_path = None
+                self._fail(error)
+                return
             if isinstance(self._sink._rotation_function, SizeRotation):
                 self._sink._rotation_function.size = 0  # a new, empty file
 
     def _recover(self, message: str, error: Exception) -> None:
+        """The write raised before the record reached the file (rotation, creating the file) or
+        while writing it: retry once, on a line of its own."""
         rotation_failed = self._sink._rotation_function is not None and _raised_in_rotation(error)
         if rotation_failed:
             self._sink._rotation_function = None  # keep appending to the current file instead
-        elif not self.durable:
-            self._lost_buffer(error)
+        else:
+            self._new_line = True
+            self._fail(error)
+        drains = self._state.drains
         try:
             self._put(message)
+            self.dirty = not self.durable
         except Exception as retry_error:
             self.failed_writes += 1
             self._fail(retry_error)
             return
         if rotation_failed:
-            SINK_FAILURES.add(f"rotation of {self.path} failed ({type(error).__name__}: {error}); rotation is "
+            self.failures.add(f"rotation of {self.path} failed ({type(error).__name__}: {error}); rotation is "
                               "off for this file and records are appended to it")
+        self._settle(drains)
 
     def flush(self) -> None:
         handle = self._sink._file
         self.dirty = False
         if handle is not None:
+            drains = self._state.drains
             try:
                 handle.flush()
             except Exception as exc:
-                self._lost_buffer(exc)
+                self._fail(exc)
                 return
-            if self._failing and not self.durable:  # block-buffered: only a flush shows the file takes data
-                self._recovered()
+            self.dirty = self._state.error is not None  # what the disk refused: retried at the next flush
+            self._settle(drains)
 
     def stop(self) -> None:
+        lost = self.lost_records
         try:
             self._sink.stop()
         except Exception as exc:
-            SINK_FAILURES.add(f"closing {self.path} failed: {type(exc).__name__}: {exc}")
+            self.failures.add(f"closing {self.path} failed: {type(exc).__name__}: {exc}")
+        if self.lost_records > lost:
+            unwritten = self.lost_records - lost
+            self.failures.add(f"closing {self.path}: {unwritten} record{'' if unwritten == 1 else 's'} the disk "
+                              "refused could not be written")
 
 
 def _parse_size(text: object) -> float | None:
@@ -287,8 +446,9 @@ class ConsoleSink:
     """Writes to the ``sys.stderr`` of the moment (notebooks and pytest replace it); a stderr that
     fails (closed, binary) switches the console off instead of failing the training."""
 
-    def __init__(self) -> None:
+    def __init__(self, failures: SinkFailures | None = None) -> None:
         self.enabled = True
+        self.failures = failures if failures is not None else SINK_FAILURES
 
     def write(self, message: str) -> None:
         if not self.enabled:
@@ -299,7 +459,7 @@ class ConsoleSink:
                 stream.write(message)
         except Exception as exc:
             self.enabled = False
-            SINK_FAILURES.add(f"console output switched off: sys.stderr failed ({type(exc).__name__}: {exc})")
+            self.failures.add(f"console output switched off: sys.stderr failed ({type(exc).__name__}: {exc})")
 
 
 class CategoryRouter:
@@ -312,8 +472,10 @@ class CategoryRouter:
     exception formatter per run (its costliest start-up step) rather than nine.
     """
 
-    def __init__(self, config, run_id: str, log_dir: Path, rank: int, key: str | None = None) -> None:
+    def __init__(self, config, run_id: str, log_dir: Path, rank: int, key: str | None = None,
+                 failures: SinkFailures | None = None) -> None:
         self.run_id = run_id
+        self.failures = failures if failures is not None else SinkFailures()  # this run's sinks' trouble
         self.key = key if key is not None else run_id
         self.files: dict[str, Path] = {}
         self._lock = threading.Lock()  # writes (from loguru's handler) against flushes (the flusher thread)
@@ -329,12 +491,12 @@ class CategoryRouter:
                     level = config.level
                 # loguru applies retention at close when there is no rotation: it would delete the run
                 retention = config.retention if config.rotation is not None else None
-                sink = GuardedFileSink(path, config.rotation, retention, config.encoding,
+                sink = GuardedFileSink(path, config.rotation, retention, config.encoding, failures=self.failures,
                                        durable=category.durable or config.flush_interval_s <= 0)
                 self._add(sink, LEVEL_NO[level], accepted_names(category))
                 self.files[category.name] = path
             if config.console and not rank:
-                self._add(ConsoleSink(), LEVEL_NO["INFO"], frozenset({"console"}))
+                self._add(ConsoleSink(self.failures), LEVEL_NO["INFO"], frozenset({"console"}))
         except BaseException:
             self.stop()
             raise
@@ -412,6 +574,11 @@ class RunSinks:
     bridges: list[tuple[logging.Logger, logging.Handler]] = field(default_factory=list)
     router: CategoryRouter | None = None
     flusher: Flusher | None = None
+
+    @property
+    def failures(self) -> SinkFailures:
+        """Where this run's sinks report trouble (each run its own: never reported in another run)."""
+        return self.router.failures if self.router is not None else SINK_FAILURES
 
     def flush(self) -> None:
         if self.router is not None:

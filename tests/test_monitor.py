@@ -181,42 +181,78 @@ def _no_gpu():
     raise RuntimeError("not wanted here")
 
 
-def slow_collator(tokenizer, seconds):
+class VirtualClock:
+    """Stands in for ``time.perf_counter`` where the callback reads it: time moves only when the
+    test's collator or model moves it, so that the measured shares are exact on any machine, busy
+    or not. It runs ahead of the real clock, which a run's start times still come from (dataclass
+    defaults bound to ``perf_counter`` at import), so that "time since" is never negative."""
+
+    def __init__(self) -> None:
+        self.now_s = time.perf_counter() + 100_000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> VirtualClock:
+    from seo_trainlog import _callback
+
+    virtual = VirtualClock()
+    monkeypatch.setattr(_callback, "perf_counter", virtual)
+    return virtual
+
+
+def slow_collator(tokenizer, clock, seconds):
+    """A collator taking ``seconds`` of the clock per batch."""
     pad = DataCollatorWithPadding(tokenizer)
 
     def collate(features):
-        time.sleep(seconds)
+        clock.advance(seconds)
         return pad(features)
 
     return TimedDataCollator(collate)
 
 
-def slow_forward(trainer, seconds=0.02):
-    """A compute-bound step of about ``seconds``, as a real model would have."""
-    trainer.model.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+def slow_forward(trainer, clock, seconds):
+    """A compute-bound step taking ``seconds`` of the clock, as a real model would have."""
+    trainer.model.register_forward_pre_hook(lambda module, args: clock.advance(seconds))
     return trainer
 
 
-def test_a_slow_collator_raises_the_bottleneck_warning(make_trainer, log_dir, tokenizer):
-    trainer = slow_forward(make_trainer(max_steps=6, logging_steps=3, data_collator=slow_collator(tokenizer, 0.05)))
+def test_a_slow_collator_raises_the_bottleneck_warning(make_trainer, log_dir, tokenizer, clock):
+    # 1 s of collating before each step, 0.1 s per step; the first step of an epoch has no wait
+    # counted (the loader's start-up): steps 1-3 wait 2 s of 2.3 s, steps 4-6 3 s of 3.3 s
+    trainer = slow_forward(make_trainer(max_steps=6, logging_steps=3,
+                                        data_collator=slow_collator(tokenizer, clock, 1.0)), clock, 0.1)
     trainer.add_callback(TrainLogCallback(quiet(log_dir, data_wait_warn_pct=20)))
     trainer.train()
     run = RunFiles(log_dir)
     warnings_ = [m for m in run.messages("errors") if m.startswith("Data loading bottleneck")]
     assert len(warnings_) == 2  # one per logging interval, not one per step
-    assert "of the time of steps 1-3 was spent waiting for data (threshold 20%)" in warnings_[0]
+    assert warnings_[0].startswith("Data loading bottleneck: 87.0% of the time of steps 1-3 was spent waiting for "
+                                   "data (threshold 20%). ")
     assert "dataloader_num_workers > 0 (now 0)" in warnings_[0]
-    pct = float(warnings_[1].split(": ", 1)[1].split("%")[0])
-    assert pct > 20 and pct == pytest.approx(run.records("train")[1]["data_wait_pct"], abs=0.05)
+    assert warnings_[1].startswith("Data loading bottleneck: 90.9% of the time of steps 4-6 was spent waiting for "
+                                   "data (threshold 20%). ")
+    rows = run.records("train")
+    assert [row["data_wait_pct"] for row in rows] == [pytest.approx(100 * 2 / 2.3), pytest.approx(100 * 3 / 3.3)]
+    assert [row["data_wait_s"] for row in rows] == [pytest.approx(2 / 3), pytest.approx(1.0)]
+    assert [row["step_time_s"] for row in rows] == [pytest.approx(0.1), pytest.approx(0.1)]
 
 
-def test_a_fast_collator_raises_no_warning(make_trainer, log_dir, tokenizer):
-    trainer = slow_forward(make_trainer(max_steps=6, logging_steps=3, data_collator=slow_collator(tokenizer, 0.0)))
+def test_a_fast_collator_raises_no_warning(make_trainer, log_dir, tokenizer, clock):
+    trainer = slow_forward(make_trainer(max_steps=6, logging_steps=3,
+                                        data_collator=slow_collator(tokenizer, clock, 0.001)), clock, 0.1)
     trainer.add_callback(TrainLogCallback(quiet(log_dir, data_wait_warn_pct=20)))
     trainer.train()
     run = RunFiles(log_dir)
     assert not [m for m in run.messages("errors") if m.startswith("Data loading bottleneck")]
-    assert all(row["data_wait_pct"] < 20 for row in run.records("train"))
+    assert [row["data_wait_pct"] for row in run.records("train")] == [pytest.approx(100 * 0.002 / 0.302),
+                                                                      pytest.approx(100 * 0.003 / 0.303)]
 
 
 def test_gpu_check_script_runs_its_flow_on_cpu(tmp_path, monkeypatch, capsys):
