@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 from conftest import RunFiles, quiet
 
 from seo_trainlog import TrainLogCallback, cli
+from seo_trainlog._alerts import AlertDispatcher
+
+ANOMALY = {"kind": "loss_spike", "global_step": 3, "message": "Loss spike at global_step 3", "value": 9.0,
+           "threshold": 1.0}
 
 
 def spike_at(trainer, call: int, factor: float = 100.0):
@@ -94,3 +101,88 @@ def test_no_detection_when_turned_off(make_trainer, log_dir):
 def test_alert_hooks_must_be_callable():
     with pytest.raises(TypeError, match="alert_hooks must be callables, got str"):
         TrainLogCallback(alert_hooks=["echo"])
+
+
+# ---------------------------------------------------------------------------------------- alert commands
+
+
+def alive(pid: int) -> bool:
+    """A process that has not ended (a zombie waiting to be reaped by PID 1 has ended)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def still_running(pids: list[int], within_s: float = 10.0) -> list[int]:
+    """Those of ``pids`` still running after ``within_s`` seconds at most (polled)."""
+    deadline = time.monotonic() + within_s
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if alive(pid)]
+
+
+def wait_for(condition, within_s: float = 20.0):
+    deadline = time.monotonic() + within_s
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
+@pytest.fixture
+def pid_file(tmp_path):
+    """A file the alert command writes its processes' ids to; those still running at the end of the
+    test (the defect) are killed, so that a failing test leaves nothing behind."""
+    path = tmp_path / "pids"
+    yield path
+    for pid in read_pids(path):
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def read_pids(path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def test_a_command_past_its_timeout_is_killed_with_all_it_started(pid_file):
+    reports = []
+    command = f"echo $$ >> {pid_file}; sleep 1000 & echo $! >> {pid_file}; exec sleep 1000"
+    alerts = AlertDispatcher([], command, timeout_s=0.5, report_failure=reports.append)
+    alerts.send(ANOMALY)
+    assert wait_for(lambda: reports)
+    started = read_pids(pid_file)
+    assert len(started) == 2  # the shell and the sleep it put in the background
+    assert still_running(started) == []  # killed at the timeout, before the dispatcher closes
+    assert reports == [f"alert hook command {command!r} failed (reported once; it keeps being called): "
+                       f"TimeoutExpired: Command {command!r} timed out after 0.5 seconds"]
+    assert alerts.close(wait_s=0.5) == 0
+    assert reports[1:] == []
+
+
+def test_what_a_command_leaves_in_the_background_is_killed_at_its_timeout(pid_file):
+    reports = []
+    alerts = AlertDispatcher([], f"sleep 1000 & echo $! >> {pid_file}", timeout_s=0.5, report_failure=reports.append)
+    alerts.send(ANOMALY)
+    started = wait_for(lambda: read_pids(pid_file))
+    assert len(started) == 1
+    assert still_running(started) == []  # the shell exited at once; its group was killed 0.5 s after it started
+    assert alerts.close(wait_s=0.5) == 0
+    assert reports == []  # exit status 0: delivered
+
+
+def test_what_a_command_leaves_in_the_background_is_killed_at_run_end(make_trainer, log_dir, pid_file):
+    trainer = make_trainer(max_steps=24)
+    spike_at(trainer, 16)
+    config = quiet(log_dir, alert_cmd=f"sleep 1000 & echo $! >> {pid_file}", alert_timeout_s=300,
+                   throughput_drop_pct=99, flush_interval_s=0)
+    trainer.add_callback(TrainLogCallback(config))
+    started = time.perf_counter()
+    trainer.train()
+    assert time.perf_counter() - started < 30  # the commands exited at once: nothing to wait for
+    run = RunFiles(log_dir)
+    anomalies = run.records("anomaly")
+    pids = wait_for(lambda: len(read_pids(pid_file)) == len(anomalies) and read_pids(pid_file))
+    assert len(anomalies) == 2 and len(pids) == 2
+    assert still_running(pids) == []  # within 300 s of their start, but the run has ended
+    assert [m for m in run.messages("errors") if m.startswith("alert")] == []
+
