@@ -186,3 +186,24 @@ def test_what_a_command_leaves_in_the_background_is_killed_at_run_end(make_train
     assert still_running(pids) == []  # within 300 s of their start, but the run has ended
     assert [m for m in run.messages("errors") if m.startswith("alert")] == []
 
+
+def test_a_commands_output_is_never_held_in_memory():
+    reports = []
+    # 200 MB on stdout and 100 MB on stderr; then the last line, the failure the report shows
+    command = ("head -c 200000000 /dev/zero; yes noise | head -c 100000002 >&2; "
+               "echo the last line >&2; exit 3")
+    process, peak_mb = psutil.Process(), []
+    baseline_mb = process.memory_info().rss / 2**20
+    alerts = AlertDispatcher([], command, timeout_s=120, report_failure=reports.append)
+    alerts.send(ANOMALY)
+    while not reports and len(peak_mb) < 60_000:  # at most about 5 minutes
+        peak_mb.append(process.memory_info().rss / 2**20)
+        time.sleep(0.005)
+    assert max(peak_mb) - baseline_mb < 64, (baseline_mb, max(peak_mb))  # the old capture_output: > 300 MB
+    assert alerts.close(wait_s=0.5) == 0
+    prefix = (f"alert hook command {command!r} failed (reported once; it keeps being called): "
+              "RuntimeError: exit status 3: ")
+    assert len(reports) == 1 and reports[0].startswith(prefix)
+    tail = reports[0][len(prefix):]
+    assert len(tail) == 300 and tail.endswith("noise\nnoise\nthe last line")
+    assert set(tail.split()[1:-3]) == {"noise"}  # (the first word may be cut)
