@@ -45,7 +45,8 @@ class AlertDispatcher:
         self._closed = False
         self._sent = 0
         self._delivered = 0
-        self._in_hand: str | None = None
+        self._in_hand: str | None = None  # the hook (or command) being called, since _in_hand_since_s
+        self._in_hand_since_s: float | None = None
         self._commands: list[_Command] = []  # started and not yet reaped
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # put() is safe in a signal handler
         self._thread = threading.Thread(target=self._work, name="seo_trainlog-alerts", daemon=True)
@@ -60,20 +61,27 @@ class AlertDispatcher:
         """Stop after the alerts already sent, waiting for them at most ``wait_s`` seconds per alert
         not yet delivered and at most ``COMPLETED_WAIT_S`` in all, or, for a run that did not
         complete (``completed`` False: failed, interrupted, terminated), at most ``STOPPED_GRACE_S``
-        in all; then kill every alert command's process group still alive. Alerts not delivered by
-        then are reported once: ``"N alerts not delivered: ..."``. Safe to call from a signal
-        handler; an exception during the wait (a second Ctrl-C) still kills and reports.
+        in all. A hook (or the command) still running ``wait_s`` + 1 s after it was called holds
+        every alert behind it: the wait ends then. Then every alert command's process group still
+        alive is killed. Alerts not delivered by then are reported once, ``"N alerts not delivered:
+        ..."``. Safe to call from a signal handler; an exception during the wait (a second Ctrl-C)
+        still kills and reports.
 
         Returns:
             int: the number of alerts not delivered.
         """
-        max_wait_s = COMPLETED_WAIT_S if completed else STOPPED_GRACE_S
-        outstanding = self._sent - self._delivered
-        self._queue.put(_STOP)
         started_s = monotonic()
+        outstanding = self._sent - self._delivered
+        deadline_s = started_s + min(COMPLETED_WAIT_S if completed else STOPPED_GRACE_S, wait_s * outstanding)
+        self._queue.put(_STOP)
         try:
-            if outstanding:
-                self._thread.join(timeout=max(0.0, min(max_wait_s, wait_s * outstanding)))
+            while self._thread.is_alive():
+                called_s = self._in_hand_since_s
+                until_s = min(deadline_s, called_s + wait_s + 1.0) if called_s is not None else deadline_s
+                remaining_s = until_s - monotonic()
+                if remaining_s <= 0:
+                    break
+                self._thread.join(timeout=min(remaining_s, 0.05))
         finally:
             undelivered = self._shut(monotonic() - started_s)
         return undelivered
@@ -103,7 +111,7 @@ class AlertDispatcher:
             with self._lock:
                 if self._closed:
                     return
-                self._in_hand = name
+                self._in_hand, self._in_hand_since_s = name, monotonic()
             try:
                 call(anomaly)
             except Exception as exc:
@@ -112,7 +120,7 @@ class AlertDispatcher:
             self._reap_due()
         with self._lock:
             if not self._closed:
-                self._in_hand = None
+                self._in_hand = self._in_hand_since_s = None
                 self._delivered += 1
 
     def _call_command(self, anomaly: Mapping[str, Any]) -> None:
@@ -185,12 +193,12 @@ class AlertDispatcher:
             if locked:
                 self._lock.release()
         if undelivered:
-            while_ = f"{in_hand} was still running" if in_hand else "they were still queued"
-            killed = "; the alert command's process group was killed" if in_hand and in_hand.startswith("command ") \
-                else ""
+            after = f"{waited_s:.1f} s after the run ended"
+            why = f"alert hook {in_hand} was still running {after}" if in_hand else f"still queued {after}"
+            if in_hand and in_hand.startswith("command "):
+                why += "; its process group was killed"
             try:
-                self._report_failure(f"{undelivered} alert{'s' if undelivered != 1 else ''} not delivered: the run "
-                                     f"ended while {while_} (waited {waited_s:.1f} s){killed}")
+                self._report_failure(f"{undelivered} alert{'s' if undelivered != 1 else ''} not delivered: {why}")
             except Exception:
                 pass
         return undelivered

@@ -321,13 +321,16 @@ class TrainLogCallback(TrainerCallback):
                 run.sigterm.remove()
             if run.sampler is not None:
                 run.sampler.stop()
-            if run.alerts is not None:
-                run.alerts.close(wait_s=tlog.config.alert_timeout_s)
             self._last_run = (tlog.config, tlog.run_id)
-            if run.owns_logger:
-                tlog.close()
-            else:
-                tlog.flush()
+            try:
+                if run.alerts is not None:
+                    tlog.flush()  # the summary on disk before any wait for alerts: a second Ctrl-C loses nothing
+                    run.alerts.close(wait_s=tlog.config.alert_timeout_s, completed=status == "completed")
+            finally:
+                if run.owns_logger:
+                    tlog.close()
+                else:
+                    tlog.flush()
 
     # ------------------------------------------------------------------ per step (hot path)
 

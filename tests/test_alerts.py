@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -15,6 +18,8 @@ from conftest import RunFiles, quiet
 
 from seo_trainlog import TrainLogCallback, cli
 from seo_trainlog._alerts import AlertDispatcher
+
+HERE = Path(__file__).parent
 
 ANOMALY = {"kind": "loss_spike", "global_step": 3, "message": "Loss spike at global_step 3", "value": 9.0,
            "threshold": 1.0}
@@ -207,3 +212,62 @@ def test_a_commands_output_is_never_held_in_memory():
     tail = reports[0][len(prefix):]
     assert len(tail) == 300 and tail.endswith("noise\nnoise\nthe last line")
     assert set(tail.split()[1:-3]) == {"noise"}  # (the first word may be cut)
+
+
+# ---------------------------------------------------------------------------------------- the end of a run
+
+
+def run_child(log_dir, mode: str, work_dir) -> tuple[subprocess.CompletedProcess, float]:
+    """alerts_child.py in MODE; the result and the seconds from its signal (if any) to its exit."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
+    result = subprocess.run([sys.executable, str(HERE / "alerts_child.py"), str(log_dir), mode, str(work_dir)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    ended = time.time()
+    signalled = work_dir / "signalled"
+    return result, ended - float(signalled.read_text()) if signalled.exists() else float("nan")
+
+
+def undelivered(run: RunFiles) -> tuple[list[str], list[str]]:
+    """The "not delivered" warnings: the error log's, the JSON warning events'."""
+    return ([m for m in run.messages("errors") if "alerts not delivered" in m],
+            [r["message"] for r in run.records("warning") if "alerts not delivered" in r["message"]])
+
+
+def test_sigterm_with_alerts_pending_ends_the_process_at_once(log_dir, tmp_path, pid_file):
+    # the first alert's command (sleep 1000, and one in the background) runs, the second is queued:
+    # the summary is written and flushed, the alerts get at most 1 s, then SIGTERM does its work
+    result, shutdown_s = run_child(log_dir, "sigterm", tmp_path)
+    assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]
+    assert shutdown_s < 10, shutdown_s  # about 1.5 s measured, interpreter exit included; 60 s before
+    run = RunFiles(log_dir)
+    assert [r["status"] for r in run.records("summary")] == ["terminated"]
+    assert "Status: terminated" in run.messages("training_progress")
+    anomalies = [(a["kind"], a["global_step"]) for a in run.records("anomaly")]
+    assert anomalies == [("loss_spike", 16), ("grad_explosion", 16)]
+    in_errors, in_json = undelivered(run)
+    command = f"echo $$ >> {pid_file}; sleep 1000 & echo $! >> {pid_file}; exec sleep 1000"
+    assert len(in_errors) == 1 and in_json == in_errors
+    assert re.fullmatch(rf"2 alerts not delivered: alert hook command {re.escape(repr(command))} was still "
+                        r"running 1\.\d s after the run ended; its process group was killed", in_errors[0])
+    started = read_pids(pid_file)
+    assert len(started) == 2 and still_running(started) == []
+
+
+def test_a_second_ctrl_c_while_alerts_are_pending_loses_nothing(log_dir, tmp_path, pid_file):
+    # Ctrl-C at step 20; the alert command presses Ctrl-C again as soon as the summary is on disk
+    # (the metrics file is otherwise flushed every 60 s): the summary was flushed before the wait
+    result, shutdown_s = run_child(log_dir, "interrupt_twice", tmp_path)
+    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
+    assert (tmp_path / "second").read_text() == "sent\n"
+    assert result.stderr.count("KeyboardInterrupt") >= 2  # the second one interrupted the wait
+    assert shutdown_s < 10, shutdown_s
+    run = RunFiles(log_dir)
+    assert [r["status"] for r in run.records("summary")] == ["interrupted"]
+    assert "Status: interrupted" in run.messages("training_progress")
+    in_errors, in_json = undelivered(run)
+    assert len(in_errors) == 1 and in_json == in_errors
+    assert in_errors[0].startswith("2 alerts not delivered: alert hook command ")
+    assert in_errors[0].endswith("; its process group was killed")
+    started = read_pids(pid_file)
+    assert len(started) == 1 and still_running(started) == []  # the second alert's command never started
+
