@@ -271,3 +271,45 @@ def test_a_second_ctrl_c_while_alerts_are_pending_loses_nothing(log_dir, tmp_pat
     started = read_pids(pid_file)
     assert len(started) == 1 and still_running(started) == []  # the second alert's command never started
 
+
+def test_a_hook_that_never_returns_does_not_hold_the_process(log_dir, tmp_path):
+    result, _ = run_child(log_dir, "blocking_hook", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "training finished"  # and the process ended: its thread is a daemon
+    run = RunFiles(log_dir)
+    assert [r["status"] for r in run.records("summary")] == ["completed"]
+    in_errors, in_json = undelivered(run)
+    assert len(in_errors) == 1 and in_json == in_errors
+    assert re.fullmatch(r"2 alerts not delivered: alert hook <lambda> was still running \d+\.\d s after the run ended",
+                        in_errors[0])
+
+
+def test_a_blocked_hook_ends_the_run_on_time_and_never_writes_into_it_later(make_trainer, log_dir):
+    release, returned = threading.Event(), threading.Event()
+
+    def blocked(anomaly):
+        release.wait()
+        returned.set()
+        raise ConnectionError("too late")  # would be reported, were the run still open
+
+    trainer = make_trainer(max_steps=24)
+    spike_at(trainer, 16)
+    config = quiet(log_dir, alert_timeout_s=0.5, throughput_drop_pct=99, flush_interval_s=0)
+    trainer.add_callback(TrainLogCallback(config, alert_hooks=[blocked]))
+    started = time.perf_counter()
+    trainer.train()
+    assert time.perf_counter() - started < 30  # the wait at the end: 1.5 s at most after the hook was called
+    run = RunFiles(log_dir)
+    files = {path: path.read_bytes() for path in log_dir.glob("*.log")}
+    in_errors, in_json = undelivered(run)
+    assert len(in_errors) == 1 and in_json == in_errors
+    assert re.fullmatch(r"2 alerts not delivered: alert hook test_a_blocked_hook_ends_the_run_on_time_and_never_"
+                        r"writes_into_it_later\.<locals>\.blocked was still running \d+\.\d s after the run ended",
+                        in_errors[0])
+    assert all(thread.daemon for thread in threading.enumerate() if thread.name.startswith("seo_trainlog-alert"))
+
+    release.set()
+    assert returned.wait(10)
+    time.sleep(0.5)
+    assert {path: path.read_bytes() for path in log_dir.glob("*.log")} == files  # nothing written after close
+
