@@ -313,3 +313,19 @@ def test_a_blocked_hook_ends_the_run_on_time_and_never_writes_into_it_later(make
     time.sleep(0.5)
     assert {path: path.read_bytes() for path in log_dir.glob("*.log")} == files  # nothing written after close
 
+
+def test_alerts_queued_at_a_completed_run_end_are_delivered(make_trainer, log_dir):
+    received = []
+
+    def slow(anomaly):
+        time.sleep(0.3)
+        received.append(anomaly["kind"])
+
+    trainer = make_trainer(max_steps=24)
+    spike_at(trainer, 16)
+    # the records (and so the anomalies) are written only at the end of the run: both alerts queued then
+    config = quiet(log_dir, alert_timeout_s=5, throughput_drop_pct=99, flush_interval_s=60)
+    trainer.add_callback(TrainLogCallback(config, alert_hooks=[slow]))
+    trainer.train()
+    assert received == ["loss_spike", "grad_explosion"]
+    assert undelivered(RunFiles(log_dir)) == ([], [])
