@@ -325,7 +325,11 @@ class TrainLogCallback(TrainerCallback):
             try:
                 if run.alerts is not None:
                     tlog.flush()  # the summary on disk before any wait for alerts: a second Ctrl-C loses nothing
-                    run.alerts.close(wait_s=tlog.config.alert_timeout_s, completed=status == "completed")
+                    try:
+                        run.alerts.close(wait_s=tlog.config.alert_timeout_s, completed=status == "completed")
+                    except BaseException as exc:  # a second Ctrl-C during the wait: the run is recorded already
+                        mark_logged(exc)
+                        raise
             finally:
                 if run.owns_logger:
                     tlog.close()

@@ -4,8 +4,8 @@ two alerts), stopped at step 20 while its alerts are still pending.
     python alerts_child.py LOG_DIR sigterm WORK_DIR       # alert command `sleep 1000` (and one in the
                                                            # background), running; SIGTERM at step 20
     python alerts_child.py LOG_DIR interrupt_twice WORK_DIR
-        # Ctrl-C (SIGINT) at step 20; the alert command waits until the run's summary is on disk and
-        # then presses Ctrl-C again (records are flushed only every 60 s otherwise)
+        # Ctrl-C (SIGINT) at step 20; the alert command, running by then, waits until the run's
+        # summary is on disk and then presses Ctrl-C again (records are flushed every 60 s otherwise)
     python alerts_child.py LOG_DIR blocking_hook WORK_DIR  # a Python hook that never returns; training completes
 
 WORK_DIR receives `pids` (the alert commands' processes), `signalled` (time.time() when the signal
@@ -34,10 +34,11 @@ class StopAtStep20(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step != 20 or mode == "blocking_hook":
             return
-        if mode == "sigterm":  # both commands' processes are running: the first alert is in hand
-            deadline = time.monotonic() + 30
-            while (not os.path.exists(pids) or len(open(pids).read().split()) < 2) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        if mode == "interrupt_twice":
+            trainer.log({"marker": 1.0})  # records deferred for 60 s are written now: the alerts are sent
+        deadline, started = time.monotonic() + 30, 2 if mode == "sigterm" else 1
+        while (not os.path.exists(pids) or len(open(pids).read().split()) < started) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the first alert's command is running
         with open(signalled, "w") as handle:
             handle.write(repr(time.time()))
         os.kill(os.getpid(), signal.SIGTERM if mode == "sigterm" else signal.SIGINT)
@@ -58,7 +59,7 @@ if mode == "sigterm":
 elif mode == "interrupt_twice":
     summary = os.path.join(log_dir, "performance_metrics_*.log")
     command = (f"echo $$ >> {pids}; until grep -qs '\"event\":\"summary\"' {summary}; do sleep 0.01; done; "
-               f"kill -INT {os.getpid()} && echo sent > {os.path.join(work_dir, 'second')}; exec sleep 1000")
+               f"echo sent > {os.path.join(work_dir, 'second')}; kill -INT {os.getpid()}; exec sleep 1000")
     hooks, flush_interval_s = [], 60.0
 else:
     command, hooks, flush_interval_s = None, [lambda anomaly: time.sleep(1000)], 0.0

@@ -264,6 +264,7 @@ def test_a_second_ctrl_c_while_alerts_are_pending_loses_nothing(log_dir, tmp_pat
     run = RunFiles(log_dir)
     assert [r["status"] for r in run.records("summary")] == ["interrupted"]
     assert "Status: interrupted" in run.messages("training_progress")
+    assert [r["error_type"] for r in run.records("error")] == ["KeyboardInterrupt"]  # the second: not a new error
     in_errors, in_json = undelivered(run)
     assert len(in_errors) == 1 and in_json == in_errors
     assert in_errors[0].startswith("2 alerts not delivered: alert hook command ")
