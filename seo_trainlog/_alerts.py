@@ -236,8 +236,8 @@ class _Command:
                 return self.exit_status is not None
             try:
                 info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:  # reaped by someone else (a SIGCHLD handler): its group id is not ours any more
-                self.reaped, self.exit_status = True, -1
+            except ChildProcessError:  # reaped by someone else (SIGCHLD ignored or handled): the status is
+                self.reaped, self.exit_status = True, 0  # lost (as subprocess assumes: 0), the group id not ours
                 return True
             if info is not None:
                 self.exit_status = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
