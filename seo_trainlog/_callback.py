@@ -385,17 +385,24 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 run.sigterm.remove()
             if run.sampler is not None:
                 run.sampler.stop()
-            if run.alerts is not None:
-                run.alerts.close(wait_s=tlog.config.alert_timeout_s)
             self._last_run = (tlog.config, tlog.run_id)
             self._collate.logger = None
             self._collate.phase = "train"
             if _thread_sums() is self._collate:
                 bind_thread(None)
-            if run.owns_logger:
-                tlog.close()
-            else:
-                tlog.flush()
+            try:
+                if run.alerts is not None:
+                    tlog.flush()  # the summary on disk before any wait for alerts: a second Ctrl-C loses nothing
+                    try:
+                        run.alerts.close(wait_s=tlog.config.alert_timeout_s, completed=status == "completed")
+                    except BaseException as exc:  # a second Ctrl-C during the wait: the run is recorded already
+                        mark_logged(exc)
+                        raise
+            finally:
+                if run.owns_logger:
+                    tlog.close()
+                else:
+                    tlog.flush()
 
     # ------------------------------------------------------------------ per step (hot path)
 
