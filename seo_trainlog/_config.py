@@ -74,7 +74,9 @@ class LogConfig:
             to count as an improvement. Default ``0.0``.
         alert_cmd: Shell command run for each anomaly during training, with the anomaly as one JSON
             object on its stdin; ``None``: no command. Default ``None``.
-        alert_timeout_s: Seconds the alert command may run before it is killed. Default ``10.0``.
+        alert_timeout_s: Seconds an alert command may run, with everything it started (its whole
+            process group is killed then), and a Python hook may take before the run stops waiting
+            for it at the end. Default ``10.0``.
 
     Raises:
         ValueError: at construction, for an unknown level, an invalid rotation or retention, or an
