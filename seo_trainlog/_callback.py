@@ -137,11 +137,21 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         OSError: at train begin, when the log directory cannot be written.
     """
 
+    def __new__(cls, *args: Any, restore_of: str | None = None, **kwargs: Any) -> TrainLogCallback:
+        # With ``restore_callback_states_from_checkpoint=True`` transformers rebuilds each stateful
+        # callback from its saved args and puts the new one in place of the one you gave: here that
+        # "new" one is yours (the instance it replaces), so your config and alert hooks stay.
+        if restore_of is not None:
+            replaced = _INSTANCES.get(restore_of) if isinstance(restore_of, str) else None
+            replaced = replaced if isinstance(replaced, cls) else _replaced_callback(cls)
+            if replaced is not None:
+                return replaced
+        return super().__new__(cls)
+
     def __init__(self, config: LogConfig | None = None, alert_hooks: Sequence[AlertHook] = (), *,
                  restore_of: str | None = None) -> None:
-        original = _INSTANCES.get(restore_of) if isinstance(restore_of, str) else None
-        if original is not None:  # transformers rebuilt us from a checkpoint: keep what the user gave
-            config, alert_hooks = original.config, original.alert_hooks
+        if restore_of is not None and "_token" in vars(self):  # an instance kept by __new__: as it was
+            return
         if config is not None and not isinstance(config, LogConfig):
             raise TypeError(f"config must be a seo_trainlog.LogConfig or None, got {type(config).__name__}; "
                             "for example TrainLogCallback(LogConfig(log_dir='logs'))")
@@ -759,6 +769,20 @@ def _run_resources(run: _Run) -> dict[str, Any]:
     if wait is not None:
         extra["data_wait_pct"] = wait
     return extra
+
+
+def _replaced_callback(cls: type) -> TrainLogCallback | None:
+    """The instance of ``cls`` transformers' ``Trainer._load_callback_state`` is replacing (its loop
+    variable ``callback`` in the calling frame), if that is who calls."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_load_callback_state":
+            candidate = frame.f_locals.get("callback")
+            return candidate if isinstance(candidate, cls) else None
+        frame = frame.f_back
+    return None
 
 
 def _finish_runs_at_exit() -> None:

@@ -7,6 +7,7 @@
     python sigterm_child.py LOG_DIR fork             # a callback forks a child that exits normally
     python sigterm_child.py LOG_DIR preempt          # checkpoints every 3 steps, SIGTERM right after checkpoint-3
     python sigterm_child.py LOG_DIR resume           # resumes from checkpoint-3 and finishes (max_steps 8)
+    python sigterm_child.py LOG_DIR resume_restore   # the same with restore_callback_states_from_checkpoint=True
 """
 
 import os
@@ -71,13 +72,16 @@ class Fork(TrainerCallback):
 
 tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])})
 data = Dataset.from_dict({**tokenizer([" ".join(WORDS[i:i + 3]) for i in range(32)]), "labels": [i % 4 for i in range(32)]})
-extra = {"busy": [Busy()], "fork": [Fork()], "preempt": [Preempt()], "resume": []}.get(mode, [SendSigterm()])
-saving = {"save_strategy": "steps", "save_steps": 3} if mode in ("preempt", "resume") else {"save_strategy": "no"}
+resuming = mode in ("resume", "resume_restore")
+extra = {"busy": [Busy()], "fork": [Fork()], "preempt": [Preempt()]}.get(mode, [] if resuming else [SendSigterm()])
+saving = {"save_strategy": "steps", "save_steps": 3} if mode == "preempt" or resuming else {"save_strategy": "no"}
+if mode == "resume_restore":
+    saving["restore_callback_states_from_checkpoint"] = True
 trainer = Trainer(model=tiny_model(), train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),
                   args=TrainingArguments(output_dir=os.path.join(log_dir, "out"), max_steps=8 if mode != "busy" else 10_000,
                                          logging_steps=1, per_device_train_batch_size=4, report_to="none",
                                          use_cpu=True, disable_tqdm=True, **saving),
                   callbacks=extra)
 trainer.add_callback(TrainLogCallback(quiet(log_dir)))
-trainer.train(resume_from_checkpoint=os.path.join(log_dir, "out", "checkpoint-3") if mode == "resume" else None)
+trainer.train(resume_from_checkpoint=os.path.join(log_dir, "out", "checkpoint-3") if resuming else None)
 print("training finished without termination")

@@ -249,13 +249,19 @@ def cli_json(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_a_run_preempted_by_sigterm_and_resumed_ends_completed(log_dir, capsys):
+@pytest.mark.parametrize("resume", ["resume", "resume_restore"])
+def test_a_run_preempted_by_sigterm_and_resumed_ends_completed(log_dir, capsys, resume, tmp_path):
+    """resume_restore: with restore_callback_states_from_checkpoint=True transformers rebuilds the
+    callback in the new process; the callback given there (its config) is kept."""
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
     preempted = subprocess.run([sys.executable, str(HERE / "sigterm_child.py"), str(log_dir), "preempt"],
                                capture_output=True, text=True, timeout=300, env=env)
     assert preempted.returncode == -15, preempted.stderr[-3000:]
-    resumed = subprocess.run([sys.executable, str(HERE / "sigterm_child.py"), str(log_dir), "resume"],
-                             capture_output=True, text=True, timeout=300, env=env)
+    resumed = subprocess.run([sys.executable, str(HERE / "sigterm_child.py"), str(log_dir), resume],
+                             capture_output=True, text=True, timeout=300, env=env, cwd=elsewhere)
+    assert not (elsewhere / "logs").exists()  # nothing went to a default directory
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     assert len(list(log_dir.glob("seo_engine_*.log"))) == 1
