@@ -36,7 +36,7 @@ from ._sinks import logging_busy
 from ._timing import CollateSums, IntervalSums, StepTimer, bind_thread
 from ._timing import thread_sums as _thread_sums
 
-_SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+_SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
 _OPEN_RUNS: weakref.WeakSet[TrainLogCallback] = weakref.WeakSet()
 _INSTANCES: weakref.WeakValueDictionary[str, TrainLogCallback] = weakref.WeakValueDictionary()
 _RUN_ID = re.compile(r"^\d{8}_\d{6}(?:_\d+)?$")
@@ -364,8 +364,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         _OPEN_RUNS.discard(self)
         state, tlog = run.state, run.logger
         try:
-            losses = [_format.to_number(entry["loss"]) for entry in state.log_history or ()
-                      if "loss" in entry and _format.is_finite_number(entry["loss"])]
+            losses = [_format.to_number(entry[key]) for entry in state.log_history or ()
+                      if (key := _training_loss_key(entry)) is not None and _format.is_finite_number(entry[key])]
             extra = _run_resources(run)
             if state.trial_params:
                 extra["trial_name"] = state.trial_name
@@ -412,6 +412,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 if run.owns_logger:
                     tlog.close()
                 else:
+                    tlog.release_training()
                     tlog.flush()
 
     # ------------------------------------------------------------------ per step (hot path)
@@ -685,9 +686,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         or an equal one), else open a run of our own, which no other callback joins: the run
         ``resumed_run_id`` continued, or a new one."""
         active = innermost_open_logger()
-        if active is not None and (self.config is None or self.config == active.config):
+        if active is not None and (self.config is None or self.config == active.config) \
+                and active.claim_training():  # not while a Trainer in another thread trains in it
             return active, False
-        return TrainLogger(self.config or LogConfig.from_env(), run_id=resumed_run_id, joinable=False,
+        config = self.config or (active.config if active is not None else None) or LogConfig.from_env()
+        return TrainLogger(config, run_id=resumed_run_id, joinable=False,
                            resume=resumed_run_id is not None), True
 
     def _resumed_run_id(self, state) -> str | None:
@@ -720,9 +723,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
     def _logger_for_last_run(self) -> Iterator[TrainLogger]:
         if self._last_run is not None:
             tlog = TrainLogger(self._last_run[0], run_id=self._last_run[1], joinable=False)
-        else:
+        else:  # evaluate()/predict() before any training: a run of its own, that says it did not train
             tlog = TrainLogger(self.config or LogConfig.from_env(), joinable=False)
             self._last_run = (tlog.config, tlog.run_id)
+            tlog.log_message("Evaluation without training: this run holds evaluation and prediction records only")
+            tlog.log_metrics("status", {"status": "no_training"})
         try:
             yield tlog
         finally:

@@ -113,6 +113,8 @@ class TrainLogger:
         self.key = f"{os.getpid()}-{next(_KEYS)}"  # routes this logger's records to its own files
         self.writes = self.role.is_world_process_zero  # the shared files
         self.joinable = joinable
+        self._trained_by: int | None = None  # the thread whose Trainer trains in this run now (joined)
+        self._claim_lock = threading.Lock()
         self.global_step: int | None = None
         self.epoch: float | None = None
         self.files: dict[str, Path] = {}
@@ -409,6 +411,21 @@ class TrainLogger:
                                                "resumed_from_checkpoint": resumed_from_checkpoint})
         self._write_manifest(force=True)
         return number
+
+    def claim_training(self) -> bool:
+        """A callback joins this run for a ``train()`` in the calling thread: False while a Trainer in
+        another thread trains in it (that callback then opens a run of its own)."""
+        ident = get_ident()
+        with self._claim_lock:
+            if self._trained_by not in (None, ident):
+                return False
+            self._trained_by = ident
+            return True
+
+    def release_training(self) -> None:
+        """The joined ``train()`` ended: another thread's Trainer may join now."""
+        with self._claim_lock:
+            self._trained_by = None
 
     def _manifest_due(self) -> None:
         """Without a flusher thread (``flush_interval_s == 0``) the manifest is written from here, at

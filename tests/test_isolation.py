@@ -356,3 +356,24 @@ def test_retention_never_makes_the_summary_wrong(make_trainer, log_dir, monkeypa
     assert main(["summarize", str(log_dir)]) == 0
     text = capsys.readouterr().out
     assert f"records cover global_step {first_left}-120 only" in " ".join(text.split())
+
+
+def test_two_trainers_training_at_once_inside_one_trainlogger_keep_two_runs(make_trainer, tmp_path, log_dir):
+    barrier = threading.Barrier(2)
+    trainers = [make_trainer(max_steps=steps, output_dir=str(tmp_path / name), callbacks=[Meet(barrier, name)])
+                for name, steps in (("a", 6), ("b", 12))]
+    for trainer in trainers:
+        trainer.add_callback(TrainLogCallback())  # no config: joins the open TrainLogger if it is free
+    with TrainLogger(quiet(log_dir)) as outer:
+        assert train_in_threads(*(trainer.train for trainer in trainers)) == [None, None]
+    rows = json_rows(log_dir)
+    runs = sorted({row["run_id"] for row in rows})
+    assert len(runs) == 2 and outer.run_id in runs  # one joined the user's run, the other opened its own there
+    steps = {}
+    for run_id in runs:
+        run = RunFiles(log_dir, run_id)
+        train = [row["global_step"] for row in run.records("train")]
+        assert [(row["segment"], row["status"]) for row in run.records("summary")] == [(1, "completed")]
+        assert not run.records("segment_start")
+        steps[len(train)] = train
+    assert steps == {6: list(range(1, 7)), 12: list(range(1, 13))}
