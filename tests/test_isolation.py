@@ -229,6 +229,8 @@ def test_a_setfit_style_loss_key_is_training_progress(make_trainer, log_dir):
     assert all(isinstance(row["loss"], float) and row["loss_name"] == "embedding_loss" for row in train)
     assert len([m for m in run.messages("training_progress") if m.startswith("Epoch ") and "Loss=" in m]) == 3
     assert not run.records("log")
+    [summary] = run.records("summary")
+    assert summary["final_loss"] == train[-1]["loss"] and summary["best_loss"] == min(row["loss"] for row in train)
 
 
 def test_an_epoch_cut_short_by_max_steps_is_logged_as_partial(make_trainer, log_dir):
@@ -377,3 +379,19 @@ def test_two_trainers_training_at_once_inside_one_trainlogger_keep_two_runs(make
         assert not run.records("segment_start")
         steps[len(train)] = train
     assert steps == {6: list(range(1, 7)), 12: list(range(1, 13))}
+
+
+def test_an_evaluation_before_any_training_is_a_run_that_says_so(make_trainer, log_dir, tiny_dataset):
+    trainer = make_trainer(max_steps=2)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
+    metrics = trainer.evaluate(eval_dataset=tiny_dataset.select(range(16)))
+    trainer.train()
+    runs = sorted({row["run_id"] for row in json_rows(log_dir)})
+    assert len(runs) == 2
+    baseline, trained = (RunFiles(log_dir, run_id) for run_id in runs)
+    assert [row["status"] for row in baseline.records("status")] == ["no_training"]
+    [evaluation] = baseline.records("eval")
+    assert evaluation["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    assert "model_preparation_time" not in "\n".join(baseline.lines("training_progress"))  # a timing
+    assert any(m.startswith("Validation Loss: ") for m in baseline.messages("training_progress"))
+    assert [row["status"] for row in trained.records("summary")] == ["completed"]
