@@ -55,7 +55,12 @@ class TimedDataCollator:
         try:
             batch = self.collator(features, *args, **kwargs)
         except Exception as error:
-            _report_collate_error(error, features, thread_sums() or self.__dict__.get("_sums"))
+            if get_worker_info() is not None:  # a DataLoader worker never writes the run's files itself
+                queue = self.__dict__.get("_worker_queue")
+                if queue is not None:
+                    queue.put(("error", _error_info(error, features)))
+            else:
+                _report_collate_error(error, features, thread_sums() or self.__dict__.get("_sums"))
             raise
         elapsed = perf_counter() - start
         try:
@@ -100,6 +105,15 @@ class TimedDataCollator:
         sums = self.__dict__.get("_sums")
         if queue is None:
             return
+        errors: dict[tuple[str, str], dict[str, Any]] = {}
+        try:
+            self._drain(queue, sums, settle_s, errors)
+        finally:
+            for info in errors.values():  # each distinct failure once, with how many batches it hit
+                _report_worker_error(info, sums)
+
+    @staticmethod
+    def _drain(queue, sums: CollateSums | None, settle_s: float, errors: dict[tuple[str, str], dict[str, Any]]) -> None:
         while True:
             try:
                 phase, values = queue.get_nowait()
@@ -112,7 +126,13 @@ class TimedDataCollator:
                     return
             except (OSError, ValueError, EOFError):  # a queue closed under us
                 return
-            if sums is not None:
+            if phase == "error":
+                key = (values["error_type"], values["message"])
+                if key in errors:
+                    errors[key]["batches_failed"] += 1
+                else:
+                    errors[key] = {**values, "batches_failed": 1}
+            elif sums is not None:
                 sums.add_sums(phase, values)
 
     def __getattr__(self, name: str) -> Any:
@@ -148,13 +168,8 @@ class TimedDataCollator:
         return f"TimedDataCollator({self.collator!r})"
 
 
-def _report_collate_error(error: Exception, features: Any, sums: CollateSums | None) -> None:
-    from ._logger import innermost_open_logger
-
-    tlog = sums.logger if sums is not None and sums.logger is not None else innermost_open_logger(
-        joinable_only=False, this_thread=True)
-    if tlog is None or tlog.closed:
-        return
+def _batch_facts(features: Any) -> dict[str, Any]:
+    """The batch size and the feature keys of a batch (never feature values)."""
     try:
         batch_size = len(features)
     except TypeError:
@@ -164,5 +179,40 @@ def _report_collate_error(error: Exception, features: Any, sums: CollateSums | N
         keys = sorted(map(str, first.keys())) if hasattr(first, "keys") else type(first).__name__
     except Exception:
         keys = "n/a"
-    tlog.log_error(error, operation="collate", context="the data collator failed on a batch",
-                   additional_info={"batch_size": batch_size, "feature_keys": keys})
+    return {"batch_size": batch_size, "feature_keys": keys}
+
+
+def _run_logger(sums: CollateSums | None):
+    from ._logger import innermost_open_logger
+
+    tlog = sums.logger if sums is not None and sums.logger is not None else innermost_open_logger(
+        joinable_only=False, this_thread=True)
+    return None if tlog is None or tlog.closed else tlog
+
+
+def _report_collate_error(error: Exception, features: Any, sums: CollateSums | None) -> None:
+    tlog = _run_logger(sums)
+    if tlog is not None:
+        tlog.log_error(error, operation="collate", context="the data collator failed on a batch",
+                       additional_info=_batch_facts(features))
+
+
+def _error_info(error: Exception, features: Any) -> dict[str, Any]:
+    """What a worker sends of a collator's failure (picklable, no feature values)."""
+    from ._format import safe_str
+
+    info = get_worker_info()
+    return {"error_type": type(error).__name__, "message": safe_str(error),
+            "worker_id": info.id if info is not None else None, **_batch_facts(features)}
+
+
+def _report_worker_error(info: dict[str, Any], sums: CollateSums | None) -> None:
+    """A failure a DataLoader worker sent: an error of the run, written by the main process (the
+    DataLoader re-raises it in the training loop, where it is logged again with its traceback)."""
+    tlog = _run_logger(sums)
+    if tlog is None:
+        return
+    error = type(str(info["error_type"]), (Exception,), {})(info["message"])  # named as the worker's
+    details = {key: info[key] for key in ("batch_size", "feature_keys", "worker_id", "batches_failed")}
+    tlog.log_error(error, operation="collate", context="the data collator failed on a batch in a DataLoader worker",
+                   additional_info=details)

@@ -395,3 +395,27 @@ def test_an_evaluation_before_any_training_is_a_run_that_says_so(make_trainer, l
     assert "model_preparation_time" not in "\n".join(baseline.lines("training_progress"))  # a timing
     assert any(m.startswith("Validation Loss: ") for m in baseline.messages("training_progress"))
     assert [row["status"] for row in trained.records("summary")] == ["completed"]
+
+
+def always_fails(features):
+    raise ValueError("bad batch in a worker")
+
+
+def test_a_collator_failing_in_dataloader_workers_is_one_error_written_by_the_main_process(make_trainer, log_dir):
+    trainer = make_trainer(max_steps=4, dataloader_num_workers=2, data_collator=TimedDataCollator(always_fails))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
+    with pytest.raises(ValueError, match="bad batch in a worker"):
+        trainer.train()
+    run = RunFiles(log_dir)
+    collate_errors = [row for row in run.records("error") if row["operation"] == "collate"]
+    assert len(collate_errors) == 1  # one failure, however many prefetched batches it hit
+    [error] = collate_errors
+    assert (error["error_type"], error["message"]) == ("ValueError", "bad batch in a worker")
+    info = error["additional_info"]
+    assert info["batch_size"] == 8 and info["feature_keys"] == ["attention_mask", "input_ids", "labels",
+                                                                "token_type_ids"]
+    assert info["batches_failed"] >= 1 and info["worker_id"] in (0, 1)
+    errors = [m for m in run.messages("errors") if m.startswith("Error in ")]
+    assert len(errors) == 2
+    assert errors[0].startswith("Error in training: ValueError: Caught ValueError in DataLoader worker process")
+    assert errors[1] == "Error in collate: ValueError: bad batch in a worker"
