@@ -4,7 +4,8 @@ Retention deletes a long run's oldest files, and with them ``run_start``, the hy
 the first losses. The manifest keeps what a reader needs to stay right about the whole run: when it
 started, its hyperparameters and ``max_steps``, its segments (one per ``train()`` call, resumed
 ones included), running totals of the training records (count, first/last step, final and best
-loss), the error/warning/anomaly counts (``warning``: every WARNING line of the error log, anomalies'
+loss), the evaluations (count, best value of each ``eval_*`` metric, last values per prefix), the
+error/warning/anomaly counts (``warning``: every WARNING line of the error log, anomalies'
 included, as ``seo-trainlog`` counts them) and the last summary.
 """
 
@@ -25,7 +26,8 @@ from ._format import to_jsonable
 
 MANIFEST_PREFIX = "run_manifest"
 # the JSON events whose facts the manifest keeps (``train`` records are noted apart, from their numbers)
-MANIFEST_EVENTS = frozenset({"run_start", "hyperparameters", "error", "warning", "anomaly", "summary", "status"})
+MANIFEST_EVENTS = frozenset({"run_start", "hyperparameters", "error", "warning", "anomaly", "summary", "status",
+                             "eval"})
 SCHEMA_VERSION = 1
 
 
@@ -64,6 +66,7 @@ class RunManifest:
             "train": {"records": 0, "first_global_step": None, "last_global_step": None, "first_time": None,
                       "last_time": None, "final_loss": None, "best_loss": None, "best_loss_step": None},
             "counts": {"error": 0, "warning": 0, "anomaly": 0},
+            "eval": {"records": 0, "best": {}, "last": {}},
             "summary": None,
         }
 
@@ -114,6 +117,8 @@ class RunManifest:
                     data["segments"][-1].update(
                         status=values.get("status"), ended=_iso(at), end_global_step=to_jsonable(global_step),
                         training_duration_s=_number(values.get("training_duration_s")))
+            elif event == "eval":
+                self._note_eval(values, global_step)
             elif event == "status":
                 data["status"] = values.get("status", data["status"])
                 if data["segments"]:
@@ -136,6 +141,26 @@ class RunManifest:
             if train["best_loss"] is None or loss < train["best_loss"]:
                 train["best_loss"], train["best_loss_step"] = loss, step
         self._dirty = True
+
+    def _note_eval(self, record: dict[str, Any], global_step: Any) -> None:
+        """Evaluation facts as ``seo-trainlog`` computes them (``_analysis.eval_metrics``): the last
+        values per metric prefix, and for ``eval`` the count and the best value of each metric."""
+        from ._analysis import eval_metrics, lower_is_better
+
+        section = self.data["eval"]
+        prefix, metrics = eval_metrics(record)
+        step = to_jsonable(global_step)
+        section["last"][prefix] = to_jsonable({"global_step": step, **metrics})
+        if prefix != "eval":
+            return
+        section["records"] += 1
+        for key, value in metrics.items():
+            value = _number(value)
+            if value is None:
+                continue
+            best = section["best"].get(key)
+            if best is None or (value < best["value"] if lower_is_better(key) else value > best["value"]):
+                section["best"][key] = {"value": value, "global_step": step}
 
     def start_segment(self, start_global_step: int, at: datetime | None,
                       resumed_from_checkpoint: str | None = None) -> int:

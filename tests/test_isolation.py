@@ -330,15 +330,18 @@ def test_one_callback_given_to_two_trainers_training_at_once_keeps_two_runs(make
     assert by_steps == {8: (list(range(1, 9)), (8, 64)), 16: (list(range(1, 17)), (16, 64))}
 
 
-def test_retention_never_makes_the_summary_wrong(make_trainer, log_dir, monkeypatch, capsys):
+def test_retention_never_makes_the_summary_wrong(make_trainer, log_dir, monkeypatch, capsys, tiny_dataset):
     monkeypatch.setenv("SEO_TRAINLOG_ROTATION", "2 KB")
     monkeypatch.setenv("SEO_TRAINLOG_RETENTION", "2")
     monkeypatch.setenv("SEO_TRAINLOG_DIR", str(log_dir))
     monkeypatch.setenv("SEO_TRAINLOG_CONSOLE", "0")
-    trainer = make_trainer(max_steps=120, learning_rate=1e-2)
+    trainer = make_trainer(max_steps=120, learning_rate=1e-2, eval_strategy="steps", eval_steps=20,
+                           eval_dataset=tiny_dataset.select(range(16)))
     trainer.add_callback(TrainLogCallback())
     trainer.train()
     losses = [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
+    evals = [(row["step"], row["eval_loss"]) for row in trainer.state.log_history if "eval_loss" in row]
+    assert len(evals) == 6
     assert len(losses) == 120
     remaining = json_rows(log_dir)
     [run_id] = {row["run_id"] for row in remaining}
@@ -353,6 +356,9 @@ def test_retention_never_makes_the_summary_wrong(make_trainer, log_dir, monkeypa
     assert summary["final_loss"] == pytest.approx(losses[-1][1])
     assert (summary["max_steps"], summary["global_step"], summary["status"]) == (120, 120, "completed")
     assert summary["started"] == manifest["started"] and summary["started"] < remaining[0]["time"]
+    best_eval_step, best_eval = min(evals, key=lambda pair: (pair[1], pair[0]))
+    assert manifest["eval"]["records"] == 6
+    assert manifest["eval"]["best"]["eval_loss"] == {"value": pytest.approx(best_eval), "global_step": best_eval_step}
     assert summary["records_cover"] == {"first_global_step": first_left, "last_global_step": 120, "complete": False}
     capsys.readouterr()
     assert main(["summarize", str(log_dir)]) == 0
