@@ -251,7 +251,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         run.segment = tlog.start_segment(state.global_step, _resumed_from(state))
         tlog.log_hyperparameters(_hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer))
         resumed = f", resuming at global_step {state.global_step}" if state.global_step else ""
-        trial = f", hyperparameter search trial {state.trial_name or ''} {state.trial_params}" \
+        trial = ", hyperparameter search trial " + " ".join(
+            str(part) for part in (state.trial_name, state.trial_params) if part) \
             if state.is_hyper_param_search or state.trial_params else ""
         tlog.log_message(f"Training started: max_steps={state.max_steps}, num_train_epochs="
                          f"{state.num_train_epochs}, world_size={args.world_size}{resumed}{trial}")
