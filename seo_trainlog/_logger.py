@@ -392,7 +392,8 @@ class TrainLogger:
     def start_segment(self, start_global_step: int, resumed_from_checkpoint: str | None = None) -> int:
         """Note that a ``train()`` call begins in this run (the callback calls it at train begin):
         segment 1 for the first, then a ``segment_start`` record (text and JSON: ``segment``,
-        ``start_global_step``, ``resumed_from_checkpoint``) for each later one, e.g. a resumed run.
+        ``start_global_step``, ``resumed_from_checkpoint``) for each later one, e.g. a resumed run,
+        and for a resumed one that is the first in this directory.
 
         Returns:
             the segment's number (1, 2, ...; 0 on a rank that does not write the shared files).
@@ -403,7 +404,7 @@ class TrainLogger:
             self._settle()
         number = self.manifest.start_segment(start_global_step, self._when(), resumed_from_checkpoint)
         self._started_segment = True
-        if number > 1:
+        if number > 1 or resumed_from_checkpoint:  # (a run resumed into a directory new to it: its segment 1)
             source = f" from {resumed_from_checkpoint}" if resumed_from_checkpoint else ""
             self.log_message(f"Run {self.run_id} continues{source} at global_step {start_global_step} "
                              f"(segment {number})")

@@ -295,7 +295,8 @@ def test_a_run_continued_in_a_directory_without_its_files_starts_them(tmp_path):
     with TrainLogger(quiet(tmp_path / "first"), run_id=first.run_id, resume=True) as same:
         assert same.start_segment(20, "out/checkpoint-20") == 2
     moved_rows = json_rows(tmp_path / "elsewhere")
-    assert [(row["event"], row.get("resumed")) for row in moved_rows] == [("run_start", True)]
+    assert [(row["event"], row.get("resumed")) for row in moved_rows] == [("run_start", True), ("segment_start", None)]
+    assert (moved_rows[1]["segment"], moved_rows[1]["start_global_step"]) == (1, 20)  # this directory's first
     rows = json_rows(tmp_path / "first")
     assert [row["event"] for row in rows] == ["run_start", "segment_start"]
     assert (rows[1]["segment"], rows[1]["start_global_step"], rows[1]["resumed_from_checkpoint"]) == \
