@@ -664,6 +664,12 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         additional = {key: value for key, value in values.items() if key != f"{prefix}_runtime"}
         tlog.log_model_performance(operation, runtime, memory_usage=rss_mb(),
                                    additional_metrics={**additional, "global_step": global_step})
+        if operation == "prediction" and prefix is not None:  # predict() logs nothing through on_log
+            speed = {f"{prefix}{suffix}" for suffix in _SPEED_SUFFIXES}
+            metrics = {key: value for key, value in values.items()
+                       if key.startswith(f"{prefix}_") and key != f"{prefix}_loss" and key not in speed}
+            tlog.log_evaluation(global_step, epoch, values.get(f"{prefix}_loss"), metrics, metric_prefix=prefix,
+                                values=values)
 
     def _elected(self, trainer) -> bool:
         """Of several TrainLogCallbacks on one Trainer, only one writes: explicit config first. The

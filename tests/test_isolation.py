@@ -426,3 +426,15 @@ def test_a_collator_failing_in_dataloader_workers_is_one_error_written_by_the_ma
     assert len(errors) == 2
     assert errors[0].startswith("Error in training: ValueError: Caught ValueError in DataLoader worker process")
     assert errors[1] == "Error in collate: ValueError: bad batch in a worker"
+
+
+def test_predict_metrics_are_written_as_an_evaluation_with_their_prefix(make_trainer, log_dir, tiny_dataset):
+    trainer = make_trainer(max_steps=2)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir)))
+    trainer.train()
+    output = trainer.predict(tiny_dataset.select(range(16)))
+    run = RunFiles(log_dir)
+    [test] = [row for row in run.records("eval") if row["metric_prefix"] == "test"]
+    assert test["test_loss"] == pytest.approx(output.metrics["test_loss"]) and test["global_step"] == 2
+    assert any(m.startswith("Test Loss: ") for m in run.messages("training_progress"))
+    assert [row["operation"] for row in run.records("model") if row["operation"] == "prediction"] == ["prediction"]
