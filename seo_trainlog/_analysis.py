@@ -20,7 +20,7 @@ MAX_SEGMENTS = 1000  # segments (resumed parts of a run) kept
 TRAIN_COLUMNS = ("loss", "learning_rate", "grad_norm", "samples_per_second", "rss_mb", "gpu_util_pct",
                  "gpu_mem_used_mb")
 _LOWER_IS_BETTER = frozenset({"loss", "error", "err", "wer", "cer", "perplexity", "ppl", "mae", "mse", "rmse"})
-SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")  # timings
 _PEAK_KEY = re.compile(r"rss_mb_max$|gpu\d+_mem_used_mb_max$|cuda\d+_max_allocated_mb$")  # psutil, NVML, torch.cuda
 NO_SUMMARY = "no_summary"
 
@@ -243,9 +243,7 @@ class RunAnalysis:
         if self.detector is not None:
             for anomaly in self.detector.update("eval", record, step):
                 self._note_anomaly("found", anomaly.kind, step, anomaly.to_dict())
-        prefix = eval_prefix(record)
-        metrics = {key: value for key, value in record.items()
-                   if key.startswith(f"{prefix}_") and not key.endswith(SPEED_SUFFIXES)}
+        prefix, metrics = eval_metrics(record)
         self._last_eval[prefix] = {"global_step": step, **metrics}
         if prefix != "eval":
             return
@@ -400,6 +398,16 @@ class RunAnalysis:
                               "complete": not lost},
             "manifest_used": manifest is not None,
         }
+
+
+def eval_metrics(record: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(prefix, metrics)`` of an ``eval`` record: the prefix its metric keys share (``eval``,
+    ``test``... see :func:`~seo_trainlog._anomaly.eval_prefix`) and its keys starting with
+    ``f"{prefix}_"``, timings (:data:`SPEED_SUFFIXES`: runtime, samples/steps per second, model
+    preparation time) left out, values as they are. Raises nothing."""
+    prefix = eval_prefix(record)
+    return prefix, {key: value for key, value in record.items()
+                    if key.startswith(f"{prefix}_") and not key.endswith(SPEED_SUFFIXES)}
 
 
 def lower_is_better(metric: str) -> bool:

@@ -552,3 +552,26 @@ def test_a_manifest_that_cannot_be_used_is_said_and_ignored(tmp_path, capsys):
         assert err.splitlines()[0] == (f"seo-trainlog: warning: {manifest} {problem}; the run's totals in it are "
                                        "not used")
         assert table_rows(text)["records"] == COVER_WITHOUT_MANIFEST
+
+
+# ---------------------------------------------------------------- evaluation metrics
+
+
+def test_model_preparation_time_is_a_timing_not_a_metric(tmp_path, capsys):
+    from seo_trainlog._analysis import eval_metrics
+
+    record = {"event": "eval", "global_step": 4, "metric_prefix": "eval", "eval_loss": 1.5,
+              "eval_model_preparation_time": 0.0006, "eval_runtime": 0.1, "eval_samples_per_second": 900.0,
+              "eval_steps_per_second": 30.0, "eval_accuracy": 0.5}
+    assert eval_metrics(record) == ("eval", {"eval_loss": 1.5, "eval_accuracy": 0.5})
+    rows = [("run_start", None, {"schema_version": 1}), train_row(4, 1.0),
+            ("eval", 4, {key: value for key, value in record.items() if key not in ("event", "global_step")})]
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows)))
+    out = run_json(capsys, str(log_dir))
+    assert out["best_eval"] == {"eval_loss": {"value": 1.5, "global_step": 4},
+                                "eval_accuracy": {"value": 0.5, "global_step": 4}}
+    assert out["last_eval"] == {"eval": {"global_step": 4, "eval_loss": 1.5, "eval_accuracy": 0.5}}
+    text, _ = summarize_text(capsys, str(log_dir))
+    assert "model_preparation_time" not in text
