@@ -19,11 +19,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from ._analysis import SPEED_SUFFIXES, is_gpu_util_key
+from ._analysis import NO_TRAINING, SPEED_SUFFIXES, is_gpu_util_key
 from ._anomaly import AnomalyDetector, eval_prefix
 from ._config import LogConfig
 from ._present import coverage_notice, duration, number, print_warning, status_text
-from ._reader import LogReadError, RunFollower, find_runs, read_manifest, select_run
+from ._reader import LogReadError, RunFollower, find_runs, load_manifest, select_run
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_POINTS = 60  # losses in the sparkline
@@ -42,9 +42,11 @@ class WatchState:
     which steps the records cover. Every structure is of bounded length whatever the run's length."""
 
     def __init__(self, run_id: str, config: LogConfig | None = None, *, manifest: Mapping[str, Any] | None = None,
-                 rotated: bool = False) -> None:
+                 rotated: bool = False, manifest_problem: str | None = None) -> None:
         self.run_id = run_id
         self.manifest = manifest if isinstance(manifest, Mapping) else None
+        self.manifest_problem = manifest_problem
+        self.resumed_here = False  # run_start "resumed": the earlier records are in another log_dir
         self._rotated = rotated or self.manifest is not None
         self._head: bool | None = None
         self._train_steps: list[int | None] = [None, None]
@@ -82,6 +84,8 @@ class WatchState:
         for anomaly in self.detector.update(str(event), record, step):
             self._alert(anomaly.kind, anomaly.global_step, anomaly.message)
         if event == "train":
+            if self.status == NO_TRAINING:  # evaluated first, now trains
+                self.status = None
             self.latest_train = dict(record)
             if isinstance(record.get("loss"), (int, float)):
                 self.losses.append(record["loss"])
@@ -102,6 +106,8 @@ class WatchState:
             self._alert(record.get("kind"), record.get("user_global_step", step), record.get("message"))
         elif event in ("summary", "status"):
             self.status = record.get("status") or "unknown"
+        elif event == "run_start" and record.get("resumed") is True:
+            self.resumed_here = True
         elif event == "segment_start":  # the run was resumed: it goes on, the ETA from its new pace
             self.status = None
             self._first_train = None
@@ -113,11 +119,23 @@ class WatchState:
         return self._rotated and self._head is False
 
     def coverage(self) -> str | None:
-        """The line saying which steps the records cover when older ones were deleted, else ``None``."""
+        """The line saying which steps the records cover when older ones were deleted (or are in
+        another log directory: a run resumed into this one), else ``None``."""
         return coverage_notice({"run_id": self.run_id, "manifest_used": self.manifest is not None,
+                                "manifest_problem": self.manifest_problem, "resumed_here": self.resumed_here,
                                 "records_cover": {"first_global_step": self._train_steps[0],
                                                   "last_global_step": self._train_steps[1],
-                                                  "complete": not self.head_deleted}})
+                                                  "complete": not self.head_deleted and not self.resumed_here}})
+
+    @property
+    def anomalies_removed(self) -> int:
+        """Anomalies the run's manifest counted beyond those read here: their records were deleted by
+        retention (0 when no file was deleted or there is no manifest)."""
+        if not self.head_deleted or self.manifest is None:
+            return 0
+        counts = self.manifest.get("counts")
+        counted = counts.get("anomaly") if isinstance(counts, Mapping) else None
+        return max(0, counted - self.anomaly_count) if type(counted) is int else 0
 
     def eta_s(self) -> float | None:
         """Seconds to ``max_steps`` at the mean pace (steps per second of record time) since the first
@@ -178,7 +196,7 @@ def render_frame(state: WatchState) -> RenderableType:
                                                                    else ""), title_align="left"),
         Panel(metrics, title="latest metrics", title_align="left"),
         Panel(_gauges(state.latest_train), title="resources", title_align="left"),
-        Panel(_alerts(state), title=f"alerts ({state.anomaly_count})", title_align="left"),
+        Panel(_alerts(state), title=f"alerts ({state.anomaly_count + state.anomalies_removed})", title_align="left"),
     )
 
 
@@ -208,7 +226,8 @@ def watch(log_dir: str | os.PathLike[str], run_id: str | None, config: LogConfig
             sleep(interval_s)
     run = select_run(runs, run_id)
     follower = RunFollower(run, print_warning)
-    state = WatchState(run.run_id, config, manifest=read_manifest(run, print_warning), rotated=len(run.paths) > 1)
+    manifest, problem = load_manifest(run, print_warning)
+    state = WatchState(run.run_id, config, manifest=manifest, rotated=len(run.paths) > 1, manifest_problem=problem)
     try:
         with Live(render_frame(state), console=console, auto_refresh=False) as live:
             while True:
@@ -244,9 +263,13 @@ def _gauges(train: Mapping[str, Any]) -> RenderableType:
 
 
 def _alerts(state: WatchState) -> RenderableType:
-    if not state.alerts:
-        return Text("none", style="green")
-    return Group(*(Text(f"step {step}: {message}", style="bold red") for _, step, message in state.alerts))
+    removed = state.anomalies_removed
+    lines = [Text(f"step {step}: {message}", style="bold red") for _, step, message in state.alerts]
+    if removed:
+        total = removed + state.anomaly_count
+        lines.insert(0, Text(f"{total} {'anomaly' if total == 1 else 'anomalies'} (details of {removed} removed by "
+                             f"retention; {state.anomaly_count} in the remaining records)", style="yellow"))
+    return Group(*lines) if lines else Text("none", style="green")
 
 
 def _expired(deadline: float | None) -> bool:
