@@ -179,9 +179,8 @@ def render_frame(state: WatchState) -> RenderableType:
         progress.add_row(Text(f"{step_text} (max_steps not logged yet)"))
     eta = state.eta_s()
     progress.add_row(Text(f"epoch {number(state.epoch, 3)}"), Text(f"ETA {duration(eta)}" if eta is not None else ""))
-    notice = state.coverage()
-    if notice:
-        progress.add_row(Text(notice, style="yellow"))
+    notice = state.coverage()  # under the grid: the panel's whole width, not the progress bar's column
+    head = Group(progress, Text(notice, style="yellow")) if notice else progress
 
     metrics = Table(show_header=False, box=None, padding=(0, 1))
     for key in LATEST_KEYS:
@@ -192,7 +191,7 @@ def render_frame(state: WatchState) -> RenderableType:
     metrics.add_row(Text("loss trend"), Text(sparkline(state.losses), style="cyan"))
 
     return Group(
-        Panel(progress, title=f"run {state.run_id}: {status}" + (f" (segment {state.segment})" if state.segment > 1
+        Panel(head, title=f"run {state.run_id}: {status}" + (f" (segment {state.segment})" if state.segment > 1
                                                                    else ""), title_align="left"),
         Panel(metrics, title="latest metrics", title_align="left"),
         Panel(_gauges(state.latest_train), title="resources", title_align="left"),

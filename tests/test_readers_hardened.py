@@ -730,7 +730,8 @@ def test_an_evaluation_only_run_is_not_still_running(tmp_path, capsys):
 
 
 def test_a_run_resumed_into_another_directory_says_its_records_start_later(tmp_path, capsys):
-    rows = [("run_start", None, {"schema_version": 1, "resumed": True}),
+    rows = [("run_start", None, {"schema_version": 1, "resumed": True}),  # as the writer starts a new directory
+            ("segment_start", 5, {"segment": 1, "start_global_step": 5, "resumed_from_checkpoint": "out/checkpoint-5"}),
             ("hyperparameters", 0, {"hyperparameters": {"run": {"max_steps": 10}}})]
     rows += [train_row(step, 1.0) for step in range(6, 11)]
     rows += [("summary", 10, {"segment": 1, "status": "completed", "training_duration_s": 5.0})]
@@ -740,6 +741,8 @@ def test_a_run_resumed_into_another_directory_says_its_records_start_later(tmp_p
     out = run_json(capsys, str(log_dir))
     assert out["records_cover"] == {"first_global_step": 6, "last_global_step": 10, "complete": False}
     assert out["resumed_here"] is True and out["status"] == "completed"
+    assert out["segments"] == [{"segment": 1, "started": at(1), "start_global_step": 5, "status": "completed",
+                                "training_duration_s": 5.0}]
     text, err = summarize_text(capsys, str(log_dir))
     assert table_rows(text)["records"] == ("records cover global_step 6-10 only: the run was resumed into this log "
                                            "directory; its earlier records are in the log directory it was first "
@@ -772,3 +775,21 @@ def test_a_run_without_train_records_shows_the_trainers_totals(tmp_path, capsys)
     assert rows_text["mean train loss"] == ("1.3864 (Trainer's train_loss, the mean over train(); no train record "
                                             "was logged: logging_steps longer than the run?)")
     assert rows_text["throughput"] == "1340 samples/s, 167.5 steps/s (Trainer's, over the whole train())"
+
+
+def test_watch_coverage_line_uses_the_panels_width(tmp_path):
+    from seo_trainlog._reader import read_manifest
+
+    retained_run(tmp_path / "logs", manifest=True)
+    (run,) = find_runs(tmp_path / "logs")
+    state = WatchState(RUN, LogConfig(), manifest=read_manifest(run), rotated=True)
+    follower = RunFollower(run)
+    for record in follower.poll():
+        state.add(record)
+    follower.close()
+    console = Console(file=io.StringIO(), width=80)
+    console.print(render_frame(state))
+    frame = console.file.getvalue().splitlines()
+    assert frame[3:5] == [  # wrapped at the panel's edge, not within the progress bar's 40 columns
+        f"│ {line:<76} │" for line in ("records cover global_step 16-60 only: older records were removed by",
+                                        f"retention (run_manifest_{RUN}.json gives the run's totals)")]
