@@ -38,7 +38,8 @@ class WatchState:
     latest anomalies (from an :class:`AnomalyDetector` and from ``anomaly`` records, once each), and
     the ``summary`` status once it is written (a ``segment_start`` record, a resumed run, clears it).
     ``manifest`` and ``rotated`` as for :class:`~seo_trainlog._analysis.RunAnalysis`: when retention
-    deleted the run's first records, ``max_steps`` comes from the manifest and :meth:`coverage` says
+    deleted the run's first records, ``max_steps`` and the latest ``eval_*`` values (until an
+    ``eval`` record is read) come from the manifest and :meth:`coverage` says
     which steps the records cover. Every structure is of bounded length whatever the run's length."""
 
     def __init__(self, run_id: str, config: LogConfig | None = None, *, manifest: Mapping[str, Any] | None = None,
@@ -77,6 +78,13 @@ class WatchState:
             self._head = event == "run_start"
             if self.head_deleted and self.manifest is not None and type(self.manifest.get("max_steps")) is int:
                 self.max_steps = self.manifest["max_steps"] or None
+            if self.head_deleted and self.manifest is not None:  # until a remaining eval record is read
+                section = self.manifest.get("eval")
+                last = section.get("last") if isinstance(section, Mapping) else None
+                last = last.get("eval") if isinstance(last, Mapping) else None
+                if isinstance(last, Mapping):
+                    self.latest_eval = {key: value for key, value in last.items() if key.startswith("eval_")
+                                        and not key.endswith(SPEED_SUFFIXES) and isinstance(value, (int, float))}
         if isinstance(step, int):
             self.global_step = step
         if isinstance(record.get("epoch"), (int, float)):

@@ -793,3 +793,23 @@ def test_watch_coverage_line_uses_the_panels_width(tmp_path):
     assert frame[3:5] == [  # wrapped at the panel's edge, not within the progress bar's 40 columns
         f"│ {line:<76} │" for line in ("records cover global_step 16-60 only: older records were removed by",
                                         f"retention (run_manifest_{RUN}.json gives the run's totals)")]
+
+
+def test_watch_shows_the_manifests_last_evaluation_when_its_record_was_deleted(tmp_path):
+    from seo_trainlog._reader import read_manifest
+
+    rows = [("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0) for step in range(1, 21)]
+    rows += [eval_row(20, 0.30, 0.90)]
+    deleted = len(rows)
+    rows += [train_row(step, 1.0) for step in range(21, 41)]
+    write_rotated(tmp_path / "logs", rows, deleted, {"eval": {"records": 1, "best": {}, "last": {
+        "eval": {"global_step": 20, "eval_loss": 0.30, "eval_accuracy": 0.90}}}})
+    (run,) = find_runs(tmp_path / "logs")
+    state = WatchState(RUN, LogConfig(), manifest=read_manifest(run), rotated=True)
+    follower = RunFollower(run)
+    for record in follower.poll():
+        state.add(record)
+    assert state.latest_eval == {"eval_loss": 0.30, "eval_accuracy": 0.90}
+    state.add({"event": "eval", "global_step": 40, "metric_prefix": "eval", "eval_loss": 0.25, "eval_runtime": 0.1})
+    assert state.latest_eval == {"eval_loss": 0.25}  # a remaining record's, once read
+    follower.close()
