@@ -59,7 +59,7 @@ def coverage_notice(summary: Mapping[str, Any]) -> str | None:
     missing = f"{manifest} could not be used ({summary['manifest_problem']})" if summary.get("manifest_problem") \
         else f"there is no {manifest}"
     return (f"WARNING: {span}: older records were removed by retention and {missing}: start time, "
-            "hyperparameters and best loss may be incomplete")
+            "hyperparameters, best loss and best eval metrics may be incomplete")
 
 
 def segment_text(segment: Mapping[str, Any]) -> str:

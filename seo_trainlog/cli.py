@@ -135,7 +135,7 @@ def _analyse(run: MetricsRun, config: LogConfig) -> RunAnalysis:
             f"there is no {run.manifest_path.name}"
         _warn(f"run {run.run_id}: its oldest metrics files were deleted by retention (the oldest left, "
               f"{run.paths[0].name}, does not begin with run_start) and {missing}: "
-              "start time, hyperparameters and best loss may be incomplete")
+              "start time, hyperparameters, best loss and best eval metrics may be incomplete")
     return analysis
 
 

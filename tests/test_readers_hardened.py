@@ -173,8 +173,8 @@ def retained_run(log_dir: Path, manifest: bool) -> list[Path]:
 COVER_WITH_MANIFEST = (f"records cover global_step 16-60 only: older records were removed by retention "
                        f"(run_manifest_{RUN}.json gives the run's totals)")
 COVER_WITHOUT_MANIFEST = (f"WARNING: records cover global_step 16-60 only: older records were removed by "
-                          f"retention and there is no run_manifest_{RUN}.json: start time, hyperparameters and "
-                          "best loss may be incomplete")
+                          f"retention and there is no run_manifest_{RUN}.json: start time, hyperparameters, "
+                          "best loss and best eval metrics may be incomplete")
 
 
 def test_retention_with_a_manifest_gives_the_true_totals(tmp_path, capsys):
@@ -216,8 +216,8 @@ def test_retention_without_a_manifest_is_never_silently_wrong(tmp_path, capsys):
     assert table_rows(text)["records"] == COVER_WITHOUT_MANIFEST
     assert err == (f"seo-trainlog: warning: run {RUN}: its oldest metrics files were deleted by retention (the "
                    f"oldest left, performance_metrics_{RUN}.2026-11-30_12-00-32_000000.log, does not begin with "
-                   f"run_start) and there is no run_manifest_{RUN}.json: start time, hyperparameters and best "
-                   "loss may be incomplete\n")
+                   f"run_start) and there is no run_manifest_{RUN}.json: start time, hyperparameters, best "
+                   "loss and best eval metrics may be incomplete\n")
     assert main(["summarize", str(log_dir), "--list"]) == 0
     assert f"{RUN} completed*" in capsys.readouterr().out
 
@@ -268,7 +268,7 @@ def test_real_retention_is_reported_not_hidden(tmp_path, capsys):
     text, err = summarize_text(capsys, str(log_dir))
     assert table_rows(text)["records"].startswith(f"WARNING: records cover global_step {cover['first_global_step']}"
                                                   "-200 only: older records were removed by retention")
-    assert "start time, hyperparameters and best loss may be incomplete" in err
+    assert "start time, hyperparameters, best loss and best eval metrics may be incomplete" in err
 
 
 # ---------------------------------------------------------------- warnings counted, in plain English
@@ -559,7 +559,7 @@ def test_a_manifest_that_cannot_be_used_is_said_and_ignored(tmp_path, capsys):
         assert table_rows(text)["records"] == COVER_WITHOUT_MANIFEST.replace(
             f"there is no run_manifest_{RUN}.json", f"run_manifest_{RUN}.json could not be used ({problem})")
         assert err.splitlines()[1].endswith(f"and run_manifest_{RUN}.json could not be used ({problem}): start "
-                                            "time, hyperparameters and best loss may be incomplete")
+                                            "time, hyperparameters, best loss and best eval metrics may be incomplete")
         assert "there is no" not in text + err  # the file exists
 
 
