@@ -23,6 +23,7 @@ _LOWER_IS_BETTER = frozenset({"loss", "error", "err", "wer", "cer", "perplexity"
 SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")  # timings
 _PEAK_KEY = re.compile(r"rss_mb_max$|gpu\d+_mem_used_mb_max$|cuda\d+_max_allocated_mb$")  # psutil, NVML, torch.cuda
 NO_SUMMARY = "no_summary"
+NO_TRAINING = "no_training"  # the writer's ``status`` event for a run that only evaluated
 
 
 class Series:
@@ -84,12 +85,16 @@ class RunAnalysis:
     """
 
     def __init__(self, run_id: str, config: LogConfig | None = None, max_points: int = MAX_POINTS, *,
-                 manifest: Mapping[str, Any] | None = None, rotated: bool = False) -> None:
+                 manifest: Mapping[str, Any] | None = None, rotated: bool = False,
+                 manifest_problem: str | None = None) -> None:
         self.run_id = run_id
         self.config = config or LogConfig()
         self.manifest = manifest if isinstance(manifest, Mapping) else None
+        self.manifest_problem = manifest_problem  # why a manifest that exists was not used (or partly)
         self._rotated = rotated or self.manifest is not None
         self._head: bool | None = None  # the first record is run_start: no file was deleted
+        self._resumed_here = False  # run_start "resumed": the run's earlier records are in another log_dir
+        self._trainer_totals: dict[str, Any] = {}  # the model record of operation "training" (Trainer's)
         self._segments: dict[int, dict[str, Any]] = {}
         self._segment = 1
         self._train_steps: list[Any] = [None, None]  # global_step of the first and last train record
@@ -158,12 +163,17 @@ class RunAnalysis:
             number = record.get("segment") if event == "segment_start" else 1
             self._segment = number if type(number) is int else self._segment + 1
             self._status = None  # the run goes on
+            resumed = event == "run_start" and record.get("resumed") is True
+            self._resumed_here = self._resumed_here or resumed
             segment = self._segment_entry(self._segment)
             if segment is not None:
-                start = record.get("start_global_step", step) if event == "segment_start" else 0
+                start = record.get("start_global_step", step) if event == "segment_start" or resumed else 0
                 segment.update(started=record.get("time"), start_global_step=start)
         elif event == "status":
             self._status = record.get("status", self._status)
+        elif event == "model" and record.get("operation") == "training":
+            self._trainer_totals = {key: record.get(key) for key in
+                                    ("train_loss", "train_samples_per_second", "train_steps_per_second")}
         elif event == "hyperparameters":
             self._hyperparameters = record.get("hyperparameters")
         elif event == "error":
@@ -194,6 +204,8 @@ class RunAnalysis:
         return segment
 
     def _add_train(self, record: dict[str, Any], step: Any) -> None:
+        if self._status == NO_TRAINING:  # evaluated first, now trains
+            self._status = None
         if type(step) is int:
             if self._train_steps[0] is None:
                 self._train_steps[0] = step
@@ -324,7 +336,18 @@ class RunAnalysis:
         ``anomaly_count``, ``anomalies``, ``records_cover`` (``{"first_global_step",
         "last_global_step", "complete"}``: the train records read; ``complete`` is false when
         retention deleted older ones) and ``manifest_used`` (the run's manifest filled in what
-        the deleted records held).
+        the deleted records held; ``manifest_problem``: why a manifest that exists was not used, or
+        which of its fields were not).
+        ``status`` is ``no_training`` for a run that only evaluated. ``evaluations``, ``best_eval``
+        and ``last_eval`` merge the manifest's ``eval`` section (its evaluations whose records were
+        deleted) with the records'. ``counts_in_records`` (``errors``, ``warnings``, ``anomalies``)
+        counts what the remaining records hold (the totals may come from the manifest).
+        ``resumed_here``: the run was resumed into this log directory (its ``run_start`` says
+        ``resumed``): its earlier records are in another one and ``records_cover.complete`` is false.
+        Without train records (``logging_steps`` longer than the run) ``samples_per_second`` and
+        ``steps_per_second`` are the Trainer's own over ``train()`` (``throughput_source``:
+        ``trainer``, else ``records`` or ``None``); ``mean_train_loss`` is the Trainer's mean training
+        loss (``train_loss`` of its ``training`` model record), never a final or best loss.
         """
         busy = self._interval_s
         lost = self.head_deleted
@@ -337,6 +360,8 @@ class RunAnalysis:
         best, final = self._best_loss, (self._final_loss, self._final_loss_step)
         counts = dict(self._counts)
         status = self._status
+        evaluations, best_eval = self._evaluations, dict(self._best_eval)
+        last_eval = {prefix: dict(values) for prefix, values in self._last_eval.items()}
         if manifest is not None:
             train = _mapping(manifest, "train")
             if isinstance(manifest.get("started"), str):
@@ -356,6 +381,7 @@ class RunAnalysis:
                     counts[key] = value
             if status is None and manifest.get("status") not in (None, "running"):
                 status = manifest["status"]
+            evaluations = self._merge_eval(_mapping(manifest, "eval"), evaluations, best_eval, last_eval)
         segments = self.segments()
         durations = [s["training_duration_s"] for s in segments if _is_number(s["training_duration_s"])]
         whole = not lost and len(segments) <= 1  # the summary's own figures cover the records read
@@ -364,6 +390,15 @@ class RunAnalysis:
                        default=None)
         computed_wait = 100 * self._wait_s / busy if busy else None
         computed_util = self._gpu_util_sum / self._gpu_util_count if self._gpu_util_count else None
+        throughput_source = "records" if busy else None
+        samples_per_second = self._samples / busy if busy else None
+        steps_per_second = self._steps / busy if busy else None
+        trainer = self._trainer_totals
+        if not busy and self._train_steps[0] is None and _is_number(trainer.get("train_samples_per_second")):
+            throughput_source = "trainer"
+            samples_per_second = trainer["train_samples_per_second"]
+            steps_per_second = trainer.get("train_steps_per_second") if _is_number(
+                trainer.get("train_steps_per_second")) else None
         return {
             "run_id": self.run_id,
             "status": status or NO_SUMMARY,
@@ -378,13 +413,15 @@ class RunAnalysis:
             "final_loss": final[0],
             "best_loss": best[0] if best else None,
             "best_loss_step": best[1] if best else None,
-            "evaluations": self._evaluations,
-            "best_eval": {key: {"value": value, "global_step": step} for key, (value, step) in self._best_eval.items()},
-            "last_eval": self._last_eval,
+            "mean_train_loss": trainer.get("train_loss") if _is_number(trainer.get("train_loss")) else None,
+            "evaluations": evaluations,
+            "best_eval": {key: {"value": value, "global_step": step} for key, (value, step) in best_eval.items()},
+            "last_eval": last_eval,
             "best_metric": summary.get("best_metric"),
             "best_model_checkpoint": summary.get("best_model_checkpoint"),
-            "samples_per_second": self._samples / busy if busy else None,
-            "steps_per_second": self._steps / busy if busy else None,
+            "samples_per_second": samples_per_second,
+            "steps_per_second": steps_per_second,
+            "throughput_source": throughput_source,
             "data_wait_pct": summary.get("data_wait_pct", computed_wait) if whole else computed_wait,
             "peak_rss_mb": peak_rss,
             "peak_gpu_mem_mb": peaks,
@@ -394,10 +431,49 @@ class RunAnalysis:
             "warnings": counts["warning"],
             "anomaly_count": counts["anomaly"],
             "anomalies": self.anomalies,
+            "counts_in_records": {"errors": self._counts["error"], "warnings": self._counts["warning"],
+                                  "anomalies": self._counts["anomaly"]},
             "records_cover": {"first_global_step": self._train_steps[0], "last_global_step": self._train_steps[1],
-                              "complete": not lost},
+                              "complete": not lost and not self._resumed_here},
+            "resumed_here": self._resumed_here,
             "manifest_used": manifest is not None,
+            "manifest_problem": self.manifest_problem,
         }
+
+    @staticmethod
+    def _merge_eval(section: Mapping[str, Any], evaluations: int, best_eval: dict[str, tuple[float, Any]],
+                    last_eval: dict[str, dict[str, Any]]) -> int:
+        """Merge the manifest's ``eval`` section (``records``, ``best``, ``last``; see
+        :func:`eval_metrics`) into ``best_eval`` (the better value per metric; the manifest's, of
+        earlier steps, on a tie) and ``last_eval`` (per prefix, the later ``global_step``); returns
+        the number of evaluations (the larger count). Values of the wrong type are left out."""
+        records = section.get("records")
+        if type(records) is int and records > evaluations:
+            evaluations = records
+        for metric, entry in _mapping(section, "best").items():
+            if not isinstance(entry, Mapping) or not _is_number(entry.get("value")):
+                continue
+            value, known = entry["value"], best_eval.get(metric)
+            if known is None or (value <= known[0] if lower_is_better(metric) else value >= known[0]):
+                best_eval[metric] = (value, entry.get("global_step"))
+        for prefix, entry in _mapping(section, "last").items():
+            if not isinstance(entry, Mapping) or type(entry.get("global_step")) is not int:
+                continue
+            known = last_eval.get(prefix)
+            if known is None or type(known.get("global_step")) is not int or entry["global_step"] > known["global_step"]:
+                last_eval[prefix] = {"global_step": entry["global_step"],
+                                     **{k: v for k, v in entry.items() if k != "global_step"}}
+        return evaluations
+
+
+def eval_metrics(record: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(prefix, metrics)`` of an ``eval`` record: the prefix its metric keys share (``eval``,
+    ``test``... see :func:`~seo_trainlog._anomaly.eval_prefix`) and its keys starting with
+    ``f"{prefix}_"``, timings (:data:`SPEED_SUFFIXES`: runtime, samples/steps per second, model
+    preparation time) left out, values as they are. Raises nothing."""
+    prefix = eval_prefix(record)
+    return prefix, {key: value for key, value in record.items()
+                    if key.startswith(f"{prefix}_") and not key.endswith(SPEED_SUFFIXES)}
 
 
 def eval_metrics(record: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -37,9 +37,10 @@ def build_figure(analysis: RunAnalysis) -> Figure:
     figure = Figure(figsize=(14, 9), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     notice = coverage_notice(summary)  # the plotted records are not the whole run: say which steps
+    why = "earlier records in another log directory" if summary["resumed_here"] else "older records removed by retention"
     figure.suptitle(f"Run {analysis.run_id}: {status_text(summary['status'])}, global_step "
                     f"{summary['global_step']}, epoch {fmt_epoch(summary['epoch'])}"
-                    + (f"\n{notice.split(': older')[0]} (older records removed by retention)" if notice else ""),
+                    + (f"\n{_first_clause(notice)} ({why})" if notice else ""),
                     fontsize=13)
     loss_ax, lr_ax, speed_ax, memory_ax = figure.subplots(2, 2, sharex=True).flat
     anomalies = [a for a in summary["anomalies"] if isinstance(a["global_step"], (int, float))]
@@ -122,3 +123,9 @@ def _mark_anomalies(axes: Axes, anomalies: list[dict], label_them: bool) -> None
                           rotation=90, va="bottom", ha="right", fontsize=7, color=ANOMALY_COLOR)
     if anomalies and label_them:
         axes.legend(loc="upper right", fontsize=8)
+
+
+def _first_clause(notice: str) -> str:
+    """``WARNING: records cover global_step 16-60 only`` of a coverage notice (up to its next colon)."""
+    prefix = "WARNING: " if notice.startswith("WARNING: ") else ""
+    return prefix + notice.removeprefix(prefix).split(": ")[0]

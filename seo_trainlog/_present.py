@@ -11,10 +11,11 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from ._analysis import NO_SUMMARY
+from ._analysis import NO_SUMMARY, NO_TRAINING
 from ._format import fmt_epoch
 
-STATUS_TEXT = {NO_SUMMARY: "no summary: still running, or ended without one"}
+STATUS_TEXT = {NO_SUMMARY: "no summary: still running, or ended without one",
+               NO_TRAINING: "no_training: evaluation only, no training"}
 COMPARISON_HEADERS = ("run", "status", "started", "steps", "epochs", "final loss", "best eval_loss",
                       "duration", "samples/s", "peak RSS", "errors", "anomalies")
 
@@ -38,20 +39,27 @@ def plural(count: int, noun: str) -> str:
 
 
 def coverage_notice(summary: Mapping[str, Any]) -> str | None:
-    """The line saying which steps a run's remaining records cover when retention deleted older ones
-    (``records_cover.complete`` false), prefixed ``WARNING:`` when no manifest gave the run's
-    totals; ``None`` for a run whose records are all there."""
+    """The line saying which steps a run's remaining records cover when older ones are not here
+    (``records_cover.complete`` false: retention deleted them, or the run was resumed into this
+    directory from another one), prefixed ``WARNING:`` when no manifest gave the run's totals
+    after retention; ``None`` for a run whose records are all there."""
     cover = summary.get("records_cover") or {}
     if cover.get("complete", True):
         return None
     first, last = cover.get("first_global_step"), cover.get("last_global_step")
     span = f"records cover global_step {first}-{last} only" if first is not None else \
         "the remaining records hold no train record"
+    if summary.get("resumed_here"):
+        return (f"{span}: the run was resumed into this log directory; its earlier records are in the "
+                "log directory it was first logged to")
     manifest = f"run_manifest_{summary['run_id']}.json"
     if summary.get("manifest_used"):
-        return f"{span}: older records were removed by retention ({manifest} gives the run's totals)"
-    return (f"WARNING: {span}: older records were removed by retention and there is no {manifest}: start time, "
-            "hyperparameters and best loss may be incomplete")
+        partly = f"; {summary['manifest_problem']}" if summary.get("manifest_problem") else ""
+        return f"{span}: older records were removed by retention ({manifest} gives the run's totals{partly})"
+    missing = f"{manifest} could not be used ({summary['manifest_problem']})" if summary.get("manifest_problem") \
+        else f"there is no {manifest}"
+    return (f"WARNING: {span}: older records were removed by retention and {missing}: start time, "
+            "hyperparameters, best loss and best eval metrics may be incomplete")
 
 
 def segment_text(segment: Mapping[str, Any]) -> str:
@@ -99,6 +107,10 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows += [("steps", steps), ("epochs", fmt_epoch(summary["epoch"])),
              ("final loss", number(summary["final_loss"], 6)),
              ("best loss", _at(summary["best_loss"], summary["best_loss_step"]))]
+    mean_loss = summary.get("mean_train_loss")
+    if mean_loss is not None and summary["final_loss"] is None:
+        rows.append(("mean train loss", f"{number(mean_loss, 6)} (Trainer's train_loss, the mean over train(); "
+                                        "no train record was logged: logging_steps longer than the run?)"))
     for metric, best in summary["best_eval"].items():
         rows.append((f"best {metric}", _at(best["value"], best["global_step"])))
     for prefix, values in summary["last_eval"].items():
@@ -110,7 +122,9 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
                                             f"({summary['best_model_checkpoint'] or 'no checkpoint'})"))
     rows += [
         ("throughput", f"{number(summary['samples_per_second'])} samples/s, "
-                       f"{number(summary['steps_per_second'])} steps/s"),
+                       f"{number(summary['steps_per_second'])} steps/s"
+                       + (" (Trainer's, over the whole train())" if summary.get("throughput_source") == "trainer"
+                          else "")),
         ("data wait", _unit(summary["data_wait_pct"], "% of step time", 3)),
         ("peak memory", ", ".join([f"RSS {_unit(summary['peak_rss_mb'], ' MiB', 5)}"]
                                   + [f"{key} {_unit(v, ' MiB', 5)}" for key, v in summary["peak_gpu_mem_mb"].items()])),
@@ -123,12 +137,34 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def anomalies_text(summary: Mapping[str, Any], most: int = 5) -> str:
-    found = summary["anomalies"]
-    if not summary["anomaly_count"]:
+    """``none``; ``3: loss_spike at step 7, ... and 1 more``; when the manifest counted anomalies
+    whose records retention deleted: ``7 anomalies (details removed by retention; 0 in the remaining
+    records)``, or the remaining ones listed then ``(4 more removed by retention with their details)``."""
+    found, count = summary["anomalies"], summary["anomaly_count"]
+    if not count:
         return "none"
+    in_records = min(count, (summary.get("counts_in_records") or {}).get("anomalies", count))
+    removed = count - in_records
+    if not in_records:
+        return (f"{count} {'anomaly' if count == 1 else 'anomalies'} (details removed by retention; "
+                "0 in the remaining records)")
     listed = ", ".join(f"{a['kind']} at step {a['global_step']}" for a in found[:most])
-    more = summary["anomaly_count"] - min(most, len(found))
-    return f"{summary['anomaly_count']}: {listed}" + (f" and {more} more" if more else "")
+    more = in_records - min(most, len(found))
+    return (f"{count}: {listed}" + (f" and {more} more" if more else "")
+            + (f" ({removed} more removed by retention with their details)" if removed else ""))
+
+
+def removed_text(summary: Mapping[str, Any], key: str) -> str | None:
+    """For ``key`` (``errors``, ``warnings`` or ``anomalies``) counted by the run's manifest beyond
+    what the remaining records hold: ``7 of the 10 warnings were in records removed by retention
+    (their details are lost); 3 are in the remaining records``; ``None`` when the records hold them all."""
+    count = summary["anomaly_count"] if key == "anomalies" else summary[key]
+    in_records = (summary.get("counts_in_records") or {}).get(key, count)
+    if count <= in_records:
+        return None
+    removed = count - in_records
+    return (f"{removed} of the {count} {key} {'was' if removed == 1 else 'were'} in records removed by retention "
+            f"(their details are lost); {in_records} {'is' if in_records == 1 else 'are'} in the remaining records")
 
 
 def comparison_row(summary: Mapping[str, Any]) -> tuple[str, ...]:
@@ -157,6 +193,8 @@ def run_list_table(summaries: Sequence[Mapping[str, Any]], title: str) -> Table:
         steps = number(summary["global_step"]) + (f"/{max_steps}" if isinstance(max_steps, int) and max_steps > 0
                                                   else "")
         status = "no summary" if summary["status"] == NO_SUMMARY else str(summary["status"])
+        if summary["status"] == NO_TRAINING:
+            status = "eval only"
         if not (summary.get("records_cover") or {}).get("complete", True):
             status += "*"
         table.add_row(summary["run_id"], status, steps, number(summary["final_loss"]),
@@ -164,10 +202,15 @@ def run_list_table(summaries: Sequence[Mapping[str, Any]], title: str) -> Table:
                       duration(summary["training_duration_s"] if summary["training_duration_s"] is not None
                                else summary["wall_time_s"]),
                       f"{summary['errors']}/{summary['warnings']}")
-    if any(not (s.get("records_cover") or {}).get("complete", True) for s in summaries):
-        table.caption = "* older records removed by retention: see seo-trainlog summarize --run RUN_ID"
-        table.caption_justify = "left"
     return table
+
+
+def run_list_footnote(summaries: Sequence[Mapping[str, Any]]) -> str | None:
+    """The footnote of :func:`run_list_table`'s ``*``, lines under 80 columns; ``None`` without one."""
+    if all((s.get("records_cover") or {}).get("complete", True) for s in summaries):
+        return None
+    return ("* older records are not in this directory (removed by retention, or the run\n"
+            "  was resumed from another one): seo-trainlog summarize --run <run> says which")
 
 
 def summary_table(summary: Mapping[str, Any]) -> Table:

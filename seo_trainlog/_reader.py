@@ -286,25 +286,46 @@ class RunFollower:
 
 def read_manifest(run: MetricsRun, warn: Callable[[str], None] = lambda message: None) -> dict[str, Any] | None:
     """The run's manifest ``run_manifest_<run_id>.json`` (written by the run outside rotation: its
-    start, hyperparameters, ``max_steps``, segments, train totals, counts and last summary), or
-    ``None`` when there is none. A manifest that cannot be used (unreadable, over 16 MiB, not a JSON
-    object, another run's, a newer ``schema_version``) is ``None`` with one call to ``warn``."""
+    start, hyperparameters, ``max_steps``, segments, train totals, eval totals, counts and last
+    summary), or ``None`` when there is none. See :func:`load_manifest`."""
+    return load_manifest(run, warn)[0]
+
+
+# the manifest's fields the readers use and the JSON types they must have (null is accepted too)
+MANIFEST_FIELDS: dict[str, tuple[type, str]] = {
+    "started": (str, "a string"), "max_steps": (int, "an integer"), "status": (str, "a string"),
+    "hyperparameters": (dict, "an object"), "segments": (list, "a list"), "train": (dict, "an object"),
+    "eval": (dict, "an object"), "counts": (dict, "an object"), "summary": (dict, "an object")}
+
+
+def load_manifest(run: MetricsRun, warn: Callable[[str], None] = lambda message: None
+                  ) -> tuple[dict[str, Any] | None, str | None]:
+    """``(manifest, problem)``: the run's manifest (``None`` when there is none or it cannot be
+    used) and, for one that exists but cannot be used, why (``is not valid JSON (...)``, ``is not
+    a JSON object``, ``cannot be read: Permission denied``, ``is larger than 16 MiB``, ``has
+    schema version 2 (...)``, ``is the manifest of run '...'``), said once through ``warn``. A
+    field of :data:`MANIFEST_FIELDS` of the wrong JSON type is left out with one call to ``warn``
+    each and the rest used; ``problem`` then names them (``its started, max_steps of the wrong type
+    not used``). Raises nothing."""
     path = run.manifest_path
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
-        return None
+        return None, None
     except OSError as exc:
-        warn(f"cannot read {path}: {exc.strerror}; the run's totals in it are not used")
-        return None
+        problem = f"cannot be read: {exc.strerror}"
+        warn(f"{path} {problem}; the run's totals in it are not used")
+        return None, problem
     problem = None
     try:
         manifest = orjson.loads(data) if len(data) <= MAX_MANIFEST_BYTES else None
-    except orjson.JSONDecodeError:
-        manifest = None
+    except orjson.JSONDecodeError as exc:
+        manifest, problem = None, f"is not valid JSON ({exc}: cut short or damaged)"
     version = manifest.get("schema_version", 1) if type(manifest) is dict else None
-    if type(manifest) is not dict:
+    if problem:
+        pass
+    elif type(manifest) is not dict:
         problem = "is not a JSON object" if len(data) <= MAX_MANIFEST_BYTES else \
             f"is larger than {MAX_MANIFEST_BYTES >> 20} MiB"
     elif type(version) is not int or version > MANIFEST_SCHEMA_VERSION:
@@ -313,8 +334,20 @@ def read_manifest(run: MetricsRun, warn: Callable[[str], None] = lambda message:
         problem = f"is the manifest of run {manifest.get('run_id')!r}"
     if problem:
         warn(f"{path} {problem}; the run's totals in it are not used")
-        return None
-    return manifest
+        return None, problem
+    ignored = []
+    for key, (kind, name) in MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if value is not None and type(value) is not kind:
+            warn(f"{path}: its {key!r} is {_json_type(value)}, not {name}; that field is not used")
+            del manifest[key]
+            ignored.append(key)
+    return manifest, f"its {', '.join(ignored)} of the wrong type not used" if ignored else None
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _open(path: Path) -> BinaryIO:

@@ -11,7 +11,7 @@ from html import escape
 from typing import Any
 
 from . import _present
-from ._analysis import MAX_KEPT, RunAnalysis
+from ._analysis import MAX_ANOMALIES, MAX_KEPT, RunAnalysis
 from ._format import flatten, fmt_value
 from ._plots import figure_png
 
@@ -49,15 +49,16 @@ def render_report(analysis: RunAnalysis, all_runs: Sequence[RunAnalysis] = ()) -
     parts += [f"<h2>Anomalies ({summary['anomaly_count']})</h2>",
               _table(("global_step", "kind", "source", "message"),
                      [(a["global_step"], a["kind"], a["source"], a["message"]) for a in summary["anomalies"]])
-              if summary["anomalies"] else "<p>None found.</p>"]
+              if summary["anomalies"] else "" if summary["anomaly_count"] else "<p>None found.</p>"]
+    parts += _not_listed(summary, "anomalies", len(summary["anomalies"]))
     parts += [f"<h2>Errors ({summary['errors']})</h2>", *map(_error, analysis.errors)]
     if not summary["errors"]:
         parts.append("<p>None logged.</p>")
-    parts += _not_listed(summary["errors"], len(analysis.errors))
+    parts += _not_listed(summary, "errors", len(analysis.errors))
     parts += [f"<h2>Warnings ({summary['warnings']})</h2>",
               "<ul>" + "".join(f"<li>{escape(text)}</li>" for text in analysis.warnings) + "</ul>"
               if analysis.warnings else "" if summary["warnings"] else "<p>None logged.</p>"]
-    parts += _not_listed(summary["warnings"], len(analysis.warnings))
+    parts += _not_listed(summary, "warnings", len(analysis.warnings))
     hyperparameters = flatten(analysis.hyperparameters) if isinstance(analysis.hyperparameters, dict) else {}
     parts += [f"<h2>Hyperparameters ({len(hyperparameters)})</h2>",
               _table(("name", "value"), [(key, fmt_value(value, "g")) for key, value in hyperparameters.items()])
@@ -92,11 +93,19 @@ def _table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]], highlig
     return "".join(lines) + "</table>"
 
 
-def _not_listed(count: int, listed: int) -> list[str]:
-    if count <= listed:
-        return []
-    return [f"<p>{count - listed} more not listed (the first {MAX_KEPT} are kept; records deleted by retention "
-            "are counted from the run's manifest).</p>"]
+def _not_listed(summary: dict[str, Any], key: str, listed: int) -> list[str]:
+    """Why fewer ``key`` (``errors``, ``warnings``, ``anomalies``) are listed than counted: records
+    removed by retention (counted by the run's manifest), and beyond the first ones kept."""
+    count = summary["anomaly_count"] if key == "anomalies" else summary[key]
+    in_records = min(count, summary["counts_in_records"][key])
+    parts = []
+    removed = _present.removed_text(summary, key)
+    if removed:
+        parts.append(f"<p>{escape(removed)}.</p>")
+    if in_records > listed:
+        kept = MAX_ANOMALIES if key == "anomalies" else MAX_KEPT
+        parts.append(f"<p>{in_records - listed} more in the records not listed (the first {kept} are kept).</p>")
+    return parts
 
 
 def _error(record: dict[str, Any]) -> str:

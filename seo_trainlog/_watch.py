@@ -19,11 +19,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from ._analysis import SPEED_SUFFIXES, is_gpu_util_key
+from ._analysis import NO_TRAINING, SPEED_SUFFIXES, is_gpu_util_key
 from ._anomaly import AnomalyDetector, eval_prefix
 from ._config import LogConfig
 from ._present import coverage_notice, duration, number, print_warning, status_text
-from ._reader import LogReadError, RunFollower, find_runs, read_manifest, select_run
+from ._reader import LogReadError, RunFollower, find_runs, load_manifest, select_run
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_POINTS = 60  # losses in the sparkline
@@ -38,13 +38,16 @@ class WatchState:
     latest anomalies (from an :class:`AnomalyDetector` and from ``anomaly`` records, once each), and
     the ``summary`` status once it is written (a ``segment_start`` record, a resumed run, clears it).
     ``manifest`` and ``rotated`` as for :class:`~seo_trainlog._analysis.RunAnalysis`: when retention
-    deleted the run's first records, ``max_steps`` comes from the manifest and :meth:`coverage` says
+    deleted the run's first records, ``max_steps`` and the latest ``eval_*`` values (until an
+    ``eval`` record is read) come from the manifest and :meth:`coverage` says
     which steps the records cover. Every structure is of bounded length whatever the run's length."""
 
     def __init__(self, run_id: str, config: LogConfig | None = None, *, manifest: Mapping[str, Any] | None = None,
-                 rotated: bool = False) -> None:
+                 rotated: bool = False, manifest_problem: str | None = None) -> None:
         self.run_id = run_id
         self.manifest = manifest if isinstance(manifest, Mapping) else None
+        self.manifest_problem = manifest_problem
+        self.resumed_here = False  # run_start "resumed": the earlier records are in another log_dir
         self._rotated = rotated or self.manifest is not None
         self._head: bool | None = None
         self._train_steps: list[int | None] = [None, None]
@@ -75,6 +78,13 @@ class WatchState:
             self._head = event == "run_start"
             if self.head_deleted and self.manifest is not None and type(self.manifest.get("max_steps")) is int:
                 self.max_steps = self.manifest["max_steps"] or None
+            if self.head_deleted and self.manifest is not None:  # until a remaining eval record is read
+                section = self.manifest.get("eval")
+                last = section.get("last") if isinstance(section, Mapping) else None
+                last = last.get("eval") if isinstance(last, Mapping) else None
+                if isinstance(last, Mapping):
+                    self.latest_eval = {key: value for key, value in last.items() if key.startswith("eval_")
+                                        and not key.endswith(SPEED_SUFFIXES) and isinstance(value, (int, float))}
         if isinstance(step, int):
             self.global_step = step
         if isinstance(record.get("epoch"), (int, float)):
@@ -82,6 +92,8 @@ class WatchState:
         for anomaly in self.detector.update(str(event), record, step):
             self._alert(anomaly.kind, anomaly.global_step, anomaly.message)
         if event == "train":
+            if self.status == NO_TRAINING:  # evaluated first, now trains
+                self.status = None
             self.latest_train = dict(record)
             if isinstance(record.get("loss"), (int, float)):
                 self.losses.append(record["loss"])
@@ -102,6 +114,8 @@ class WatchState:
             self._alert(record.get("kind"), record.get("user_global_step", step), record.get("message"))
         elif event in ("summary", "status"):
             self.status = record.get("status") or "unknown"
+        elif event == "run_start" and record.get("resumed") is True:
+            self.resumed_here = True
         elif event == "segment_start":  # the run was resumed: it goes on, the ETA from its new pace
             self.status = None
             self._first_train = None
@@ -113,11 +127,23 @@ class WatchState:
         return self._rotated and self._head is False
 
     def coverage(self) -> str | None:
-        """The line saying which steps the records cover when older ones were deleted, else ``None``."""
+        """The line saying which steps the records cover when older ones were deleted (or are in
+        another log directory: a run resumed into this one), else ``None``."""
         return coverage_notice({"run_id": self.run_id, "manifest_used": self.manifest is not None,
+                                "manifest_problem": self.manifest_problem, "resumed_here": self.resumed_here,
                                 "records_cover": {"first_global_step": self._train_steps[0],
                                                   "last_global_step": self._train_steps[1],
-                                                  "complete": not self.head_deleted}})
+                                                  "complete": not self.head_deleted and not self.resumed_here}})
+
+    @property
+    def anomalies_removed(self) -> int:
+        """Anomalies the run's manifest counted beyond those read here: their records were deleted by
+        retention (0 when no file was deleted or there is no manifest)."""
+        if not self.head_deleted or self.manifest is None:
+            return 0
+        counts = self.manifest.get("counts")
+        counted = counts.get("anomaly") if isinstance(counts, Mapping) else None
+        return max(0, counted - self.anomaly_count) if type(counted) is int else 0
 
     def eta_s(self) -> float | None:
         """Seconds to ``max_steps`` at the mean pace (steps per second of record time) since the first
@@ -161,9 +187,8 @@ def render_frame(state: WatchState) -> RenderableType:
         progress.add_row(Text(f"{step_text} (max_steps not logged yet)"))
     eta = state.eta_s()
     progress.add_row(Text(f"epoch {number(state.epoch, 3)}"), Text(f"ETA {duration(eta)}" if eta is not None else ""))
-    notice = state.coverage()
-    if notice:
-        progress.add_row(Text(notice, style="yellow"))
+    notice = state.coverage()  # under the grid: the panel's whole width, not the progress bar's column
+    head = Group(progress, Text(notice, style="yellow")) if notice else progress
 
     metrics = Table(show_header=False, box=None, padding=(0, 1))
     for key in LATEST_KEYS:
@@ -174,11 +199,11 @@ def render_frame(state: WatchState) -> RenderableType:
     metrics.add_row(Text("loss trend"), Text(sparkline(state.losses), style="cyan"))
 
     return Group(
-        Panel(progress, title=f"run {state.run_id}: {status}" + (f" (segment {state.segment})" if state.segment > 1
+        Panel(head, title=f"run {state.run_id}: {status}" + (f" (segment {state.segment})" if state.segment > 1
                                                                    else ""), title_align="left"),
         Panel(metrics, title="latest metrics", title_align="left"),
         Panel(_gauges(state.latest_train), title="resources", title_align="left"),
-        Panel(_alerts(state), title=f"alerts ({state.anomaly_count})", title_align="left"),
+        Panel(_alerts(state), title=f"alerts ({state.anomaly_count + state.anomalies_removed})", title_align="left"),
     )
 
 
@@ -208,7 +233,8 @@ def watch(log_dir: str | os.PathLike[str], run_id: str | None, config: LogConfig
             sleep(interval_s)
     run = select_run(runs, run_id)
     follower = RunFollower(run, print_warning)
-    state = WatchState(run.run_id, config, manifest=read_manifest(run, print_warning), rotated=len(run.paths) > 1)
+    manifest, problem = load_manifest(run, print_warning)
+    state = WatchState(run.run_id, config, manifest=manifest, rotated=len(run.paths) > 1, manifest_problem=problem)
     try:
         with Live(render_frame(state), console=console, auto_refresh=False) as live:
             while True:
@@ -244,9 +270,13 @@ def _gauges(train: Mapping[str, Any]) -> RenderableType:
 
 
 def _alerts(state: WatchState) -> RenderableType:
-    if not state.alerts:
-        return Text("none", style="green")
-    return Group(*(Text(f"step {step}: {message}", style="bold red") for _, step, message in state.alerts))
+    removed = state.anomalies_removed
+    lines = [Text(f"step {step}: {message}", style="bold red") for _, step, message in state.alerts]
+    if removed:
+        total = removed + state.anomaly_count
+        lines.insert(0, Text(f"{total} {'anomaly' if total == 1 else 'anomalies'} (details of {removed} removed by "
+                             f"retention; {state.anomaly_count} in the remaining records)", style="yellow"))
+    return Group(*lines) if lines else Text("none", style="green")
 
 
 def _expired(deadline: float | None) -> bool:

@@ -30,7 +30,7 @@ from . import _present
 from ._analysis import RunAnalysis
 from ._config import LogConfig
 from ._format import to_jsonable
-from ._reader import LogReadError, MetricsRun, find_runs, read_manifest, read_records, select_run
+from ._reader import LogReadError, MetricsRun, find_runs, load_manifest, read_records, select_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,6 +82,9 @@ def _summarize(args: argparse.Namespace) -> int:
             _print_json({"log_dir": str(args.log_dir), "runs": summaries})
         else:
             console.print(_present.run_list_table(summaries, f"Runs in {args.log_dir}"))
+            footnote = _present.run_list_footnote(summaries)
+            if footnote:
+                console.print(footnote, markup=False, highlight=False)
         return 0
     summary = _analyse_chosen(runs, args.run, config).summary()
     if args.json:
@@ -123,12 +126,16 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _analyse(run: MetricsRun, config: LogConfig) -> RunAnalysis:
-    analysis = RunAnalysis(run.run_id, config, manifest=read_manifest(run, _warn), rotated=len(run.paths) > 1)
+    manifest, problem = load_manifest(run, _warn)
+    analysis = RunAnalysis(run.run_id, config, manifest=manifest, rotated=len(run.paths) > 1,
+                           manifest_problem=problem)
     analysis.add_all(read_records(run, _warn))
     if analysis.head_deleted and analysis.manifest is None:
+        missing = f"{run.manifest_path.name} could not be used ({problem})" if problem else \
+            f"there is no {run.manifest_path.name}"
         _warn(f"run {run.run_id}: its oldest metrics files were deleted by retention (the oldest left, "
-              f"{run.paths[0].name}, does not begin with run_start) and there is no {run.manifest_path.name}: "
-              "start time, hyperparameters and best loss may be incomplete")
+              f"{run.paths[0].name}, does not begin with run_start) and {missing}: "
+              "start time, hyperparameters, best loss and best eval metrics may be incomplete")
     return analysis
 
 

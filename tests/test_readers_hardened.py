@@ -173,8 +173,8 @@ def retained_run(log_dir: Path, manifest: bool) -> list[Path]:
 COVER_WITH_MANIFEST = (f"records cover global_step 16-60 only: older records were removed by retention "
                        f"(run_manifest_{RUN}.json gives the run's totals)")
 COVER_WITHOUT_MANIFEST = (f"WARNING: records cover global_step 16-60 only: older records were removed by "
-                          f"retention and there is no run_manifest_{RUN}.json: start time, hyperparameters and "
-                          "best loss may be incomplete")
+                          f"retention and there is no run_manifest_{RUN}.json: start time, hyperparameters, "
+                          "best loss and best eval metrics may be incomplete")
 
 
 def test_retention_with_a_manifest_gives_the_true_totals(tmp_path, capsys):
@@ -216,8 +216,8 @@ def test_retention_without_a_manifest_is_never_silently_wrong(tmp_path, capsys):
     assert table_rows(text)["records"] == COVER_WITHOUT_MANIFEST
     assert err == (f"seo-trainlog: warning: run {RUN}: its oldest metrics files were deleted by retention (the "
                    f"oldest left, performance_metrics_{RUN}.2026-11-30_12-00-32_000000.log, does not begin with "
-                   f"run_start) and there is no run_manifest_{RUN}.json: start time, hyperparameters and best "
-                   "loss may be incomplete\n")
+                   f"run_start) and there is no run_manifest_{RUN}.json: start time, hyperparameters, best "
+                   "loss and best eval metrics may be incomplete\n")
     assert main(["summarize", str(log_dir), "--list"]) == 0
     assert f"{RUN} completed*" in capsys.readouterr().out
 
@@ -268,7 +268,7 @@ def test_real_retention_is_reported_not_hidden(tmp_path, capsys):
     text, err = summarize_text(capsys, str(log_dir))
     assert table_rows(text)["records"].startswith(f"WARNING: records cover global_step {cover['first_global_step']}"
                                                   "-200 only: older records were removed by retention")
-    assert "start time, hyperparameters and best loss may be incomplete" in err
+    assert "start time, hyperparameters, best loss and best eval metrics may be incomplete" in err
 
 
 # ---------------------------------------------------------------- warnings counted, in plain English
@@ -470,7 +470,8 @@ def test_watch_state_stays_bounded_over_200k_records():
                for window in (detector._losses, detector._grad_norms, detector._throughputs))
     assert set(vars(state)) == {"run_id", "manifest", "_rotated", "_head", "_train_steps", "segment", "detector",
                                 "records", "global_step", "epoch", "max_steps", "latest_train", "latest_eval", "losses",
-                                "alerts", "anomaly_count", "status", "_first_train", "_last_train"}  # nothing grows
+                                "alerts", "anomaly_count", "status", "_first_train", "_last_train", "manifest_problem",
+                                "resumed_here"}  # nothing grows
 
 
 def test_watch_reads_200k_lines_in_as_little_memory_as_summarize(tmp_path):
@@ -510,7 +511,9 @@ def test_the_run_list_is_readable_at_80_columns(tmp_path, capsys, monkeypatch):
     assert by_run["20261130_110000_1"][-5:] == ["3", "h", "20", "min", "0/0"]
     assert by_run["20261130_120000"][:3] == ["20261130_120000", "completed*", "60"]
     assert by_run["20261201_080000"][:5] == ["20261201_080000", "no", "summary", "3/100000", "0.1235"]
-    assert "older records removed by retention" in " ".join(text.split())
+    assert text.splitlines()[-2:] == [  # the footnote on its own lines, not wrapped within the table's width
+        "* older records are not in this directory (removed by retention, or the run",
+        "  was resumed from another one): seo-trainlog summarize --run <run> says which"]
 
 
 def test_the_figure_and_the_eta_know_about_retention_and_resumption(tmp_path):
@@ -540,7 +543,9 @@ def test_a_manifest_that_cannot_be_used_is_said_and_ignored(tmp_path, capsys):
     retained_run(log_dir, manifest=True)
     manifest = log_dir / f"run_manifest_{RUN}.json"
     good = json.loads(manifest.read_text())
-    for content, problem in (('{"schema_version": 1, "run_id": "2026', "is not a JSON object"),
+    for content, problem in (('{"schema_version": 1, "run_id": "2026', "is not valid JSON (unexpected end of "
+                              "data: line 1 column 38 (char 37): cut short or damaged)"),
+                             ('[1, 2]', "is not a JSON object"),
                              (json.dumps({**good, "schema_version": 2}),
                               "has schema version 2 (this seo-trainlog reads up to 1)"),
                              (json.dumps({**good, "run_id": "20261130_130000"}),
@@ -551,7 +556,11 @@ def test_a_manifest_that_cannot_be_used_is_said_and_ignored(tmp_path, capsys):
         text, err = summarize_text(capsys, str(log_dir))
         assert err.splitlines()[0] == (f"seo-trainlog: warning: {manifest} {problem}; the run's totals in it are "
                                        "not used")
-        assert table_rows(text)["records"] == COVER_WITHOUT_MANIFEST
+        assert table_rows(text)["records"] == COVER_WITHOUT_MANIFEST.replace(
+            f"there is no run_manifest_{RUN}.json", f"run_manifest_{RUN}.json could not be used ({problem})")
+        assert err.splitlines()[1].endswith(f"and run_manifest_{RUN}.json could not be used ({problem}): start "
+                                            "time, hyperparameters, best loss and best eval metrics may be incomplete")
+        assert "there is no" not in text + err  # the file exists
 
 
 # ---------------------------------------------------------------- evaluation metrics
@@ -575,3 +584,232 @@ def test_model_preparation_time_is_a_timing_not_a_metric(tmp_path, capsys):
     assert out["last_eval"] == {"eval": {"global_step": 4, "eval_loss": 1.5, "eval_accuracy": 0.5}}
     text, _ = summarize_text(capsys, str(log_dir))
     assert "model_preparation_time" not in text
+
+
+def test_manifest_fields_of_the_wrong_type_are_said_and_ignored(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    retained_run(log_dir, manifest=True)
+    manifest = log_dir / f"run_manifest_{RUN}.json"
+    good = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**good, "started": 12, "train": "x", "segments": 7, "counts": [1],
+                                    "max_steps": "abc", "hyperparameters": 3, "eval": True}))
+    out = run_json(capsys, str(log_dir))
+    assert out["manifest_used"] is True and out["status"] == "completed"  # the fields of the right type
+    assert (out["started"], out["max_steps"], out["best_loss"]) == (at(18), None, pytest.approx(0.66))
+    _, err = summarize_text(capsys, str(log_dir))
+    assert err.splitlines() == [f"seo-trainlog: warning: {manifest}: its {key!r} is {kind}, not {name}; that field "
+                                "is not used" for key, kind, name in (
+                                    ("started", "an integer", "a string"), ("max_steps", "a string", "an integer"),
+                                    ("hyperparameters", "an integer", "an object"), ("segments", "an integer", "a list"),
+                                    ("train", "a string", "an object"), ("eval", "a boolean", "an object"),
+                                    ("counts", "a list", "an object"))]
+    assert table_rows(summarize_text(capsys, str(log_dir))[0])["records"] == COVER_WITH_MANIFEST.replace(
+        "totals)", "totals; its started, max_steps, hyperparameters, segments, train, eval, counts of the wrong type "
+                   "not used)")
+
+
+def eval_row(step: int, loss: float, accuracy: float, prefix: str = "eval") -> tuple[str, int, dict]:
+    return ("eval", step, {"metric_prefix": prefix, f"{prefix}_loss": loss, f"{prefix}_accuracy": accuracy,
+                           f"{prefix}_runtime": 0.1, f"{prefix}_model_preparation_time": 0.0006})
+
+
+def write_rotated(log_dir: Path, rows: list[tuple[str, int | None, dict]], deleted: int,
+                  manifest: dict | None) -> None:
+    """``rows`` as a run's metrics files, the first ``deleted`` rows' file removed by retention; the
+    rest in a rotated file and the active one; ``manifest`` (if any) beside them."""
+    text = lines(rows)
+    middle = (deleted + len(text)) // 2
+    log_dir.mkdir(parents=True)
+    (log_dir / f"performance_metrics_{RUN}.2026-11-30_12-00-30_000000.log").write_text("".join(text[deleted:middle]))
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(text[middle:]))
+    if manifest is not None:
+        (log_dir / f"run_manifest_{RUN}.json").write_text(json.dumps(
+            {"schema_version": 1, "run_id": RUN, "started": at(0), "max_steps": 60, "status": "completed", **manifest}))
+
+
+def test_best_eval_and_evaluations_survive_retention(tmp_path, capsys):
+    rows = [("run_start", None, {"schema_version": 1})]
+    rows += [train_row(step, 1.0) for step in range(1, 21)] + [eval_row(20, 0.30, 0.90)]  # the best: deleted
+    deleted = len(rows)
+    rows += [train_row(step, 1.0) for step in range(21, 41)] + [eval_row(40, 0.50, 0.80)]
+    rows += [train_row(step, 1.0) for step in range(41, 61)] + [eval_row(60, 0.45, 0.85), eval_row(60, 0.7, 0.6, "test")]
+    rows += [("summary", 60, {"status": "completed", "training_duration_s": 60.0})]
+    section = {"records": 2, "best": {"eval_loss": {"value": 0.30, "global_step": 20},
+                                      "eval_accuracy": {"value": 0.90, "global_step": 20}},
+               "last": {"eval": {"global_step": 40, "eval_loss": 0.50, "eval_accuracy": 0.80}}}  # written at step 40
+    write_rotated(tmp_path / "with", rows, deleted, {"eval": section})
+    out = run_json(capsys, str(tmp_path / "with"))
+    assert out["manifest_used"] is True and out["evaluations"] == 2  # max(manifest's 2, the records' 2)
+    assert out["best_eval"] == {"eval_loss": {"value": 0.30, "global_step": 20},
+                                "eval_accuracy": {"value": 0.90, "global_step": 20}}
+    assert out["last_eval"] == {"eval": {"global_step": 60, "eval_loss": 0.45, "eval_accuracy": 0.85},
+                                "test": {"global_step": 60, "test_loss": 0.7, "test_accuracy": 0.6}}
+    rows_text = table_rows(summarize_text(capsys, str(tmp_path / "with"))[0])
+    assert (rows_text["best eval_loss"], rows_text["best eval_accuracy"]) == ("0.3 at step 20", "0.9 at step 20")
+
+    section["records"] = 5  # the manifest counted more than the records hold
+    write_rotated(tmp_path / "more", rows, deleted, {"eval": section})
+    assert run_json(capsys, str(tmp_path / "more"))["evaluations"] == 5
+
+    write_rotated(tmp_path / "older", rows, deleted, {})  # a manifest written before the eval section
+    out = run_json(capsys, str(tmp_path / "older"))
+    assert out["manifest_used"] is True and out["evaluations"] == 2
+    assert out["best_eval"] == {"eval_loss": {"value": 0.45, "global_step": 60},
+                                "eval_accuracy": {"value": 0.85, "global_step": 60}}  # the records' best
+
+
+def test_counts_whose_records_retention_deleted_are_said_plainly(tmp_path, capsys):
+    rows = [("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0) for step in range(1, 11)]
+    rows += [("warning", 3, {"message": "old warning"})]
+    deleted = len(rows)
+    rows += [train_row(step, 1.0) for step in range(11, 31)]
+    rows += [("warning", 25, {"message": "a library warning", "source": "transformers"})]
+    rows += [("summary", 30, {"status": "completed", "training_duration_s": 30.0})]
+    write_rotated(tmp_path / "logs", rows, deleted, {"counts": {"error": 0, "warning": 10, "anomaly": 7}})
+    out = run_json(capsys, str(tmp_path / "logs"))
+    assert (out["anomaly_count"], out["warnings"], out["anomalies"]) == (7, 10, [])
+    assert out["counts_in_records"] == {"errors": 0, "warnings": 1, "anomalies": 0}
+    text, _ = summarize_text(capsys, str(tmp_path / "logs"))
+    assert table_rows(text)["anomalies"] == "7 anomalies (details removed by retention; 0 in the remaining records)"
+
+    report = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "logs"), "-o", str(report)]) == 0
+    html = report.read_text()
+    assert ("<h2>Anomalies (7)</h2>\n\n<p>7 of the 7 anomalies were in records removed by retention (their details "
+            "are lost); 0 are in the remaining records.</p>") in html
+    assert ("<h2>Warnings (10)</h2>\n<ul><li>[transformers] a library warning</li></ul>\n<p>9 of the 10 warnings "
+            "were in records removed by retention (their details are lost); 1 is in the remaining records.</p>") in html
+    assert "None found" not in html and "more not listed" not in html and "more in the records" not in html
+
+    (run,) = find_runs(tmp_path / "logs")
+    from seo_trainlog._reader import read_manifest
+    state = WatchState(RUN, LogConfig(), manifest=read_manifest(run), rotated=True)
+    follower = RunFollower(run)
+    for record in follower.poll():
+        state.add(record)
+    follower.close()
+    console = Console(file=io.StringIO(), width=120)
+    console.print(render_frame(state))
+    frame = console.file.getvalue()
+    assert "alerts (7)" in frame and "none" not in frame
+    assert "7 anomalies (details of 7 removed by retention; 0 in the remaining records)" in frame
+
+
+def test_an_evaluation_only_run_is_not_still_running(tmp_path, capsys):
+    rows = [("run_start", None, {"schema_version": 1}), eval_row(0, 1.4, 0.25),
+            ("status", 0, {"status": "no_training"})]
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows)))
+    out = run_json(capsys, str(log_dir))
+    assert out["status"] == "no_training" and out["segments"][0]["status"] == "no_training"
+    assert out["last_eval"] == {"eval": {"global_step": 0, "eval_loss": 1.4, "eval_accuracy": 0.25}}
+    text, _ = summarize_text(capsys, str(log_dir))
+    assert table_rows(text)["status"] == "no_training: evaluation only, no training"
+    assert "still running" not in text
+    capsys.readouterr()
+    assert main(["summarize", str(log_dir), "--list"]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(RUN)]
+    assert listed == [[RUN, "eval", "only", "0", "n/a", "1.4", "2.0", "s", "0/0"]]
+    report = tmp_path / "r.html"
+    assert main(["report", str(log_dir), "-o", str(report)]) == 0
+    assert "no_training: evaluation only, no training</span></h1>" in report.read_text()
+    state = WatchState(RUN, LogConfig())
+    for record in read_records(find_runs(log_dir)[0]):
+        state.add(record)
+    console = Console(file=io.StringIO(), width=100)
+    console.print(render_frame(state))
+    assert state.finished and f"run {RUN}: no_training: evaluation only, no training" in console.file.getvalue()
+
+    # evaluated first, then trained: the run goes on and ends with its summary
+    rows += [train_row(1, 1.0), ("summary", 1, {"status": "completed", "training_duration_s": 1.0})]
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows[:-1])))
+    assert run_json(capsys, str(log_dir))["status"] == "no_summary"
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows)))
+    assert run_json(capsys, str(log_dir))["status"] == "completed"
+
+
+def test_a_run_resumed_into_another_directory_says_its_records_start_later(tmp_path, capsys):
+    rows = [("run_start", None, {"schema_version": 1, "resumed": True}),  # as the writer starts a new directory
+            ("segment_start", 5, {"segment": 1, "start_global_step": 5, "resumed_from_checkpoint": "out/checkpoint-5"}),
+            ("hyperparameters", 0, {"hyperparameters": {"run": {"max_steps": 10}}})]
+    rows += [train_row(step, 1.0) for step in range(6, 11)]
+    rows += [("summary", 10, {"segment": 1, "status": "completed", "training_duration_s": 5.0})]
+    log_dir = tmp_path / "logs2"
+    log_dir.mkdir()
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows)))
+    out = run_json(capsys, str(log_dir))
+    assert out["records_cover"] == {"first_global_step": 6, "last_global_step": 10, "complete": False}
+    assert out["resumed_here"] is True and out["status"] == "completed"
+    assert out["segments"] == [{"segment": 1, "started": at(1), "start_global_step": 5, "status": "completed",
+                                "training_duration_s": 5.0}]
+    text, err = summarize_text(capsys, str(log_dir))
+    assert table_rows(text)["records"] == ("records cover global_step 6-10 only: the run was resumed into this log "
+                                           "directory; its earlier records are in the log directory it was first "
+                                           "logged to")
+    assert err == ""
+    capsys.readouterr()
+    assert main(["summarize", str(log_dir), "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"{RUN} completed* 10/10" in " ".join(listed.split())
+    assert "resumed from another one" in listed
+
+
+def test_a_run_without_train_records_shows_the_trainers_totals(tmp_path, capsys):
+    rows = [("run_start", None, {"schema_version": 1}),
+            ("model", 8, {"operation": "epoch_1", "duration_s": 0.05}),
+            ("model", 20, {"operation": "training", "duration_s": 0.1194, "train_samples_per_second": 1340.156,
+                           "train_steps_per_second": 167.52, "total_flos": 19438848.0,
+                           "train_loss": 1.3863951683044433}),
+            ("summary", 20, {"status": "completed", "final_loss": None, "best_loss": None,
+                             "training_duration_s": 0.1129})]
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows)))
+    out = run_json(capsys, str(log_dir))
+    assert (out["samples_per_second"], out["steps_per_second"], out["throughput_source"]) == (1340.156, 167.52,
+                                                                                             "trainer")
+    assert (out["final_loss"], out["best_loss"], out["mean_train_loss"]) == (None, None, 1.3863951683044433)
+    rows_text = table_rows(summarize_text(capsys, str(log_dir))[0])
+    assert (rows_text["final loss"], rows_text["best loss"]) == ("n/a", "n/a")
+    assert rows_text["mean train loss"] == ("1.3864 (Trainer's train_loss, the mean over train(); no train record "
+                                            "was logged: logging_steps longer than the run?)")
+    assert rows_text["throughput"] == "1340 samples/s, 167.5 steps/s (Trainer's, over the whole train())"
+
+
+def test_watch_coverage_line_uses_the_panels_width(tmp_path):
+    from seo_trainlog._reader import read_manifest
+
+    retained_run(tmp_path / "logs", manifest=True)
+    (run,) = find_runs(tmp_path / "logs")
+    state = WatchState(RUN, LogConfig(), manifest=read_manifest(run), rotated=True)
+    follower = RunFollower(run)
+    for record in follower.poll():
+        state.add(record)
+    follower.close()
+    console = Console(file=io.StringIO(), width=80)
+    console.print(render_frame(state))
+    frame = console.file.getvalue().splitlines()
+    assert frame[3:5] == [  # wrapped at the panel's edge, not within the progress bar's 40 columns
+        f"│ {line:<76} │" for line in ("records cover global_step 16-60 only: older records were removed by",
+                                        f"retention (run_manifest_{RUN}.json gives the run's totals)")]
+
+
+def test_watch_shows_the_manifests_last_evaluation_when_its_record_was_deleted(tmp_path):
+    from seo_trainlog._reader import read_manifest
+
+    rows = [("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0) for step in range(1, 21)]
+    rows += [eval_row(20, 0.30, 0.90)]
+    deleted = len(rows)
+    rows += [train_row(step, 1.0) for step in range(21, 41)]
+    write_rotated(tmp_path / "logs", rows, deleted, {"eval": {"records": 1, "best": {}, "last": {
+        "eval": {"global_step": 20, "eval_loss": 0.30, "eval_accuracy": 0.90}}}})
+    (run,) = find_runs(tmp_path / "logs")
+    state = WatchState(RUN, LogConfig(), manifest=read_manifest(run), rotated=True)
+    follower = RunFollower(run)
+    for record in follower.poll():
+        state.add(record)
+    assert state.latest_eval == {"eval_loss": 0.30, "eval_accuracy": 0.90}
+    state.add({"event": "eval", "global_step": 40, "metric_prefix": "eval", "eval_loss": 0.25, "eval_runtime": 0.1})
+    assert state.latest_eval == {"eval_loss": 0.25}  # a remaining record's, once read
+    follower.close()
