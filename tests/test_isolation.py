@@ -361,6 +361,8 @@ def test_retention_never_makes_the_summary_wrong(make_trainer, log_dir, monkeypa
     assert manifest["eval"]["records"] == 6
     assert manifest["eval"]["best"]["eval_loss"] == {"value": pytest.approx(best_eval), "global_step": best_eval_step}
     assert summary["records_cover"] == {"first_global_step": first_left, "last_global_step": 120, "complete": False}
+    assert summary["best_eval"]["eval_loss"] == {"value": pytest.approx(best_eval), "global_step": best_eval_step}
+    assert summary["evaluations"] == 6
     capsys.readouterr()
     assert main(["summarize", str(log_dir)]) == 0
     text = capsys.readouterr().out
