@@ -57,7 +57,8 @@ class TrainerGuard:
     training loop's evaluation starts and ``on_evaluation(False)`` when it ends, however it ends.
 
     A ``copy.deepcopy`` of the trainer (or of its callback handler) gets the plain methods, not the
-    wrappers: the copy behaves as the trainer would without seo_trainlog.
+    wrappers; a ``copy.copy`` shares them, and a wrapper called from the copy's own loop runs the
+    copy's plain method: either copy behaves as it would without seo_trainlog.
     """
 
     def __init__(self, trainer: Any, report: Reporter, later_callbacks: Iterable[Any] = (),
@@ -101,9 +102,16 @@ class _Guarded:
                  on_return: Callable[[], None] | None, once: bool, around: Callable[[bool], None] | None) -> None:
         self._owner, self._name, self._previous, self._method = owner, name, previous, method
         self._report, self._on_return, self._once, self._around = report, on_return, once, around
+        self._owner_is_trainer = name in LOOP_METHODS or name in FALLBACK_METHODS  # called a few times a run
         functools.update_wrapper(self, method)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._owner_is_trainer:
+            # a shallow copy of the trainer (copy.copy) shares its attributes, ours included: called by
+            # the copy's own loop, behave as the copy's plain method would
+            caller = sys._getframe(1).f_locals.get("self")
+            if caller is not None and caller is not self._owner and isinstance(caller, type(self._owner)):
+                return getattr(type(caller), self._name)(caller, *args, **kwargs)
         if self._once:
             _restore(self._owner, self._name, self._previous)
         if self._around is not None:

@@ -210,6 +210,13 @@ def test_copies_of_a_trainer_mid_run_behave_as_without_the_package(make_trainer,
     assert "_evaluate" not in vars(trainer) and "call_event" not in vars(trainer.callback_handler)
     metrics = deep.evaluate(eval_dataset=tiny_dataset.select(range(16)))
     assert "eval_loss" in metrics
+    # the shallow copy trained afterwards trains itself (its loop calls the wrappers it shares)
+    shallow = copies["shallow"]
+    shallow.train()
+    assert (trainer.state.global_step, shallow.state.global_step) == (4, 4) and shallow.state is not trainer.state
+    runs = sorted({row["run_id"] for row in json_rows(log_dir)})
+    statuses = [[row["status"] for row in RunFiles(log_dir, run_id).records("summary")] for run_id in runs]
+    assert statuses.count(["completed"]) == 2 and [row["global_step"] for row in run.records("train")] == [1, 2, 3, 4]
 
 
 def test_a_setfit_style_loss_key_is_training_progress(make_trainer, log_dir):
