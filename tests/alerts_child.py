@@ -27,6 +27,9 @@ from transformers import BertTokenizer, DataCollatorWithPadding, Trainer, Traine
 from seo_trainlog import TrainLogCallback  # noqa: E402
 
 log_dir, mode, work_dir = sys.argv[1:4]
+# Ctrl-C as a terminal delivers it, even when this process was started with SIGINT ignored (a shell
+# runs background jobs so without job control, and children inherit that)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 pids, signalled = os.path.join(work_dir, "pids"), os.path.join(work_dir, "signalled")
 
 
