@@ -476,16 +476,6 @@ def eval_metrics(record: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
                     if key.startswith(f"{prefix}_") and not key.endswith(SPEED_SUFFIXES)}
 
 
-def eval_metrics(record: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``(prefix, metrics)`` of an ``eval`` record: the prefix its metric keys share (``eval``,
-    ``test``... see :func:`~seo_trainlog._anomaly.eval_prefix`) and its keys starting with
-    ``f"{prefix}_"``, timings (:data:`SPEED_SUFFIXES`: runtime, samples/steps per second, model
-    preparation time) left out, values as they are. Raises nothing."""
-    prefix = eval_prefix(record)
-    return prefix, {key: value for key, value in record.items()
-                    if key.startswith(f"{prefix}_") and not key.endswith(SPEED_SUFFIXES)}
-
-
 def lower_is_better(metric: str) -> bool:
     """True for losses and errors (``eval_loss``, ``eval_wer``, ``eval_mse``...): a word of the name
     (split on ``_`` and ``/``) is one of loss, error, err, wer, cer, perplexity, ppl, mae, mse, rmse."""

@@ -681,16 +681,7 @@ def test_counts_whose_records_retention_deleted_are_said_plainly(tmp_path, capsy
             "were in records removed by retention (their details are lost); 1 is in the remaining records.</p>") in html
     assert "None found" not in html and "more not listed" not in html and "more in the records" not in html
 
-    (run,) = find_runs(tmp_path / "logs")
-    from seo_trainlog._reader import read_manifest
-    state = WatchState(RUN, LogConfig(), manifest=read_manifest(run), rotated=True)
-    follower = RunFollower(run)
-    for record in follower.poll():
-        state.add(record)
-    follower.close()
-    console = Console(file=io.StringIO(), width=120)
-    console.print(render_frame(state))
-    frame = console.file.getvalue()
+    frame = watch_frame(tmp_path / "logs", width=120)
     assert "alerts (7)" in frame and "none" not in frame
     assert "7 anomalies (details of 7 removed by retention; 0 in the remaining records)" in frame
 
@@ -777,19 +768,24 @@ def test_a_run_without_train_records_shows_the_trainers_totals(tmp_path, capsys)
     assert rows_text["throughput"] == "1340 samples/s, 167.5 steps/s (Trainer's, over the whole train())"
 
 
-def test_watch_coverage_line_uses_the_panels_width(tmp_path):
+def watch_frame(log_dir, width: int) -> str:
+    """What ``watch`` draws for the one run in ``log_dir`` (its manifest used, its files read once)."""
     from seo_trainlog._reader import read_manifest
 
-    retained_run(tmp_path / "logs", manifest=True)
-    (run,) = find_runs(tmp_path / "logs")
+    (run,) = find_runs(log_dir)
     state = WatchState(RUN, LogConfig(), manifest=read_manifest(run), rotated=True)
     follower = RunFollower(run)
     for record in follower.poll():
         state.add(record)
     follower.close()
-    console = Console(file=io.StringIO(), width=80)
+    console = Console(file=io.StringIO(), width=width)
     console.print(render_frame(state))
-    frame = console.file.getvalue().splitlines()
+    return console.file.getvalue()
+
+
+def test_watch_coverage_line_uses_the_panels_width(tmp_path):
+    retained_run(tmp_path / "logs", manifest=True)
+    frame = watch_frame(tmp_path / "logs", width=80).splitlines()
     assert frame[3:5] == [  # wrapped at the panel's edge, not within the progress bar's 40 columns
         f"│ {line:<76} │" for line in ("records cover global_step 16-60 only: older records were removed by",
                                         f"retention (run_manifest_{RUN}.json gives the run's totals)")]
