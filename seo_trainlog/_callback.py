@@ -7,9 +7,7 @@ import functools
 import math
 import os
 import re
-import sys
 import threading
-import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +20,11 @@ from transformers.trainer_callback import ExportableState
 
 from . import _format
 from ._alerts import AlertDispatcher, AlertHook
+from ._analysis import SPEED_SUFFIXES
 from ._anomaly import AnomalyDetector, settings_of
 from ._collator import TimedDataCollator
 from ._config import LogConfig
-from ._guard import TrainerGuard, find_trainer
+from ._guard import TrainerGuard, caller_local, find_trainer
 from ._logger import TrainLogger, innermost_open_logger
 from ._monitor import ResourceSampler, cuda_memory, rss_mb
 from ._rank import writes_shared_files
@@ -36,9 +35,7 @@ from ._sinks import logging_busy
 from ._timing import CollateSums, IntervalSums, StepTimer, bind_thread
 from ._timing import thread_sums as _thread_sums
 
-_SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
 _OPEN_RUNS: weakref.WeakSet[TrainLogCallback] = weakref.WeakSet()
-_INSTANCES: weakref.WeakValueDictionary[str, TrainLogCallback] = weakref.WeakValueDictionary()
 _RUN_ID = re.compile(r"^\d{8}_\d{6}(?:_\d+)?$")
 _STATE_NAME = "TrainLogCallback"
 _WORKER_SETTLE_S = 0.05
@@ -64,8 +61,6 @@ class _Run:
     sigterm: SigtermHook | None = None
     sampler: ResourceSampler | None = None
     collator: TimedDataCollator | None = None
-    collate: CollateSums | None = None
-    segment: int = 0
     detector: AnomalyDetector | None = None
     alerts: AlertDispatcher | None = None
     retrying: bool = False
@@ -137,20 +132,16 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         OSError: at train begin, when the log directory cannot be written.
     """
 
-    def __new__(cls, *args: Any, restore_of: str | None = None, **kwargs: Any) -> TrainLogCallback:
+    def __new__(cls, *args: Any, restored: bool = False, **kwargs: Any) -> TrainLogCallback:
         # With ``restore_callback_states_from_checkpoint=True`` transformers rebuilds each stateful
         # callback from its saved args and puts the new one in place of the one you gave: here that
         # "new" one is yours (the instance it replaces), so your config and alert hooks stay.
-        if restore_of is not None:
-            replaced = _INSTANCES.get(restore_of) if isinstance(restore_of, str) else None
-            replaced = replaced if isinstance(replaced, cls) else _replaced_callback(cls)
-            if replaced is not None:
-                return replaced
-        return super().__new__(cls)
+        replaced = _replaced_callback(cls) if restored else None
+        return replaced if replaced is not None else super().__new__(cls)
 
     def __init__(self, config: LogConfig | None = None, alert_hooks: Sequence[AlertHook] = (), *,
-                 restore_of: str | None = None) -> None:
-        if restore_of is not None and "_token" in vars(self):  # an instance kept by __new__: as it was
+                 restored: bool = False) -> None:
+        if restored and "_run" in vars(self):  # the instance __new__ kept: as it was
             return
         if config is not None and not isinstance(config, LogConfig):
             raise TypeError(f"config must be a seo_trainlog.LogConfig or None, got {type(config).__name__}; "
@@ -165,8 +156,6 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self._failed_events: set[str] = set()
         self._collate = CollateSums()  # the timings of our Trainer's TimedDataCollator
         self._begin_lock = threading.Lock()
-        self._token = uuid.uuid4().hex
-        _INSTANCES[self._token] = self
         self.run_id: str | None = None  # the run this callback writes or wrote last (restored on resume)
 
     # ------------------------------------------------------------------ state in checkpoints
@@ -174,7 +163,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """Saved by the Trainer in each checkpoint's ``trainer_state.json``: the run id, so that
         ``train(resume_from_checkpoint=...)`` continues the same run (see :meth:`on_train_begin`)."""
-        return {"args": {"restore_of": self._token}, "attributes": {"run_id": self.run_id}}
+        return {"args": {"restored": True}, "attributes": {"run_id": self.run_id}}
 
     def __copy__(self) -> TrainLogCallback:
         return TrainLogCallback(self.config, self.alert_hooks)
@@ -248,7 +237,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         remember_secrets(vars(args))  # to_dict() blanks hub_token: learn the value itself
         self.run_id = tlog.run_id
         tlog.mark(state.global_step, state.epoch)
-        run.segment = tlog.start_segment(state.global_step, _resumed_from(state))
+        tlog.start_segment(state.global_step, _resumed_from(state))
         tlog.log_hyperparameters(_hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer))
         resumed = f", resuming at global_step {state.global_step}" if state.global_step else ""
         trial = ", hyperparameter search trial " + " ".join(
@@ -256,7 +245,6 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             if state.is_hyper_param_search or state.trial_params else ""
         tlog.log_message(f"Training started: max_steps={state.max_steps}, num_train_epochs="
                          f"{state.num_train_epochs}, world_size={args.world_size}{resumed}{trial}")
-        run.collate = self._collate
         collator = getattr(trainer, "data_collator", None)
         if isinstance(collator, TimedDataCollator):
             run.collator = collator
@@ -441,14 +429,14 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             with self._logger_outside_run(state) as tlog:
                 if tlog is not None:
                     self._drain_workers(None, settle=True)
-                    collate = _merged(self._collate.eval.drain(), self._collate.train.drain())
+                    collate = self._collate.drain_all()
                     self._write_log(tlog, None, state.global_step, state.epoch, dict(logs), {}, collate)
             return
         training = _training_loss_key(logs) is not None
         timing = run.timer.drain(run.samples_per_step) if training else {}
         evaluation = not training and _speed_prefix(logs) not in (None, "train")
         self._drain_workers(run, settle=evaluation)
-        collate = run.collate.train.drain() if training else run.collate.eval.drain() if evaluation else {}
+        collate = self._collate.train.drain() if training else self._collate.eval.drain() if evaluation else {}
         if run.step_times:
             steps, run.step_times = run.step_times, []
             run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))
@@ -555,9 +543,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                                        additional_metrics={k: v for k, v in values.items()
                                                            if k not in ("train_runtime", "epoch")})
         elif prefix is not None:
-            speed = {f"{prefix}{suffix}" for suffix in _SPEED_SUFFIXES}
-            metrics = {key: value for key, value in values.items()
-                       if key.startswith(f"{prefix}_") and key != f"{prefix}_loss" and key not in speed}
+            metrics = _prefixed_metrics(values, prefix)
             # collations since the last training log belong to this evaluation
             line = tlog.log_evaluation(global_step, epoch, values.get(f"{prefix}_loss"), metrics,
                                        metric_prefix=prefix, values={**values, **collate})
@@ -619,13 +605,13 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             trainer = find_trainer()
             candidate = getattr(trainer, "data_collator", None)
             collator = candidate if isinstance(candidate, TimedDataCollator) else None
-        if collator is not None and collator.__dict__.get("_worker_queue") is not None:
+        if collator is not None:
             collator.drain_worker_timings(settle_s=_WORKER_SETTLE_S if settle else 0.0)
 
     def _write_remaining_collate(self, run: _Run) -> None:
         """Collations after the last logging step (the last batches, DataLoader workers' final sums)."""
         self._drain_workers(run, settle=True)
-        collate = run.collate.train.drain() if run.collate is not None else {}
+        collate = self._collate.train.drain()
         if collate:
             run.logger.log_message(
                 f"Collate after the last logging step: batches={collate['collate_calls']}, total "
@@ -665,11 +651,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         tlog.log_model_performance(operation, runtime, memory_usage=rss_mb(),
                                    additional_metrics={**additional, "global_step": global_step})
         if operation == "prediction" and prefix is not None:  # predict() logs nothing through on_log
-            speed = {f"{prefix}{suffix}" for suffix in _SPEED_SUFFIXES}
-            metrics = {key: value for key, value in values.items()
-                       if key.startswith(f"{prefix}_") and key != f"{prefix}_loss" and key not in speed}
-            tlog.log_evaluation(global_step, epoch, values.get(f"{prefix}_loss"), metrics, metric_prefix=prefix,
-                                values=values)
+            tlog.log_evaluation(global_step, epoch, values.get(f"{prefix}_loss"), _prefixed_metrics(values, prefix),
+                                metric_prefix=prefix, values=values)
 
     def _elected(self, trainer) -> bool:
         """Of several TrainLogCallbacks on one Trainer, only one writes: explicit config first. The
@@ -785,16 +768,8 @@ def _run_resources(run: _Run) -> dict[str, Any]:
 
 def _replaced_callback(cls: type) -> TrainLogCallback | None:
     """The instance of ``cls`` transformers' ``Trainer._load_callback_state`` is replacing (its loop
-    variable ``callback`` in the calling frame), if that is who calls."""
-    frame = sys._getframe(2)
-    for _ in range(4):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "_load_callback_state":
-            candidate = frame.f_locals.get("callback")
-            return candidate if isinstance(candidate, cls) else None
-        frame = frame.f_back
-    return None
+    variable ``callback``), if that is who calls."""
+    return caller_local("callback", lambda value: isinstance(value, cls), ("_load_callback_state",), max_depth=4)
 
 
 def _finish_runs_at_exit() -> None:
@@ -842,32 +817,21 @@ def _training_loss_key(logs: Mapping[Any, Any]) -> str | None:
     return keys[0] if len(keys) == 1 else None
 
 
-def _merged(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
-    """Two :meth:`CollateStats.drain` results as one."""
-    if not first or not second:
-        return dict(first or second)
-    calls = first["collate_calls"] + second["collate_calls"]
-    total = first["collate_time_s"] + second["collate_time_s"]
-    return {"collate_calls": calls, "collate_time_s": total, "collate_mean_ms": 1000.0 * total / calls,
-            "collate_max_ms": max(first["collate_max_ms"], second["collate_max_ms"]),
-            "collate_samples": first["collate_samples"] + second["collate_samples"]}
-
-
 def _resumed_from(state) -> str | None:
     """The checkpoint ``train(resume_from_checkpoint=...)`` resumes from (read from the caller's frame),
     when resuming."""
     if not state.global_step:
         return None
-    frame = sys._getframe(1)
-    for _ in range(16):
-        if frame is None:
-            return None
-        if frame.f_code.co_name in ("_inner_training_loop", "train"):
-            value = frame.f_locals.get("resume_from_checkpoint")
-            if isinstance(value, (str, os.PathLike)):
-                return os.fspath(value)
-        frame = frame.f_back
-    return None
+    checkpoint = caller_local("resume_from_checkpoint", lambda value: isinstance(value, (str, os.PathLike)),
+                              ("_inner_training_loop", "train"))
+    return os.fspath(checkpoint) if checkpoint is not None else None
+
+
+def _prefixed_metrics(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """An evaluation's metrics: its ``<prefix>_*`` values but the loss and Trainer's own timings
+    (``<prefix>_runtime``...; a metric of the user's named ``<prefix>_decode_runtime`` stays)."""
+    skipped = {f"{prefix}_loss", *(f"{prefix}{suffix}" for suffix in SPEED_SUFFIXES)}
+    return {key: value for key, value in values.items() if key.startswith(f"{prefix}_") and key not in skipped}
 
 
 def _speed_prefix(metrics: Mapping[str, Any]) -> str | None:

@@ -60,7 +60,7 @@ class TimedDataCollator:
                 if queue is not None:
                     queue.put(("error", _error_info(error, features)))
             else:
-                _report_collate_error(error, features, thread_sums() or self.__dict__.get("_sums"))
+                _report_collate_error(error, features, self._owner())
             raise
         elapsed = perf_counter() - start
         try:
@@ -70,14 +70,21 @@ class TimedDataCollator:
         attributes = self.__dict__
         queue = attributes.get("_worker_queue")
         if queue is not None and get_worker_info() is not None:
-            sums = thread_sums() or attributes.get("_sums")
-            phase = attributes.get("_worker_phase") or (sums.phase if sums is not None else "train")
+            phase = attributes.get("_worker_phase") or self._phase()
             queue.put((phase, (1, elapsed, elapsed, samples)))  # before the batch leaves this worker
             return batch
-        sums = thread_sums() or attributes.get("_sums")
+        sums = self._owner()
         if sums is not None:
             sums.current().add(elapsed, samples)
         return batch
+
+    def _owner(self) -> CollateSums | None:
+        """The sums a call belongs to: the run training in this thread's, else the attached run's."""
+        return thread_sums() or self.__dict__.get("_sums")
+
+    def _phase(self) -> str:
+        sums = self._owner()
+        return sums.phase if sums is not None else "train"
 
     def attach(self, sums: CollateSums | None) -> None:
         """Count this collator's calls in ``sums`` (a run's :class:`~seo_trainlog._timing.CollateSums`;
@@ -150,8 +157,7 @@ class TimedDataCollator:
         state = {"collator": self.collator}
         if get_spawning_popen() is not None:  # pickled to start a worker process: the queue goes along
             state["_worker_queue"] = self.__dict__.get("_worker_queue")
-            sums = thread_sums() or self.__dict__.get("_sums")
-            state["_worker_phase"] = sums.phase if sums is not None else "train"
+            state["_worker_phase"] = self._phase()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -409,6 +409,11 @@ def to_jsonable(value: Any, _depth: int = 0) -> Any:
     return safe_str(value)  # a meta tensor is described, not printed
 
 
+def iso_time(at: datetime | None = None) -> str:
+    """``at`` (default now, local time with its UTC offset) as the JSON records write it: ISO 8601, ms."""
+    return (at or datetime.now().astimezone()).isoformat(timespec="milliseconds")
+
+
 def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Mapping[Any, Any],
               time: datetime | None = None) -> str:
     """One strict JSON object (no NaN/Infinity tokens, no line break of any kind) for
@@ -419,7 +424,7 @@ def json_line(event: str, run_id: str, global_step: Any, epoch: Any, values: Map
     unless it equals the record's own.
     """
     record: dict[str, Any] = {
-        "time": (time or datetime.now().astimezone()).isoformat(timespec="milliseconds"),
+        "time": iso_time(time),
         "run_id": run_id,
         "event": event,
         "global_step": to_jsonable(global_step),

@@ -29,19 +29,28 @@ _MISSING = object()
 Reporter = Callable[[BaseException], None]
 
 
+def caller_local(name: str, accept: Callable[[Any], bool], functions: Iterable[str] | None = None,
+                 max_depth: int = 16) -> Any | None:
+    """The first local variable ``name`` that ``accept`` takes, in the frames above the caller (only
+    in functions named in ``functions``, if given): how a callback, given neither the trainer nor
+    the call's arguments, finds them. None when no frame within ``max_depth`` has one."""
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        if functions is None or frame.f_code.co_name in functions:
+            value = frame.f_locals.get(name)
+            if accept(value):
+                return value
+        frame = frame.f_back
+    return None
+
+
 def find_trainer(max_depth: int = 16) -> Any | None:
     """The ``transformers.Trainer`` whose method is on the call stack (callbacks are not given it)."""
     from transformers import Trainer
 
-    frame = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
-    return None
+    return caller_local("self", lambda value: isinstance(value, Trainer), max_depth=max_depth)
 
 
 class TrainerGuard:

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ._format import to_jsonable
+from ._format import iso_time, to_jsonable
 
 MANIFEST_PREFIX = "run_manifest"
 # the JSON events whose facts the manifest keeps (``train`` records are noted apart, from their numbers)
@@ -34,10 +34,6 @@ SCHEMA_VERSION = 1
 def manifest_path(log_dir: Path, run_id: str) -> Path:
     """``<log_dir>/run_manifest_<run_id>.json``."""
     return log_dir / f"{MANIFEST_PREFIX}_{run_id}.json"
-
-
-def _iso(at: datetime | None) -> str:
-    return (at or datetime.now().astimezone()).isoformat(timespec="milliseconds")
 
 
 def _number(value: Any) -> float | None:
@@ -99,7 +95,7 @@ class RunManifest:
                 self._note_train(values.get("loss"), global_step, at)
                 return
             if event == "run_start":
-                data["started"] = _iso(at)
+                data["started"] = iso_time(at)
             elif event == "hyperparameters":
                 hyperparameters = values.get("hyperparameters")
                 data["hyperparameters"] = to_jsonable(hyperparameters)
@@ -111,11 +107,11 @@ class RunManifest:
                 if event == "anomaly" and values.get("kind") != "non_finite":
                     data["counts"]["warning"] += 1  # its WARNING line (a non-finite value has a warning record)
             elif event == "summary":
-                data["summary"] = to_jsonable(dict(values, time=_iso(at), global_step=global_step))
+                data["summary"] = to_jsonable(dict(values, time=iso_time(at), global_step=global_step))
                 data["status"] = values.get("status")
                 if data["segments"]:
                     data["segments"][-1].update(
-                        status=values.get("status"), ended=_iso(at), end_global_step=to_jsonable(global_step),
+                        status=values.get("status"), ended=iso_time(at), end_global_step=to_jsonable(global_step),
                         training_duration_s=_number(values.get("training_duration_s")))
             elif event == "eval":
                 self._note_eval(values, global_step)
@@ -131,7 +127,7 @@ class RunManifest:
         train = self.data["train"]
         train["records"] += 1
         step = to_jsonable(global_step)
-        when = _iso(at)
+        when = iso_time(at)
         if train["first_global_step"] is None:
             train["first_global_step"], train["first_time"] = step, when
         train["last_global_step"], train["last_time"] = step, when
@@ -170,7 +166,7 @@ class RunManifest:
             for earlier in segments:  # one that never said how it ended did not end well
                 if earlier.get("status") == "running":
                     earlier["status"] = "abandoned"
-            segments.append({"segment": len(segments) + 1, "started": _iso(at),
+            segments.append({"segment": len(segments) + 1, "started": iso_time(at),
                              "start_global_step": start_global_step, "status": "running", "ended": None,
                              "end_global_step": None, "training_duration_s": None,
                              "resumed_from_checkpoint": resumed_from_checkpoint})
@@ -192,7 +188,7 @@ class RunManifest:
         with self._lock:
             if not (self._dirty or force):
                 return None
-            self.data["updated"] = _iso(None)
+            self.data["updated"] = iso_time(None)
             payload = orjson.dumps(self.data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
                                    default=str)
             self._dirty = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -20,7 +19,6 @@ from loguru._logger import Core, Logger
 from loguru._string_parsers import parse_size
 
 from ._categories import CATEGORIES, Category, accepted_names
-from ._format import text_block
 from ._secrets import REDACTOR
 
 # An independent loguru logger: a Core of its own, so that our records never reach the user's
@@ -472,11 +470,11 @@ class CategoryRouter:
     exception formatter per run (its costliest start-up step) rather than nine.
     """
 
-    def __init__(self, config, run_id: str, log_dir: Path, rank: int, key: str | None = None,
+    def __init__(self, config, run_id: str, log_dir: Path, rank: int, key: str,
                  failures: SinkFailures | None = None) -> None:
         self.run_id = run_id
         self.failures = failures if failures is not None else SinkFailures()  # this run's sinks' trouble
-        self.key = key if key is not None else run_id
+        self.key = key
         self.files: dict[str, Path] = {}
         self._lock = threading.Lock()  # writes (from loguru's handler) against flushes (the flusher thread)
         self._sinks: list[GuardedFileSink | ConsoleSink] = []
@@ -600,9 +598,9 @@ class RunSinks:
         self.handler_ids.clear()
 
 
-def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0, *, key: str | None = None,
-               on_flush: Callable[[], None] | None = None,
-               on_library_record: Callable[[str, str, str], None] | None = None) -> RunSinks:
+def open_sinks(config, run_id: str, log_dir: Path, rank: int, *, key: str,
+               on_library_record: Callable[[str, str, str], None],
+               on_flush: Callable[[], None] | None = None) -> RunSinks:
     """Open a file per enabled category (on a rank other than 0 only the ``per_rank`` categories'
     own files, and no console) behind one loguru handler, and add the stdlib bridge.
 
@@ -610,14 +608,12 @@ def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0, *, key: str | 
         key: the records this handler takes (``extra["seo_key"]``): unique to the open run, so that
             runs open at once in one process never write into each other's files.
         on_flush: called by the flusher thread after each periodic flush (the run manifest).
-        on_library_record: ``(label, level, message)`` for each library record the bridge takes;
-            None: written to the error logs as a plain record.
+        on_library_record: ``(label, level, message)`` for each library record the bridge takes.
 
     Raises:
         OSError: when a file cannot be opened (nothing stays added).
     """
     sinks = RunSinks()
-    key = key if key is not None else run_id
     router = CategoryRouter(config, run_id, log_dir, rank, key)
     sinks.files, sinks.router = dict(router.files), router
     try:
@@ -625,8 +621,7 @@ def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0, *, key: str | 
             sinks.flusher = Flusher(router, config.flush_interval_s, on_flush)
         sinks.handler_ids.append(logger.add(router, level="DEBUG", format="{message}", filter=router.accepts,
                                             colorize=False, backtrace=False, diagnose=False))
-        run_logger = logger.bind(seo_run=run_id, seo_key=key, seo_cat="errors")
-        bridge = StdlibBridge(on_library_record or functools.partial(_plain_library_record, run_logger))
+        bridge = StdlibBridge(on_library_record)
         for name in BRIDGED_LIBRARIES:
             target = logging.getLogger(name)
             target.addHandler(bridge)
@@ -636,10 +631,6 @@ def open_sinks(config, run_id: str, log_dir: Path, rank: int = 0, *, key: str | 
         sinks.close()
         raise
     return sinks
-
-
-def _plain_library_record(run_logger, label: str, level: str, message: str) -> None:
-    run_logger.log(level, text_block(label, level, [message]))
 
 
 _BRIDGES: list[StdlibBridge] = []  # of the open runs, to tell which run a library record belongs to

@@ -173,7 +173,7 @@ class CollateSums:
     its evaluation loop) go to ``eval``, every other batch to ``train``. ``logger`` is the open run's
     :class:`~seo_trainlog.TrainLogger` (where a collator's error is written), None between runs."""
 
-    __slots__ = ("train", "eval", "phase", "logger", "__weakref__")
+    __slots__ = ("train", "eval", "phase", "logger")
 
     def __init__(self) -> None:
         self.train = CollateStats()
@@ -191,6 +191,13 @@ class CollateSums:
         """Forget every sum (the calls before a run are not the run's)."""
         self.train.drain()
         self.eval.drain()
+
+    def drain_all(self) -> dict[str, float | int]:
+        """Both phases' sums as one :meth:`CollateStats.drain` result (outside a run), then reset."""
+        evaluation = self.eval
+        self.train.merge((evaluation.calls, evaluation.total_s, evaluation.max_s, evaluation.samples))
+        evaluation.drain()
+        return self.train.drain()
 
 
 _THREAD = threading.local()
