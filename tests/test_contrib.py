@@ -1,8 +1,9 @@
-"""The shipped Prometheus alerting rules (contrib/): checked with promtool, unit-tested with promtool's rule
-tests, and their PromQL checked against the exporter's table of names."""
+"""The shipped Prometheus alerting rules and Grafana dashboard (contrib/): checked with promtool, unit-tested
+with promtool's rule tests, and their PromQL checked against the exporter's table of names."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,9 +18,14 @@ from seo_trainlog._prometheus import LABELS, METRICS, NAMES
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "contrib" / "prometheus" / "alerts.yml"
 ALERTS_TEST = ROOT / "contrib" / "prometheus" / "alerts_test.yml"
+DASHBOARD = ROOT / "contrib" / "grafana" / "seo_trainlog.json"
 
 METRIC_NAME = re.compile(r"seo_trainlog_[a-z_]+")
+SELECTOR = re.compile(r"(seo_trainlog_[a-z_]+)(\{[^}]*\})?")
 LABEL_NAMES = {*LABELS, "trial", *(label for metric in METRICS for label in metric.labels)}
+SELECTED = ('run_id=~"$run_id"', 'rank=~"$rank"', 'host=~"$host"')  # in every dashboard selector
+GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range"}
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 PROMTOOL = shutil.which(os.environ.get("PROMTOOL", "promtool"))
 needs_promtool = pytest.mark.skipif(
@@ -33,6 +39,15 @@ def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def alert_rules() -> list[dict]:
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
     return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(panel title, expr) of every panel target."""
+    return [(panel["title"], target["expr"]) for panel in dashboard()["panels"] for target in panel["targets"]]
 
 
 # --- alerts.yml -----------------------------------------------------------------------------------------
@@ -105,3 +120,104 @@ def test_rules_that_must_not_page_for_finished_runs_join_on_running_status():
         if rule["alert"] in ("SeoTrainlogJobStalled", "SeoTrainlogStragglerDataWait", "SeoTrainlogDataWaitBound"):
             expr = " ".join(rule["expr"].split())
             assert expr.endswith('and on (run_id, rank, trial) (seo_trainlog_run_info{status="running"} == 1)'), expr
+
+
+@needs_promtool
+def test_readme_rule_files_snippet_loads_in_a_prometheus_config(tmp_path):
+    """The README's way of loading the rules: `rule_files:` in prometheus.yml, checked as Prometheus would."""
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{"job_name": "seo_trainlog", "static_configs": [{"targets": ["localhost:9400"]}]}]}))
+    result = promtool("check", "config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 7 rules found" in result.stdout
+
+
+# --- the Grafana dashboard ------------------------------------------------------------------------------
+
+def test_dashboard_loads_with_template_variables():
+    board = dashboard()
+    assert board["schemaVersion"] == 39
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    assert list(variables) == ["datasource", "run_id", "rank", "host"]
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    assert variables["run_id"]["definition"] == "label_values(seo_trainlog_global_step, run_id)"
+    assert variables["rank"]["definition"] == 'label_values(seo_trainlog_global_step{run_id=~"$run_id"}, rank)'
+    assert variables["host"]["definition"] == 'label_values(seo_trainlog_global_step{run_id=~"$run_id"}, host)'
+    for name in ("run_id", "rank", "host"):
+        variable = variables[name]
+        assert variable["type"] == "query" and variable["datasource"] == DATASOURCE
+        assert variable["query"]["query"] == variable["definition"]
+        assert (variable["includeAll"], variable["allValue"]) == (True, ".*")
+
+
+def test_dashboard_panels_titles_ids_datasource_units():
+    panels = dashboard()["panels"]
+    units = {panel["title"]: panel["fieldConfig"]["defaults"]["unit"] for panel in panels}
+    assert units == {
+        "Run info / status": "none", "Global step": "none", "Training loss": "none", "Eval loss": "none",
+        "Learning rate": "none", "Grad norm": "none", "Throughput (samples/s) per rank": "suffix: samples/s",
+        "Step time per rank": "s", "Data wait ratio per rank": "percentunit",
+        "Time since last logging step": "s", "Memory": "bytes", "GPU utilisation": "percentunit",
+        "Anomalies by kind": "none", "Errors": "none"}
+    ids = [panel["id"] for panel in panels]
+    assert len(set(ids)) == len(ids) == 14
+    for panel in panels:
+        assert panel["datasource"] == DATASOURCE, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE, panel["title"]
+        refs = [target["refId"] for target in panel["targets"]]
+        assert len(set(refs)) == len(refs), panel["title"]
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+    memory = next(panel for panel in panels if panel["title"] == "Memory")
+    assert [METRIC_NAME.search(target["expr"]).group() for target in memory["targets"]] == [
+        "seo_trainlog_resident_memory_bytes", "seo_trainlog_gpu_memory_used_bytes",
+        "seo_trainlog_cuda_memory_allocated_bytes"]
+
+
+def test_dashboard_queries_use_exported_names_and_the_template_variables():
+    board = dashboard()
+    defined = {variable["name"] for variable in board["templating"]["list"]}
+    exprs = dashboard_exprs()
+    assert len(exprs) == 16
+    used_names = set()
+    for title, expr in exprs:
+        selectors = SELECTOR.findall(expr)
+        assert selectors, title
+        for name, matchers in selectors:
+            assert name in NAMES, (title, name)
+            assert all(matcher in matchers for matcher in SELECTED), (title, expr)
+            used_names.add(name)
+        assert set(re.findall(r"\$(\w+)", expr)) <= defined | GRAFANA_BUILTINS, (title, expr)
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            assert set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target["legendFormat"])) <= LABEL_NAMES, panel["title"]
+    assert used_names == {
+        "seo_trainlog_run_info", "seo_trainlog_global_step", "seo_trainlog_train_loss", "seo_trainlog_eval_loss",
+        "seo_trainlog_learning_rate", "seo_trainlog_grad_norm", "seo_trainlog_samples_per_second",
+        "seo_trainlog_step_time_seconds", "seo_trainlog_data_wait_ratio", "seo_trainlog_last_step_timestamp_seconds",
+        "seo_trainlog_resident_memory_bytes", "seo_trainlog_gpu_memory_used_bytes",
+        "seo_trainlog_cuda_memory_allocated_bytes", "seo_trainlog_gpu_utilization_ratio",
+        "seo_trainlog_anomalies_total", "seo_trainlog_errors_total"}
+
+
+@needs_promtool
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    """Each query, with the template variables filled in as Grafana would, as a recording rule for promtool."""
+    values = {"$run_id": ".*", "$rank": ".*", "$host": ".*", "$__rate_interval": "1m"}
+    rules = []
+    for index, (_, expr) in enumerate(dashboard_exprs()):
+        for variable, value in values.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr
+        rules.append({"record": f"seo_trainlog:dashboard_query_{index}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
