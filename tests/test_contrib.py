@@ -1,13 +1,21 @@
 """The shipped Prometheus alerting rules and Grafana dashboard (contrib/): checked with promtool, unit-tested
-with promtool's rule tests, and their PromQL checked against the exporter's table of names."""
+with promtool's rule tests, their PromQL checked against the exporter's table of names, and both run by a
+real Prometheus server scraping an exposition with those names and labels."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,6 +38,12 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 PROMTOOL = shutil.which(os.environ.get("PROMTOOL", "promtool"))
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not found (Debian/Ubuntu: apt-get install prometheus; `make test` installs it)")
+
+
+PROMETHEUS = shutil.which(os.environ.get("PROMETHEUS", "prometheus"))
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None,
+    reason="prometheus not found (Debian/Ubuntu: apt-get install prometheus; `make test` installs it)")
 
 
 def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -221,3 +235,132 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
 
+
+# --- both on a real Prometheus server --------------------------------------------------------------------
+
+RANKS = ({"run_id": "r1", "rank": "0", "local_rank": "0", "node": "0", "host": "h0"},
+         {"run_id": "r1", "rank": "1", "local_rank": "0", "node": "1", "host": "h1"})
+
+
+def exposition(stalled_since: float) -> str:
+    """Text exposition of a 2-rank run, one sample per name of the table: rank 1 is slowed (data wait 0.5
+    against 0.05), its loss is NaN, both ranks last logged at ``stalled_since`` and the run is running."""
+    extra = {"gpu": "0", "kind": "straggler", "status": "running"}
+    values = {"seo_trainlog_train_loss": (1.5, math.nan), "seo_trainlog_data_wait_ratio": (0.05, 0.5),
+              "seo_trainlog_last_step_timestamp_seconds": (stalled_since, stalled_since)}
+    lines = []
+    for metric in METRICS:
+        lines += [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
+        for index, labels in enumerate(RANKS):
+            pairs = {**labels, **{label: extra[label] for label in metric.labels}}
+            text = ",".join(f'{key}="{value}"' for key, value in pairs.items())
+            value = values.get(metric.name, (1.0, 1.0))[index]
+            lines.append(f"{metric.name}{{{text}}} {'NaN' if math.isnan(value) else repr(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def prometheus_server(tmp_path):
+    """A real Prometheus (1 s scrape and rule evaluation, alerts.yml loaded) scraping the exposition above."""
+    body = exposition(time.time() - 3600).encode()
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=target.serve_forever, daemon=True).start()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{"job_name": "seo_trainlog",
+                            "static_configs": [{"targets": [f"127.0.0.1:{target.server_port}"]}]}]}))
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("w")
+    server = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                               f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}", tmp_path / "prometheus.log"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+        target.shutdown()
+        target.server_close()
+
+
+def api(base: str, path: str, **params: str):
+    url = f"{base}/api/v1/{path}" + ("?" + urllib.parse.urlencode(params) if params else "")
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=10) as response:
+        reply = json.load(response)
+    assert reply["status"] == "success", reply
+    return reply["data"]
+
+
+def wait_for(check, timeout_s: float = 60.0):
+    """``check()`` once it returns something true, or its last answer after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            found = check()
+        except OSError:  # the server is still starting
+            found = None
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+@needs_prometheus
+def test_real_prometheus_runs_the_dashboard_queries_and_the_alerts(prometheus_server):
+    base, log_path = prometheus_server
+    # three scrapes, so that increase() has samples to work on
+    scraped = wait_for(lambda: api(base, "query", query="count_over_time(seo_trainlog_global_step[1m]) >= 3")["result"])
+    assert scraped, log_path.read_text()[-3000:]
+
+    board = dashboard()
+    variables = {variable["name"]: variable["definition"] for variable in board["templating"]["list"][1:]}
+    assert variables["run_id"] == "label_values(seo_trainlog_global_step, run_id)"
+    assert api(base, "label/run_id/values", **{"match[]": "seo_trainlog_global_step"}) == ["r1"]
+    for label in ("rank", "host"):
+        assert variables[label] == f'label_values(seo_trainlog_global_step{{run_id=~"$run_id"}}, {label})'
+        values = api(base, f"label/{label}/values", **{"match[]": 'seo_trainlog_global_step{run_id=~"r1"}'})
+        assert values == ([r[label] for r in RANKS])
+    for title, expr in dashboard_exprs():
+        query = expr.replace("$run_id", "r1").replace("$rank", ".*").replace("$host", ".*")
+        result = api(base, "query", query=query.replace("$__rate_interval", "1m"))["result"]
+        assert sorted(series["metric"]["rank"] for series in result) == ["0", "1"], (title, query, result)
+
+    rules = [rule for group in api(base, "rules")["groups"] for rule in group["rules"]]
+    assert sorted(rule["name"] for rule in rules) == sorted(rule["alert"] for rule in alert_rules())
+    assert {rule["health"] for rule in rules} == {"ok"}, [(rule["name"], rule.get("lastError")) for rule in rules]
+    expected = {("SeoTrainlogJobStalled", "0", "pending"), ("SeoTrainlogJobStalled", "1", "pending"),
+                ("SeoTrainlogTrainLossNotFinite", "1", "firing"), ("SeoTrainlogStragglerDataWait", "1", "pending"),
+                ("SeoTrainlogDataWaitBound", "1", "pending")}
+
+    def alerts():
+        found = {(alert["labels"]["alertname"], alert["labels"]["rank"], alert["state"])
+                 for alert in api(base, "alerts")["alerts"]}
+        return found == expected
+
+    wait_for(alerts, timeout_s=30.0)
+    found = {(alert["labels"]["alertname"], alert["labels"]["rank"], alert["state"])
+             for alert in api(base, "alerts")["alerts"]}
+    assert found == expected
+    stalled = [alert for alert in api(base, "alerts")["alerts"]
+               if alert["labels"]["alertname"] == "SeoTrainlogJobStalled"]
+    assert {alert["annotations"]["summary"] for alert in stalled} == {
+        "Run r1 rank 0 on h0 has stalled", "Run r1 rank 1 on h1 has stalled"}
