@@ -129,6 +129,7 @@ class RunAnalysis:
         self._counts = {"error": 0, "warning": 0, "anomaly": 0}
         self._recent: dict[str, OrderedDict[tuple[str, Any], None]] = {"found": OrderedDict(),
                                                                          "logged": OrderedDict()}
+        self.ranks = RankAnalysis(self.config)  # fed the records of a distributed run (world_size > 1)
 
     def add_all(self, records: Iterable[dict[str, Any]]) -> RunAnalysis:
         for record in records:
@@ -138,6 +139,9 @@ class RunAnalysis:
     def add(self, record: dict[str, Any]) -> None:
         self.records += 1
         event, step, epoch = record.get("event"), record.get("global_step"), record.get("epoch")
+        world_size = record.get("world_size")
+        if type(world_size) is int and world_size > 1:
+            self.ranks.add(record)
         if self._head is None:
             self._head = event == "run_start"
         if self._first_time is None:

@@ -102,10 +102,10 @@ def _summarize(args: argparse.Namespace) -> int:
             if footnote:
                 console.print(footnote, markup=False, highlight=False)
         return 0
-    summary = _analyse_chosen(runs, args.run, config).summary()
-    ranks = _ranks(args.log_dirs, summary["run_id"], config)
-    if len(ranks["ranks"]) > 1 or len(args.log_dirs) > 1:
-        summary.update(ranks)
+    analysis = _analyse_chosen(runs, args.run, config)
+    summary = analysis.summary()
+    if analysis.ranks.ranks or len(args.log_dirs) > 1:  # a distributed run, or the directories of its nodes
+        summary.update(_ranks(analysis, select_run(runs, analysis.run_id), args.log_dirs))
     if args.json:
         _print_json(summary)
         return 0
@@ -119,21 +119,23 @@ def _summarize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ranks(log_dirs: list[Path], run_id: str, config: LogConfig) -> dict:
-    """:meth:`RankAnalysis.summary` of run ``run_id`` over every process's files in ``log_dirs``; a
-    directory without any of the run's files is named in a warning."""
-    analysis = RankAnalysis(config)
+def _ranks(analysis: RunAnalysis, chosen: MetricsRun, log_dirs: list[Path]) -> dict:
+    """:meth:`RankAnalysis.summary` of the run over every process's files in ``log_dirs`` (the chosen
+    files were read already); a directory without any of the run's files is named in a warning."""
+    ranks: RankAnalysis = analysis.ranks
     for log_dir in log_dirs:
-        files = find_process_files([log_dir], run_id)
+        files = find_process_files([log_dir], analysis.run_id)
         if not files:
-            _warn(f"{log_dir} holds no metrics file of run {run_id}")
+            _warn(f"{log_dir} holds no metrics file of run {analysis.run_id}")
         for process in files:
+            if [path.resolve() for path in process.paths] == [path.resolve() for path in chosen.paths]:
+                continue
             try:
                 for record in read_records(process, _warn):
-                    analysis.add(record)
+                    ranks.add(record)
             except LogReadError as exc:
                 _warn(f"{process.active_path.name} skipped: {exc}")
-    return analysis.summary()
+    return ranks.summary()
 
 
 def _plot(args: argparse.Namespace) -> int:
