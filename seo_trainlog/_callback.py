@@ -104,8 +104,13 @@ class TrainLogCallback(TrainerCallback, ExportableState):
       SIGTERM handler you installed before runs as usual, or else the process terminates as it
       would have.
 
-    Only the world-process-zero writes. ``evaluate()``/``predict()`` after training append to the
-    last run's files. A failure inside this callback is reported once and never stops training;
+    In a distributed run the world-process-zero writes the shared files, each other node's local rank 0
+    a node file set of its own, every other rank its errors and, at each logging step, a ``rank_step``
+    record of its own ``step_time_s``, ``data_wait_s``, ``data_wait_pct``, ``samples_per_second``,
+    collate sums and ``rss_mb`` (see :class:`~seo_trainlog.TrainLogger`). Anomalies and alerts come from
+    the world-process-zero only; with ``detect_anomalies`` it also compares the ranks' pace through the
+    launcher's store (a ``straggler`` anomaly, see :class:`~seo_trainlog._anomaly.StragglerDetector`).
+    ``evaluate()``/``predict()`` after training append to the last run's files. A failure inside this callback is reported once and never stops training;
     only a bad configuration (``ValueError``) or an unwritable log directory (``OSError``) is
     raised, at train begin, before any step.
 
@@ -126,7 +131,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         SEO_TRAINLOG_DATA_WAIT_WARN_PCT, SEO_TRAINLOG_DETECT_ANOMALIES, SEO_TRAINLOG_ANOMALY_WINDOW,
         SEO_TRAINLOG_LOSS_SPIKE_Z, SEO_TRAINLOG_GRAD_NORM_JUMP, SEO_TRAINLOG_THROUGHPUT_DROP_PCT,
         SEO_TRAINLOG_MEMORY_CREEP_MB, SEO_TRAINLOG_PLATEAU_EVALS, SEO_TRAINLOG_PLATEAU_MIN_DELTA,
-        SEO_TRAINLOG_ALERT_CMD, SEO_TRAINLOG_ALERT_TIMEOUT.
+        SEO_TRAINLOG_STRAGGLER_PCT, SEO_TRAINLOG_STRAGGLER_WINDOW, SEO_TRAINLOG_ALERT_CMD,
+        SEO_TRAINLOG_ALERT_TIMEOUT.
 
     Raises:
         TypeError: at once, for a ``config`` that is not a :class:`LogConfig` or an alert hook that

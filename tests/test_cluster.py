@@ -234,3 +234,86 @@ def test_the_launch_key_changes_with_a_restart(monkeypatch):
     first = _rank.launch_id()
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert _rank.launch_id() != first
+
+
+# ---------------------------------------------------------------------------------------- the store
+
+
+@pytest.fixture
+def tcp_store(monkeypatch):
+    """A real c10d TCPStore server on a free loopback port, named by MASTER_ADDR/MASTER_PORT as torchrun's
+    agent names its own; a fresh launch for seo_trainlog (no store client or TrainLogger count kept)."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    port = free_port()
+    server = TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                        "TORCHELASTIC_RUN_ID": "cluster-test", "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_rank, "_STORES", {})
+    yield server
+
+
+def test_ranks_agree_through_the_store_and_exchange_their_intervals(tcp_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(_rank, "_SEQUENCE", __import__("itertools").count())
+    with TrainLogger(quiet(tmp_path / "a")) as first:  # RANK unset: rank 0 of 2
+        pass
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_rank, "_SEQUENCE", __import__("itertools").count())  # as in another process
+    with TrainLogger(quiet(tmp_path / "b")) as second:  # another disk
+        pass
+    assert (first.agreement.source, second.agreement.source) == ("store", "store")
+    assert second.run_id == first.run_id and second.agreement.key == first.agreement.key
+    assert tcp_store.get(f"{first.agreement.key}/run_id").decode() == first.run_id
+    assert not list((tmp_path / "a").glob(".seo_trainlog-run-*"))
+    # the per-rank numbers: rank 1 posts, rank 0 reads them without waiting for anybody
+    role1 = _rank.ProcessRole(rank=1, local_rank=1, world_size=2, node_rank=0, host="h")
+    role0 = _rank.ProcessRole(rank=0, local_rank=0, world_size=2, node_rank=0, host="h")
+    warnings: list[str] = []
+    reader = _rank.TelemetryExchange(_rank.launch_store(), first.agreement.key, role0, warnings.append)
+    assert reader.collect() == {}  # nobody posted yet: a check, no wait
+    writer = _rank.TelemetryExchange(_rank.launch_store(), first.agreement.key, role1, warnings.append)
+    for step in range(1, 20):
+        writer.post(step, {"step_time_s": 0.01 * step, "own_data_s": 0.5})
+    collected = reader.collect()
+    assert sorted(collected) == [1]
+    assert sorted(collected[1]) == list(range(19 - _rank.TelemetryExchange.KEEP + 1, 20))  # the last KEEP
+    assert collected[1][19] == {"step_time_s": 0.19, "own_data_s": 0.5}
+    assert warnings == []
+
+
+def test_a_rank_that_hears_nothing_goes_on_with_its_own_stamp(tcp_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(_rank, "POINTER_WAIT_S", 0.5)
+    monkeypatch.setenv("RANK", "1")
+    with TrainLogger(quiet(tmp_path)) as lonely:  # rank 0 never opens a TrainLogger: no hang
+        pass
+    assert lonely.agreement.source == "own" and len(lonely.run_id) == 15
+
+
+def test_a_store_that_fails_switches_the_exchange_off_with_one_warning():
+    import gc
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    port = free_port()
+    server = TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
+    client = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=1), wait_for_workers=False)
+    role = _rank.ProcessRole(rank=1, local_rank=1, world_size=2, node_rank=0, host="h")
+    warnings: list[str] = []
+    exchange = _rank.TelemetryExchange(client, "seo_trainlog/x/0", role, warnings.append)
+    exchange.post(1, {"step_time_s": 0.1})
+    client.set("seo_trainlog/x/0/rank/2", "not json")  # a value rank 0 cannot read is skipped
+    reader = _rank.TelemetryExchange(client, "seo_trainlog/x/0", _rank.ProcessRole(0, 0, 3, 0, "h"), warnings.append)
+    assert reader.collect() == {1: {1: {"step_time_s": 0.1}}}
+    del server
+    gc.collect()  # the server is gone: the next exchange fails
+    exchange.post(2, {"step_time_s": 0.1})
+    exchange.post(3, {"step_time_s": 0.1})
+    assert len(warnings) == 1 and warnings[0].startswith("the per-rank telemetry exchange through the launcher's "
+                                                         "store failed (")
+    assert warnings[0].endswith("straggler detection during training is off, training goes on")
+    assert exchange.enabled is False and [step for step, _ in exchange.recent] == [1, 2, 3]
