@@ -20,7 +20,7 @@ import orjson
 from . import _format, _guard
 from ._categories import BY_NAME, CATEGORIES, TEXT_NAMES
 from ._config import LogConfig
-from ._rank import RunAgreement, agree_on_run_id, process_role
+from ._rank import agree_on_run_id, process_role
 from ._safety import mark_logged, never_raises, safe_warn, was_logged
 from ._secrets import REDACTOR, mask_mapping
 from ._manifest import MANIFEST_EVENTS, RunManifest, manifest_path
@@ -92,7 +92,9 @@ class TrainLogger:
     ``error_tracking_rank<N>_<stamp>.log`` (:meth:`log_error`, warnings) and
     ``performance_metrics_rank<N>_<stamp>.log`` (``run_start``, ``rank_step``, ``error``, ``warning``
     records). Every JSON line carries ``rank``, ``local_rank``, ``world_size`` and ``host`` (in a
-    distributed run also ``node_rank``), and in a distributed run so do the errors.
+    distributed run also ``node_rank``), and in a distributed run so do the errors. ``agreement``
+    (:class:`~seo_trainlog._rank.RunAgreement`) says how the stamp was agreed; ``run_start`` records
+    it as ``run_id_source`` (``store``, ``file``, ``own``) in a distributed run.
 
     Args:
         config: the settings; ``None`` reads :meth:`LogConfig.from_env`.
@@ -139,7 +141,8 @@ class TrainLogger:
         self._event_time: datetime | None = None  # while a deferred job runs: when its event happened
         REDACTOR.add_environment(os.environ)
         self.log_dir = prepare_log_dir(self.config.log_dir)
-        self.agreement = self._agreed_run_id() if run_id is None else RunAgreement(run_id, "given")
+        self.agreement = agree_on_run_id(self.log_dir, lambda: claim_stamp(self.log_dir, CATEGORIES[0].prefix),
+                                         self.role, given=run_id)
         self.run_id = self.agreement.stamp
         # a run continued in a directory that has none of its files yet starts them with run_start
         fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id, self.tag).exists())
@@ -167,9 +170,6 @@ class TrainLogger:
                                            **({"run_id_source": self.agreement.source}
                                               if self.role.world_size > 1 else {})})
             self._console(f"run {self.run_id} started, logs in {self.log_dir}")
-
-    def _agreed_run_id(self) -> RunAgreement:
-        return agree_on_run_id(self.log_dir, lambda: claim_stamp(self.log_dir, CATEGORIES[0].prefix), self.role)
 
     # ------------------------------------------------------------------ the spec's six methods
 

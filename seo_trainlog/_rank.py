@@ -116,7 +116,8 @@ def launch_id() -> str:
     ).encode()).hexdigest()[:16]
 
 
-def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole) -> RunAgreement:
+def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole,
+                    given: str | None = None) -> RunAgreement:
     """The run stamp, the same on every rank of one launch, without any collective operation (so a
     TrainLogger made on the main process only can never hang the others).
 
@@ -128,12 +129,18 @@ def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole) 
     ``<log_dir>/.seo_trainlog-run-<launch>-<n>`` in a shared log directory (only a pointer written after
     the reader's own start, less 30 s: not one left by an earlier launch), waited for up to 30 s. A rank
     that learns nothing within 30 s uses a stamp of its own second (``source == "own"``).
+
+    ``given``: the run id is known already (a resumed run, every rank reads it from the checkpoint):
+    nothing is agreed (``source == "given"``), but the run's store key is still made, in the same
+    order on every rank, for the per-rank telemetry.
     """
     if role.world_size < 2:
-        return RunAgreement(claim(), "single")
+        return RunAgreement(given, "given") if given is not None else RunAgreement(claim(), "single")
     launch, number = launch_id(), next(_SEQUENCE)
     key = f"{KEY_PREFIX}/{launch}/{number}"
     store = launch_store()
+    if given is not None:
+        return RunAgreement(given, "given", key if store is not None else None)
     if store is not None:
         agreed = _agree_through_store(store, key, claim, role)
         if agreed is not None:
@@ -212,6 +219,10 @@ def _default_store() -> Any | None:
 def _tcp_client() -> Any | None:
     address, port = os.environ.get("MASTER_ADDR"), _env_int("MASTER_PORT", 0)
     if not address or not 0 < port < 65536:
+        return None
+    try:  # nothing listening (refused, unreachable): no store, and none of c10d's retry warnings on stderr
+        socket.create_connection((address, port), timeout=STORE_CONNECT_S).close()
+    except OSError:
         return None
     try:
         from torch.distributed import TCPStore

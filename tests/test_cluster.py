@@ -269,6 +269,11 @@ def test_ranks_agree_through_the_store_and_exchange_their_intervals(tcp_store, t
     assert second.run_id == first.run_id and second.agreement.key == first.agreement.key
     assert tcp_store.get(f"{first.agreement.key}/run_id").decode() == first.run_id
     assert not list((tmp_path / "a").glob(".seo_trainlog-run-*"))
+    monkeypatch.setattr(_rank, "_SEQUENCE", __import__("itertools").count())  # the launch resumed from a checkpoint
+    with TrainLogger(quiet(tmp_path / "b"), run_id=first.run_id, resume=True) as resumed:
+        pass
+    assert (resumed.run_id, resumed.agreement.source, resumed.agreement.key) == (first.run_id, "given",
+                                                                                 first.agreement.key)
     # the per-rank numbers: rank 1 posts, rank 0 reads them without waiting for anybody
     role1 = _rank.ProcessRole(rank=1, local_rank=1, world_size=2, node_rank=0, host="h")
     role0 = _rank.ProcessRole(rank=0, local_rank=0, world_size=2, node_rank=0, host="h")
