@@ -125,7 +125,7 @@ def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole,
     ranks learn it, first through the launcher's rendezvous store (see :func:`launch_store`; no shared
     disk needed): rank 0 ``set``s it under ``seo_trainlog/<launch>/<n>/run_id``, where ``<launch>``
     is :func:`launch_id` and ``<n>`` counts the TrainLoggers this process opened, and the others
-    ``wait`` for that key up to 30 s. When no store can be reached, through a pointer file
+    ``wait`` for that key up to 30 s (then their own stamp). When no store can be reached, through a pointer file
     ``<log_dir>/.seo_trainlog-run-<launch>-<n>`` in a shared log directory (only a pointer written after
     the reader's own start, less 30 s: not one left by an earlier launch), waited for up to 30 s. A rank
     that learns nothing within 30 s uses a stamp of its own second (``source == "own"``).
@@ -165,7 +165,10 @@ def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole,
 
 
 def _agree_through_store(store: Any, key: str, claim: Callable[[], str], role: ProcessRole) -> RunAgreement | None:
-    """Rank 0 sets, the others wait (bounded); None when the store fails (the file fallback then)."""
+    """Rank 0 sets, the others wait (bounded); None when the store fails (the file fallback then).
+    A store that answers but gets no stamp within the wait means rank 0 opened no TrainLogger (or
+    has not yet): the rank goes on with its own stamp at once (rank 0 would have used the same store)."""
+    started = time.monotonic()
     try:
         if role.is_world_process_zero:
             stamp = claim()
@@ -173,8 +176,10 @@ def _agree_through_store(store: Any, key: str, claim: Callable[[], str], role: P
             return RunAgreement(stamp, "store", key)
         store.wait([f"{key}/run_id"], timedelta(seconds=POINTER_WAIT_S))
         return RunAgreement(store.get(f"{key}/run_id").decode("utf-8"), "store", key)
-    except Exception:  # unreachable now, or rank 0 never set it: the shared-file pointer
-        return None
+    except Exception:
+        if time.monotonic() - started >= POINTER_WAIT_S:  # waited in vain, not a failure of the store
+            return RunAgreement(time.strftime("%Y%m%d_%H%M%S"), "own", key)
+        return None  # unreachable now: the shared-file pointer
 
 
 _STORE_LOCK = threading.Lock()

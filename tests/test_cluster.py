@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -293,9 +294,12 @@ def test_ranks_agree_through_the_store_and_exchange_their_intervals(tcp_store, t
 def test_a_rank_that_hears_nothing_goes_on_with_its_own_stamp(tcp_store, tmp_path, monkeypatch):
     monkeypatch.setattr(_rank, "POINTER_WAIT_S", 0.5)
     monkeypatch.setenv("RANK", "1")
+    started = time.monotonic()
     with TrainLogger(quiet(tmp_path)) as lonely:  # rank 0 never opens a TrainLogger: no hang
         pass
     assert lonely.agreement.source == "own" and len(lonely.run_id) == 15
+    assert time.monotonic() - started < 10  # one bounded wait in the store, no second one for a pointer file
+    assert not list(tmp_path.glob(".seo_trainlog-run-*"))
 
 
 def test_a_store_that_fails_switches_the_exchange_off_with_one_warning():
