@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from ._anomaly import AnomalyDetector, eval_prefix, settings_of
+from ._anomaly import AnomalyDetector, StragglerDetector, eval_prefix, pace_times, rank_sample, settings_of
 from ._config import LogConfig
 
 MAX_POINTS = 2000  # per plotted series (a run with more train records keeps every k-th)
@@ -129,6 +129,7 @@ class RunAnalysis:
         self._counts = {"error": 0, "warning": 0, "anomaly": 0}
         self._recent: dict[str, OrderedDict[tuple[str, Any], None]] = {"found": OrderedDict(),
                                                                          "logged": OrderedDict()}
+        self.ranks = RankAnalysis(self.config)  # fed the records of a distributed run (world_size > 1)
 
     def add_all(self, records: Iterable[dict[str, Any]]) -> RunAnalysis:
         for record in records:
@@ -138,6 +139,9 @@ class RunAnalysis:
     def add(self, record: dict[str, Any]) -> None:
         self.records += 1
         event, step, epoch = record.get("event"), record.get("global_step"), record.get("epoch")
+        world_size = record.get("world_size")
+        if type(world_size) is int and world_size > 1:
+            self.ranks.add(record)
         if self._head is None:
             self._head = event == "run_start"
         if self._first_time is None:
@@ -513,3 +517,75 @@ def _seconds_between(first: str | None, last: str | None) -> float | None:
 def _same_settings(record: Mapping[str, Any], config: LogConfig) -> bool:
     settings = record.get("settings")
     return isinstance(settings, Mapping) and dict(settings) == settings_of(config)
+
+
+class RankAnalysis:
+    """The ranks of one distributed run side by side, from the metrics files of all its processes
+    (global rank 0's ``train`` records, each node leader's ``train`` records, the other ranks'
+    ``rank_step`` records; several directories when the nodes shared no disk). Fed one record at a
+    time (:meth:`add`); the same :class:`~seo_trainlog._anomaly.StragglerDetector` as during
+    training compares the ranks at every logging step that all of them recorded, in step order.
+
+    Memory grows with ranks x logging steps (a few numbers each).
+    """
+
+    def __init__(self, config: LogConfig | None = None) -> None:
+        self.config = config or LogConfig()
+        self._identity: dict[int, dict[str, Any]] = {}
+        self._samples: dict[int, dict[int, dict[str, float]]] = {}  # global_step -> rank -> rank_sample
+        self.logged: list[dict[str, Any]] = []  # straggler anomalies the run wrote during training
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        rank, event = record.get("rank"), record.get("event")
+        if type(rank) is not int:
+            return
+        if event == "anomaly":  # its rank is the straggler's, its node and host the writer's
+            if record.get("kind") == "straggler":
+                self.logged.append(dict(record))
+            return
+        identity = self._identity.setdefault(rank, {"rank": rank, "node_rank": None, "host": None})
+        for key in ("node_rank", "host"):
+            if record.get(key) is not None:
+                identity[key] = record[key]
+        step = record.get("global_step")
+        if event in ("train", "rank_step") and type(step) is int:
+            sample = rank_sample(record)
+            if sample is not None:
+                self._samples.setdefault(step, {})[rank] = sample
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(self._identity)
+
+    def summary(self) -> dict[str, Any]:
+        """``{"ranks": [...], "stragglers": [...]}``: per rank (ascending) ``rank``, ``node_rank``,
+        ``host``, ``records`` (logging steps it recorded), the means over them of ``step_time_s``,
+        ``data_wait_s``, ``data_wait_pct``, ``own_data_s`` (collate time per step, else data wait), the
+        mean ``pace_s`` over the compared steps (see :func:`~seo_trainlog._anomaly.pace_times`),
+        ``compared_steps`` and ``straggler`` (true when found here or logged during training); and the
+        ``straggler`` anomalies found here (those logged during training when none is found here).
+        """
+        detector = StragglerDetector(self.config.straggler_pct, self.config.straggler_window)
+        ranks = self.ranks
+        found: list[dict[str, Any]] = []
+        paces: dict[int, list[float]] = {rank: [] for rank in ranks}
+        for step in sorted(self._samples):
+            samples = self._samples[step]
+            if len(ranks) < 2 or len(samples) < len(ranks):
+                continue
+            for rank, pace in pace_times(samples).items():
+                paces[rank].append(pace)
+            found += [anomaly.to_dict() for anomaly in detector.update(step, samples)]
+        stragglers = found or self.logged
+        slow = {anomaly.get("rank") for anomaly in stragglers}
+        rows = []
+        for rank in ranks:
+            series = [samples[rank] for samples in self._samples.values() if rank in samples]
+            row = dict(self._identity[rank], records=len(series))
+            for key in ("step_time_s", "data_wait_s", "data_wait_pct", "own_data_s"):
+                row[key] = sum(sample[key] for sample in series) / len(series) if series else None
+            row["pace_s"] = sum(paces[rank]) / len(paces[rank]) if paces[rank] else None
+            row["compared_steps"] = len(paces[rank])
+            row["straggler"] = rank in slow
+            rows.append(row)
+        return {"ranks": rows, "stragglers": stragglers}

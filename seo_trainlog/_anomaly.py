@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import math
+import statistics
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._config import LogConfig
 
-KINDS = ("non_finite", "loss_spike", "grad_explosion", "throughput_drop", "memory_creep", "data_wait", "plateau")
+KINDS = ("non_finite", "loss_spike", "grad_explosion", "throughput_drop", "memory_creep", "data_wait", "plateau",
+         "straggler")
 # The LogConfig fields that define what the detector finds: a run records them (JSON ``detector``
 # event) when it detects online, so that a reader with the same settings can use its findings.
 SETTINGS = ("anomaly_window", "loss_spike_z", "grad_norm_jump", "throughput_drop_pct", "memory_creep_mb",
@@ -27,17 +29,23 @@ _ABSENT = object()
 class Anomaly:
     """One anomaly: ``kind`` (one of :data:`KINDS`), the ``global_step`` of the record that showed it,
     a one-line human ``message``, the measured ``value`` and the ``threshold`` it crossed, both in
-    the unit of the detector (see :class:`AnomalyDetector`; ``None`` where there is none)."""
+    the unit of the detector (see :class:`AnomalyDetector`; ``None`` where there is none); ``details``:
+    further values of the kind (a ``straggler``'s ``rank``, ``pace_s``... see :class:`StragglerDetector`)."""
 
     kind: str
     global_step: int | None
     message: str
     value: float | None
     threshold: float | None
+    details: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"kind", "global_step", "message", "value", "threshold"}``."""
-        return asdict(self)
+        """``{"kind", "global_step", "message", "value", "threshold"}`` and the ``details``, if any."""
+        values = {"kind": self.kind, "global_step": self.global_step, "message": self.message, "value": self.value,
+                  "threshold": self.threshold}
+        if self.details:
+            values.update(self.details)
+        return values
 
 
 def settings_of(config: LogConfig) -> dict[str, float]:
@@ -348,3 +356,100 @@ def _is_memory_key(key: str) -> bool:
         if key.startswith(prefix) and key.endswith(suffix) and key[len(prefix):-len(suffix)].isdecimal():
             return True
     return False
+
+
+# ---------------------------------------------------------------------------------------- stragglers
+
+STRAGGLER_MIN_EXCESS_S = 0.005  # a pace within 5 ms of the median is scheduling noise, never a straggler
+
+
+def rank_sample(values: Mapping[str, Any]) -> dict[str, float] | None:
+    """One rank's numbers for one logging interval, from a ``train`` or ``rank_step`` record (or the
+    values the callback puts in one): ``step_time_s`` and ``data_wait_s`` (means per optimizer step,
+    seconds), ``data_wait_pct``, and ``own_data_s``, the time per optimizer step this rank spent on
+    its own data: its :class:`~seo_trainlog.TimedDataCollator` time (``collate_time_s`` /
+    ``steps``) when the record has one, else its data wait. None without step timing."""
+    step_time, wait, steps = values.get("step_time_s"), values.get("data_wait_s"), values.get("steps")
+    if _number(step_time) is None or _number(wait) is None:
+        return None
+    collate = _number(values.get("collate_time_s"))
+    own = collate / steps if collate is not None and type(steps) is int and steps > 0 else float(wait)
+    pct = _number(values.get("data_wait_pct"))
+    return {"step_time_s": float(step_time), "data_wait_s": float(wait), "own_data_s": own,
+            "data_wait_pct": pct if pct is not None else 0.0}
+
+
+def pace_times(samples: Mapping[int, Mapping[str, float]]) -> dict[int, float]:
+    """The pace of each rank at one logging step (seconds per optimizer step): its own data time
+    (``own_data_s`` of :func:`rank_sample`) plus the shortest ``step_time_s`` of all ranks at that step.
+
+    Why not the step time itself: in DDP every rank's step ends at the same gradient all-reduce, so a
+    rank slowed in its data pipeline shows a normal step time and a long data wait, while the ranks
+    that wait for it in the all-reduce show the long step times. The shortest step time is the
+    compute and communication every rank needs; the data time is what each rank adds on its own.
+    """
+    shortest = min(sample["step_time_s"] for sample in samples.values())
+    return {rank: sample["own_data_s"] + shortest for rank, sample in samples.items()}
+
+
+class StragglerDetector:
+    """Finds the rank that holds the others back, from the ranks' numbers at the same logging steps.
+
+    Feed :meth:`update` each logging step's ``{rank: rank_sample(...)}``, in step order (the callback
+    on global rank 0 during training, ``seo-trainlog summarize`` afterwards from the per-rank files).
+    A rank whose pace (:func:`pace_times`) is above ``median * (1 + straggler_pct / 100)`` and more
+    than 5 ms above the median of the ranks' paces at ``window`` compared logging steps in a row is a
+    ``straggler`` anomaly (value: its pace in seconds, threshold: that bound; details: ``rank``,
+    ``pace_s``, ``median_pace_s``, ``share_pct`` (how far above the median, percent),
+    ``straggler_pct``, ``straggler_window``), once per episode: it re-arms once the rank's pace has
+    been at or below the bound for ``window`` compared steps in a row (a single normal step, such as
+    the first of an epoch, does not end the episode).
+
+    Limit: the pace tells apart a rank slow in its own data loading or collation (or in anything
+    between two steps). A rank slow in its forward/backward alone cannot be told apart, since every
+    rank's step time then ends at the same all-reduce: that needs communication timings, which the
+    Trainer does not give. Without a TimedDataCollator the data wait is used, which for models whose
+    loss takes ``num_items_in_batch`` may include the wait in transformers' gather of that count.
+    """
+
+    def __init__(self, straggler_pct: float, window: int) -> None:
+        self.straggler_pct = straggler_pct
+        self.window = window
+        self._above: dict[int, int] = {}  # consecutive steps above the bound, per rank
+        self._below: dict[int, int] = {}  # consecutive steps at or below it, per rank that fired
+        self._fired: set[int] = set()
+
+    def update(self, global_step: int | None, samples: Mapping[int, Mapping[str, float]]) -> list[Anomaly]:
+        """The ``straggler`` anomalies at this logging step (usually ``[]``).
+
+        Args:
+            global_step: the optimizer step every sample was taken at.
+            samples: ``{rank: rank_sample(record)}``; fewer than two ranks compare nothing.
+        """
+        if len(samples) < 2:
+            return []
+        paces = pace_times(samples)
+        median = statistics.median(paces.values())
+        bound = max(median * (1 + self.straggler_pct / 100), median + STRAGGLER_MIN_EXCESS_S)
+        found = []
+        for rank, pace in sorted(paces.items()):
+            if pace <= bound:
+                self._above[rank] = 0
+                if rank in self._fired:
+                    self._below[rank] = self._below.get(rank, 0) + 1
+                    if self._below[rank] >= self.window:
+                        self._fired.discard(rank)
+                continue
+            self._below[rank] = 0
+            count = self._above[rank] = self._above.get(rank, 0) + 1
+            if count >= self.window and rank not in self._fired:
+                self._fired.add(rank)
+                share = 100.0 * (pace / median - 1) if median > 0 else math.inf
+                found.append(Anomaly(
+                    "straggler", global_step,
+                    f"Straggler at global_step {global_step}: rank {rank}'s pace {pace:.4f}s per step is "
+                    f"{share:.0f}% above the median {median:.4f}s of {len(paces)} ranks for {count} logging "
+                    f"steps (threshold {self.straggler_pct:g}% over {self.window}); every rank waits for it",
+                    pace, bound, {"rank": rank, "pace_s": pace, "median_pace_s": median, "share_pct": share,
+                                  "straggler_pct": self.straggler_pct, "straggler_window": self.window}))
+        return found

@@ -21,13 +21,13 @@ from transformers.trainer_callback import ExportableState
 from . import _format
 from ._alerts import AlertDispatcher, AlertHook
 from ._analysis import SPEED_SUFFIXES
-from ._anomaly import AnomalyDetector, settings_of
+from ._anomaly import Anomaly, AnomalyDetector, StragglerDetector, rank_sample, settings_of
 from ._collator import TimedDataCollator
 from ._config import LogConfig
 from ._guard import TrainerGuard, caller_local, find_trainer
 from ._logger import TrainLogger, innermost_open_logger
 from ._monitor import ResourceSampler, cuda_memory, rss_mb
-from ._rank import writes_shared_files
+from ._rank import TelemetryExchange, launch_store, writes_shared_files
 from ._safety import mark_logged, never_raises, safe_warn, was_logged
 from ._secrets import remember_secrets
 from ._signals import SigtermHook, TerminatedBySignal
@@ -63,6 +63,9 @@ class _Run:
     collator: TimedDataCollator | None = None
     detector: AnomalyDetector | None = None
     alerts: AlertDispatcher | None = None
+    exchange: TelemetryExchange | None = None  # the ranks' interval numbers, through the launcher's store
+    straggler: StragglerDetector | None = None  # global rank 0 only
+    compared_through: int = -1  # the last global_step the straggler detector compared
     retrying: bool = False
     pid: int = field(default_factory=os.getpid)
     thread: int = field(default_factory=threading.get_ident)  # where its Trainer trains
@@ -101,8 +104,13 @@ class TrainLogCallback(TrainerCallback, ExportableState):
       SIGTERM handler you installed before runs as usual, or else the process terminates as it
       would have.
 
-    Only the world-process-zero writes. ``evaluate()``/``predict()`` after training append to the
-    last run's files. A failure inside this callback is reported once and never stops training;
+    In a distributed run the world-process-zero writes the shared files, each other node's local rank 0
+    a node file set of its own, every other rank its errors and, at each logging step, a ``rank_step``
+    record of its own ``step_time_s``, ``data_wait_s``, ``data_wait_pct``, ``samples_per_second``,
+    collate sums and ``rss_mb`` (see :class:`~seo_trainlog.TrainLogger`). Anomalies and alerts come from
+    the world-process-zero only; with ``detect_anomalies`` it also compares the ranks' pace through the
+    launcher's store (a ``straggler`` anomaly, see :class:`~seo_trainlog._anomaly.StragglerDetector`).
+    ``evaluate()``/``predict()`` after training append to the last run's files. A failure inside this callback is reported once and never stops training;
     only a bad configuration (``ValueError``) or an unwritable log directory (``OSError``) is
     raised, at train begin, before any step.
 
@@ -123,7 +131,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         SEO_TRAINLOG_DATA_WAIT_WARN_PCT, SEO_TRAINLOG_DETECT_ANOMALIES, SEO_TRAINLOG_ANOMALY_WINDOW,
         SEO_TRAINLOG_LOSS_SPIKE_Z, SEO_TRAINLOG_GRAD_NORM_JUMP, SEO_TRAINLOG_THROUGHPUT_DROP_PCT,
         SEO_TRAINLOG_MEMORY_CREEP_MB, SEO_TRAINLOG_PLATEAU_EVALS, SEO_TRAINLOG_PLATEAU_MIN_DELTA,
-        SEO_TRAINLOG_ALERT_CMD, SEO_TRAINLOG_ALERT_TIMEOUT.
+        SEO_TRAINLOG_STRAGGLER_PCT, SEO_TRAINLOG_STRAGGLER_WINDOW, SEO_TRAINLOG_ALERT_CMD,
+        SEO_TRAINLOG_ALERT_TIMEOUT.
 
     Raises:
         TypeError: at once, for a ``config`` that is not a :class:`LogConfig` or an alert hook that
@@ -222,13 +231,20 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             self._guard(run, trainer)
         run.sigterm = SigtermHook(functools.partial(self._on_sigterm, run), busy=logging_busy)
         config = tlog.config
-        if tlog.writes and config.detect_anomalies:
+        primary = tlog.role.is_world_process_zero  # anomalies and alerts: global rank 0 only, never twice
+        if primary and config.detect_anomalies:
             run.detector = AnomalyDetector(config)
             tlog.log_metrics("detector", {"settings": settings_of(config)})
             if self.alert_hooks or config.alert_cmd:
                 run.alerts = AlertDispatcher(self.alert_hooks, config.alert_cmd, config.alert_timeout_s,
                                              report_failure=tlog._warn)
-        if tlog.writes:  # other ranks record only their errors
+        if config.detect_anomalies and tlog.role.world_size > 1 and tlog.agreement.key is not None:
+            store = launch_store()
+            if store is not None:
+                run.exchange = TelemetryExchange(store, tlog.agreement.key, tlog.role, tlog._warn)
+                if primary:
+                    run.straggler = StragglerDetector(config.straggler_pct, config.straggler_window)
+        if tlog.writes:  # rank 0 and node leaders; other ranks record their errors and rank_step numbers
             role = tlog.role
             run.sampler = ResourceSampler(tlog.config.sample_interval_s,
                                           notice=functools.partial(tlog.log_message, category="model"),
@@ -443,9 +459,12 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if training:
             # the step's numbers are taken now; formatting and writing wait for the next batch of
             # deferred records (TrainLogger.defer), out of the training loop's way
-            resources = {**run.sampler.drain(), **cuda_memory()} if run.sampler else {}
+            resources = {**run.sampler.drain(), **cuda_memory()} if run.sampler else \
+                {"rss_mb": rss_mb(), **cuda_memory()}
             run.logger.defer("on_log", functools.partial(self._write_log, run.logger, run, state.global_step,
                                                          state.epoch, dict(logs), timing, collate, resources))
+            if run.exchange is not None and timing:
+                self._exchange(run, state.global_step, {**timing, **collate})
         else:
             self._write_log(run.logger, run, state.global_step, state.epoch, logs, timing, collate)
         run.timer.mark(perf_counter())
@@ -526,6 +545,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             metrics = {key: value for key, value in values.items() if key not in (loss_key, "learning_rate", "epoch")}
             if loss_key != "loss":
                 metrics["loss_name"] = loss_key  # e.g. SetFit's embedding_loss: the JSON keeps "loss"
+            if not tlog.writes:  # a rank without a file set: its own numbers in its per-rank metrics file
+                tlog.log_metrics("rank_step", {**timing, **collate, **resources})
             line = tlog._progress(epoch, global_step, values[loss_key], values.get("learning_rate"), None,
                                   metrics, timing={**timing, **collate, **resources})
             if run is not None:
@@ -555,18 +576,46 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             tlog.log_metrics("log", values)
 
     @staticmethod
+    def _exchange(run: _Run, global_step: int, values: Mapping[str, Any]) -> None:
+        """Publish this rank's interval numbers; on global rank 0, compare the ranks at every logging
+        step all of them have published (in order, each once) and report the stragglers."""
+        sample = rank_sample(values)
+        if sample is None:
+            return
+        run.exchange.post(global_step, sample)
+        if run.straggler is None:
+            return
+        others = run.exchange.collect()
+        if len(others) < run.logger.role.world_size - 1:
+            return
+        found: list[Anomaly] = []
+        for step, own in run.exchange.recent:
+            if step <= run.compared_through or not all(step in series for series in others.values()):
+                continue
+            run.compared_through = step
+            found += run.straggler.update(step, {0: own, **{rank: series[step] for rank, series in others.items()}})
+        if found:
+            run.logger.defer("straggler", functools.partial(TrainLogCallback._report, run, found))
+
+    @staticmethod
+    def _report(run: _Run, anomalies: list[Anomaly]) -> None:
+        """Write each anomaly once (a WARNING in the error logs, a JSON ``anomaly`` event) and hand it
+        to the alert hooks."""
+        for anomaly in anomalies:
+            if anomaly.kind != "non_finite":  # already a WARNING per non-finite value
+                run.logger._write("errors", "WARNING", [f"Anomaly: {anomaly.message}"])
+            run.logger.log_metrics("anomaly", anomaly.to_dict())
+            if run.alerts is not None:
+                run.alerts.send(anomaly.to_dict())
+
+    @staticmethod
     def _detect(run: _Run, event: str, line: str | None) -> None:
         """Feed the record just written, read back exactly as ``seo-trainlog`` reads it, to the
         detector; write each anomaly once and hand it to the alert hooks."""
         if run.detector is None or line is None:
             return
         record = orjson.loads(line)
-        for anomaly in run.detector.update(event, record, record.get("global_step")):
-            if anomaly.kind != "non_finite":  # already a WARNING per non-finite value
-                run.logger._write("errors", "WARNING", [f"Anomaly: {anomaly.message}"])
-            run.logger.log_metrics("anomaly", anomaly.to_dict())
-            if run.alerts is not None:
-                run.alerts.send(anomaly.to_dict())
+        TrainLogCallback._report(run, run.detector.update(event, record, record.get("global_step")))
 
     def _write_interval(self, run: _Run, first: int, global_step: int, timing: Mapping[str, Any],
                         collate: Mapping[str, Any], resources: Mapping[str, Any]) -> None:

@@ -39,7 +39,8 @@ CATEGORIES: tuple[Category, ...] = (
     Category("errors", "errors", "ERROR", "WARNING", per_rank=True, durable=True),
     Category("error_tracking", "error_tracking", "ERROR", "DEBUG", includes=("errors",), per_rank=True,
              durable=True),
-    Category("metrics", "performance_metrics", "METRICS", "DEBUG", json=True, follows_config_level=False),
+    Category("metrics", "performance_metrics", "METRICS", "DEBUG", json=True, follows_config_level=False,
+             per_rank=True),
     Category("debug", "debug", "DEBUG", "DEBUG", includes=ALL_TEXT, debug_only=True,
              follows_config_level=False),
 )

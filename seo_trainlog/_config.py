@@ -72,6 +72,11 @@ class LogConfig:
             ``eval_loss``. Default ``5``.
         plateau_min_delta: How much (in ``eval_loss`` units) an evaluation must beat the best so far
             to count as an improvement. Default ``0.0``.
+        straggler_pct: In a distributed run, a rank whose pace (its own data time per step plus the
+            shortest step time of all ranks, see :class:`~seo_trainlog._anomaly.StragglerDetector`) is
+            more than this many percent above the median of the ranks' is slow. Default ``20.0``.
+        straggler_window: A slow rank becomes a ``straggler`` anomaly after this many compared logging
+            steps in a row. Default ``5``.
         alert_cmd: Shell command run for each anomaly during training, with the anomaly as one JSON
             object on its stdin; ``None``: no command. Default ``None``.
         alert_timeout_s: Seconds an alert command may run, with everything it started (its whole
@@ -102,6 +107,8 @@ class LogConfig:
     memory_creep_mb: float = 256.0
     plateau_evals: int = 5
     plateau_min_delta: float = 0.0
+    straggler_pct: float = 20.0
+    straggler_window: int = 5
     alert_cmd: str | None = None
     alert_timeout_s: float = 10.0
 
@@ -147,6 +154,8 @@ class LogConfig:
         ``SEO_TRAINLOG_MEMORY_CREEP_MB``       steady memory growth (MiB) over one window
         ``SEO_TRAINLOG_PLATEAU_EVALS``         evaluations without a new best eval_loss
         ``SEO_TRAINLOG_PLATEAU_MIN_DELTA``     improvement of eval_loss that counts
+        ``SEO_TRAINLOG_STRAGGLER_PCT``         a rank's pace this many percent above the ranks' median
+        ``SEO_TRAINLOG_STRAGGLER_WINDOW``      logging steps in a row that make a straggler
         ``SEO_TRAINLOG_ALERT_CMD``             shell command receiving each anomaly as JSON on stdin
         ``SEO_TRAINLOG_ALERT_TIMEOUT``         seconds the alert command may run
         ============================  ==========================================================
@@ -292,6 +301,8 @@ _ENV_FIELDS = (
     ("SEO_TRAINLOG_MEMORY_CREEP_MB", "memory_creep_mb"),
     ("SEO_TRAINLOG_PLATEAU_EVALS", "plateau_evals"),
     ("SEO_TRAINLOG_PLATEAU_MIN_DELTA", "plateau_min_delta"),
+    ("SEO_TRAINLOG_STRAGGLER_PCT", "straggler_pct"),
+    ("SEO_TRAINLOG_STRAGGLER_WINDOW", "straggler_window"),
     ("SEO_TRAINLOG_ALERT_CMD", "alert_cmd"),
     ("SEO_TRAINLOG_ALERT_TIMEOUT", "alert_timeout_s"),
 )
@@ -314,8 +325,11 @@ _PARSERS = {
     "memory_creep_mb": functools.partial(_check_number, low=1.0, high=1e9),
     "plateau_evals": functools.partial(_check_int, low=1, high=10_000),
     "plateau_min_delta": functools.partial(_check_number, low=0.0, high=1e9),
+    "straggler_pct": functools.partial(_check_number, low=1.0, high=10_000.0),
+    "straggler_window": functools.partial(_check_int, low=1, high=10_000),
     "alert_cmd": _check_command,
     "alert_timeout_s": functools.partial(_check_number, low=0.1, high=3600.0),
 }
 _ANOMALY_FIELDS = ("detect_anomalies", "anomaly_window", "loss_spike_z", "grad_norm_jump", "throughput_drop_pct",
-                   "memory_creep_mb", "plateau_evals", "plateau_min_delta", "alert_cmd", "alert_timeout_s")
+                   "memory_creep_mb", "plateau_evals", "plateau_min_delta", "straggler_pct", "straggler_window",
+                   "alert_cmd", "alert_timeout_s")

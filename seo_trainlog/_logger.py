@@ -27,6 +27,8 @@ from ._manifest import MANIFEST_EVENTS, RunManifest, manifest_path
 from ._sinks import SINK_FAILURES, RunSinks, claim_stamp, file_path, logger, open_sinks, prepare_log_dir
 
 SCHEMA_VERSION = 1  # of the JSON metrics lines; readers refuse files of a newer schema
+# what a rank without a file set of its own (a ``rank<N>`` file tag) writes to its per-rank metrics file
+PER_RANK_EVENTS = frozenset({"run_start", "rank_step", "error", "warning"})
 _OPEN: list[TrainLogger] = []
 _KEYS = itertools.count(1)
 _OWN_WRAPPERS = (_guard.__file__,)
@@ -80,11 +82,19 @@ class TrainLogger:
     and a WARNING says so. Secrets are masked everywhere: values under secret-looking keys (token,
     secret, password, api_key, credential...) and the values of such environment variables
     (``HF_TOKEN``, ``WANDB_API_KEY``...), wherever they would appear, exception messages included.
-    Only the world-process-zero writes the shared files; every other rank of a distributed run
-    writes only its own ``errors_rank<N>_<stamp>.log`` and ``error_tracking_rank<N>_<stamp>.log``
-    (:meth:`log_error`, warnings), under the same stamp as rank 0 (see ``agree_on_run_id``: a small
-    pointer file, no collective operation). Every JSON line carries ``rank``,
-    ``local_rank``, ``world_size`` and ``host``, and in a distributed run so do the errors.
+    In a distributed run every process uses rank 0's stamp (see ``agree_on_run_id``: through the
+    launcher's rendezvous store, else a pointer file in a shared log directory; never a collective
+    operation). The world-process-zero writes the shared files above. The local rank 0 of each other
+    node (a *node leader*) writes the same file set in its own log directory with the node rank in the
+    names (``training_progress_node1_<stamp>.log``, ``performance_metrics_node1_<stamp>.log``,
+    ``run_manifest_node1_<stamp>.json``...): the run as that process sees it, so a node's directory
+    makes sense alone. Every other rank writes ``errors_rank<N>_<stamp>.log``,
+    ``error_tracking_rank<N>_<stamp>.log`` (:meth:`log_error`, warnings) and
+    ``performance_metrics_rank<N>_<stamp>.log`` (``run_start``, ``rank_step``, ``error``, ``warning``
+    records). Every JSON line carries ``rank``, ``local_rank``, ``world_size`` and ``host`` (in a
+    distributed run also ``node_rank``), and in a distributed run so do the errors. ``agreement``
+    (:class:`~seo_trainlog._rank.RunAgreement`) says how the stamp was agreed; ``run_start`` records
+    it as ``run_id_source`` (``store``, ``file``, ``own``) in a distributed run.
 
     Args:
         config: the settings; ``None`` reads :meth:`LogConfig.from_env`.
@@ -111,7 +121,8 @@ class TrainLogger:
         self.role = process_role()
         self.thread = get_ident()  # the thread that opened it (a callback there joins it first)
         self.key = f"{os.getpid()}-{next(_KEYS)}"  # routes this logger's records to its own files
-        self.writes = self.role.is_world_process_zero  # the shared files
+        self.writes = self.role.writes_file_set  # a full file set: global rank 0, node leaders
+        self.tag = self.role.file_tag  # in the file names: "", "node<N>", "rank<N>"
         self.joinable = joinable
         self._trained_by: int | None = None  # the thread whose Trainer trains in this run now (joined)
         self._claim_lock = threading.Lock()
@@ -130,17 +141,21 @@ class TrainLogger:
         self._event_time: datetime | None = None  # while a deferred job runs: when its event happened
         REDACTOR.add_environment(os.environ)
         self.log_dir = prepare_log_dir(self.config.log_dir)
-        self.run_id = run_id or self._agreed_run_id()
+        self.agreement = agree_on_run_id(self.log_dir, lambda: claim_stamp(self.log_dir, CATEGORIES[0].prefix),
+                                         self.role, given=run_id)
+        self.run_id = self.agreement.stamp
         # a run continued in a directory that has none of its files yet starts them with run_start
-        fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id).exists())
+        fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id, self.tag).exists())
         self.manifest: RunManifest | None = None
         if self.writes:
-            self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id), self.run_id, _version())
+            self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id, self.tag), self.run_id,
+                                             _version())
         self._manifest_written_s = perf_counter()
         self._manifest_failed = False
         self._started_segment = False  # this logger began the manifest's last segment
-        self._sinks = open_sinks(self.config, self.run_id, self.log_dir, self.role.rank, key=self.key,
-                                 on_flush=self._write_manifest, on_library_record=self._library_record)
+        self._sinks = open_sinks(self.config, self.run_id, self.log_dir, self.tag, key=self.key,
+                                 on_flush=self._write_manifest, on_library_record=self._library_record,
+                                 full_set=self.writes)
         self.files = dict(self._sinks.files)
         self._identity = self.role.identity()
         self._log = {category.name: logger.bind(seo_run=self.run_id, seo_key=self.key, seo_cat=category.name,
@@ -151,11 +166,10 @@ class TrainLogger:
             self.log_message(f"Run {self.run_id} started: log directory {self.log_dir}")
             self.log_metrics("run_start", {"log_dir": str(self.log_dir), "schema_version": SCHEMA_VERSION,
                                            "seo_trainlog_version": _version(),
-                                           **({"resumed": True} if run_id is not None else {})})
+                                           **({"resumed": True} if run_id is not None else {}),
+                                           **({"run_id_source": self.agreement.source}
+                                              if self.role.world_size > 1 else {})})
             self._console(f"run {self.run_id} started, logs in {self.log_dir}")
-
-    def _agreed_run_id(self) -> str:
-        return agree_on_run_id(self.log_dir, lambda: claim_stamp(self.log_dir, CATEGORIES[0].prefix), self.role)
 
     # ------------------------------------------------------------------ the spec's six methods
 
@@ -338,7 +352,8 @@ class TrainLogger:
     def log_metrics(self, event: str, values: Mapping[str, Any], *, time: datetime | None = None) -> str | None:
         """Write one JSON line ``{"time", "run_id", "event", "global_step", "epoch", **values}`` to
         ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known; ``time``:
-        when the event happened, default now).
+        when the event happened, default now). On a rank without a file set of its own only the
+        events of :data:`PER_RANK_EVENTS` are written (to ``performance_metrics_rank<N>_<stamp>.log``).
 
         Returns:
             the line written (without its newline), or None where nothing was written.
@@ -346,7 +361,7 @@ class TrainLogger:
         if self.closed:
             self._closed_warning("log_metrics")
             return None
-        if not self.writes:
+        if not self.writes and event not in PER_RANK_EVENTS:
             return None
         if self._deferred:
             self._settle()

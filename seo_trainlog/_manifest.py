@@ -31,9 +31,10 @@ MANIFEST_EVENTS = frozenset({"run_start", "hyperparameters", "error", "warning",
 SCHEMA_VERSION = 1
 
 
-def manifest_path(log_dir: Path, run_id: str) -> Path:
-    """``<log_dir>/run_manifest_<run_id>.json``."""
-    return log_dir / f"{MANIFEST_PREFIX}_{run_id}.json"
+def manifest_path(log_dir: Path, run_id: str, tag: str = "") -> Path:
+    """``<log_dir>/run_manifest_<run_id>.json``; a node leader's (``tag`` ``node<N>``)
+    ``run_manifest_node<N>_<run_id>.json``."""
+    return log_dir / f"{MANIFEST_PREFIX}{f'_{tag}' if tag else ''}_{run_id}.json"
 
 
 def _number(value: Any) -> float | None:

@@ -16,8 +16,9 @@ import orjson
 
 from ._logger import SCHEMA_VERSION
 
-# performance_metrics_<stamp>.log, rotated by loguru to performance_metrics_<stamp>.<date>[.<n>].log
-_METRICS_FILE = re.compile(r"^performance_metrics_(\d{8}_\d{6}(?:_\d+)?)"
+# performance_metrics_[<tag>_]<stamp>.log, rotated by loguru to ...<stamp>.<date>[.<n>].log; the tag is
+# node<N> (a node leader's file set) or rank<N> (another rank's per-rank metrics), absent on global rank 0
+_METRICS_FILE = re.compile(r"^performance_metrics_(?:((?:node|rank)\d+)_)?(\d{8}_\d{6}(?:_\d+)?)"
                            r"(?:\.(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6})(?:\.(\d+))?)?\.log$")
 
 
@@ -27,30 +28,72 @@ class LogReadError(Exception):
 
 @dataclass(frozen=True)
 class MetricsRun:
-    """One run's JSON metrics files: ``paths`` holds the rotated files oldest first, then the active
-    ``performance_metrics_<run_id>.log``; together they are one stream of records."""
+    """One run's JSON metrics files of one process: ``paths`` holds the rotated files oldest first,
+    then the active ``performance_metrics_[<tag>_]<run_id>.log``; together they are one stream of
+    records. ``tag`` is ``""`` for global rank 0's files, ``node<N>`` for a node leader's, ``rank<N>``
+    for another rank's per-rank metrics."""
 
     run_id: str
     paths: tuple[Path, ...]
+    tag: str = ""
 
     @property
     def active_path(self) -> Path:
-        return self.paths[0].with_name(f"performance_metrics_{self.run_id}.log")
+        return self.paths[0].with_name(f"performance_metrics_{self._tag_part}{self.run_id}.log")
 
     @property
     def manifest_path(self) -> Path:
-        """``run_manifest_<run_id>.json`` beside the metrics files (it may not exist)."""
-        return self.paths[0].with_name(f"run_manifest_{self.run_id}.json")
+        """``run_manifest_[<tag>_]<run_id>.json`` beside the metrics files (it may not exist)."""
+        return self.paths[0].with_name(f"run_manifest_{self._tag_part}{self.run_id}.json")
+
+    @property
+    def _tag_part(self) -> str:
+        return f"{self.tag}_" if self.tag else ""
 
 
 def find_runs(log_dir: str | os.PathLike[str]) -> list[MetricsRun]:
     """The runs of ``log_dir``, oldest first (by stamp ``YYYYMMDD_HHMMSS``, then its ``_1``, ``_2``...):
     each one's ``performance_metrics_<stamp>[.<rotation date>[.<n>]].log`` files (a run's
-    ``run_manifest_<stamp>.json`` is not one of them: see :func:`read_manifest`).
+    ``run_manifest_<stamp>.json`` is not one of them: see :func:`read_manifest`). A run of which the
+    directory holds no global rank 0 files but a node leader's (the directory of another node of a
+    multi-node run) is read from that node's ``performance_metrics_node<N>_<stamp>.log`` (the lowest
+    ``N`` when several). ``rank<N>`` files are never runs of their own (see :func:`find_process_files`).
 
     Raises:
-        LogReadError: the directory is missing or unreadable, or holds no metrics file.
+        LogReadError: the directory is missing or unreadable, or holds no metrics file of a run.
     """
+    files = _metrics_files(log_dir)
+    runs = []
+    for run_id in sorted({run_id for run_id, _ in files}, key=_stamp_order):
+        tags = sorted((tag for rid, tag in files if rid == run_id and not tag.startswith("rank")), key=_tag_order)
+        if tags:
+            runs.append(MetricsRun(run_id, files[(run_id, tags[0])], tags[0]))
+    if not runs:
+        raise LogReadError(f"{log_dir} holds no performance_metrics_*.log file of a run (no seo_trainlog run was "
+                           "logged there)")
+    return runs
+
+
+def find_process_files(log_dirs: list[str | os.PathLike[str]], run_id: str) -> list[MetricsRun]:
+    """Every process's metrics files of run ``run_id`` in ``log_dirs`` (e.g. gathered from the nodes
+    of a multi-node run): global rank 0's, each node leader's (``node<N>``) and each other rank's
+    (``rank<N>``), one :class:`MetricsRun` per process and directory. A directory that cannot be read
+    or holds none of the run's files adds nothing.
+    """
+    found = []
+    for log_dir in log_dirs:
+        try:
+            files = _metrics_files(log_dir)
+        except LogReadError:
+            continue
+        for (rid, tag), paths in sorted(files.items(), key=lambda item: _tag_order(item[0][1])):
+            if rid == run_id:
+                found.append(MetricsRun(run_id, paths, tag))
+    return found
+
+
+def _metrics_files(log_dir: str | os.PathLike[str]) -> dict[tuple[str, str], tuple[Path, ...]]:
+    """``{(run_id, tag): paths oldest first}`` of the metrics files in ``log_dir``."""
     directory = Path(log_dir)
     if not directory.is_dir():
         raise LogReadError(f"{directory} is not a directory (no such log directory)")
@@ -58,18 +101,24 @@ def find_runs(log_dir: str | os.PathLike[str]) -> list[MetricsRun]:
         names = os.listdir(directory)
     except OSError as exc:
         raise LogReadError(f"cannot list {directory}: {exc.strerror}") from None
-    files: dict[str, list[tuple[tuple[str, int], Path]]] = {}
+    files: dict[tuple[str, str], list[tuple[tuple[str, int], Path]]] = {}
     for name in names:
         match = _METRICS_FILE.match(name)
         if match:
-            run_id, date, counter = match.groups()
+            tag, run_id, date, counter = match.groups()
             order = (date, int(counter or 1)) if date else ("~", 0)  # "~" sorts the active file last
-            files.setdefault(run_id, []).append((order, directory / name))
+            files.setdefault((run_id, tag or ""), []).append((order, directory / name))
     if not files:
         raise LogReadError(f"{directory} holds no performance_metrics_*.log file (no seo_trainlog run was "
                            "logged there)")
-    return [MetricsRun(run_id, tuple(path for _, path in sorted(files[run_id])))
-            for run_id in sorted(files, key=_stamp_order)]
+    return {key: tuple(path for _, path in sorted(entries)) for key, entries in files.items()}
+
+
+def _tag_order(tag: str) -> tuple[int, int]:
+    """Global rank 0's files first, then node leaders', then other ranks', each by number."""
+    if not tag:
+        return (0, 0)
+    return (1 if tag.startswith("node") else 2, int(tag[4:]))
 
 
 def select_run(runs: list[MetricsRun], run_id: str | None) -> MetricsRun:
@@ -235,7 +284,7 @@ class RunFollower:
         if not self._started:
             self._started = True
             rotated = tuple(path for path in self.run.paths if path != self.run.active_path)
-            yield from read_records(MetricsRun(self.run.run_id, rotated), self.warn)
+            yield from read_records(MetricsRun(self.run.run_id, rotated, self.run.tag), self.warn)
         if self._handle is None:
             self._open_active()
         if self._handle is not None:

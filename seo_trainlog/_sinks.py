@@ -87,10 +87,11 @@ def prepare_log_dir(log_dir: Path) -> Path:
     return log_dir.resolve()
 
 
-def file_path(log_dir: Path, category: Category, stamp: str, rank: int = 0) -> Path:
-    """``<prefix>_<stamp>.log``; on another rank than 0 ``<prefix>_rank<N>_<stamp>.log``."""
-    rank_part = f"_rank{rank}" if rank else ""
-    return log_dir / f"{category.prefix}{rank_part}_{stamp}.log"
+def file_path(log_dir: Path, category: Category, stamp: str, tag: str = "") -> Path:
+    """``<prefix>_<stamp>.log`` (global rank 0); with the process's file ``tag``
+    (:attr:`~seo_trainlog._rank.ProcessRole.file_tag`) ``<prefix>_node<N>_<stamp>.log`` on a node
+    leader, ``<prefix>_rank<N>_<stamp>.log`` on any other rank."""
+    return log_dir / f"{category.prefix}{f'_{tag}' if tag else ''}_{stamp}.log"
 
 
 class SinkFailures:
@@ -470,8 +471,8 @@ class CategoryRouter:
     exception formatter per run (its costliest start-up step) rather than nine.
     """
 
-    def __init__(self, config, run_id: str, log_dir: Path, rank: int, key: str,
-                 failures: SinkFailures | None = None) -> None:
+    def __init__(self, config, run_id: str, log_dir: Path, tag: str, key: str,
+                 failures: SinkFailures | None = None, full_set: bool = True) -> None:
         self.run_id = run_id
         self.failures = failures if failures is not None else SinkFailures()  # this run's sinks' trouble
         self.key = key
@@ -481,9 +482,9 @@ class CategoryRouter:
         self._routes: dict[str, list[tuple[int, GuardedFileSink | ConsoleSink]]] = {}
         try:
             for category in CATEGORIES:
-                if (category.debug_only and not config.debug) or (rank and not category.per_rank):
+                if (category.debug_only and not config.debug) or (not full_set and not category.per_rank):
                     continue
-                path = file_path(log_dir, category, run_id, rank)
+                path = file_path(log_dir, category, run_id, tag)
                 level = category.level
                 if category.follows_config_level and LEVEL_NO[config.level] > LEVEL_NO[level]:
                     level = config.level
@@ -493,7 +494,7 @@ class CategoryRouter:
                                        durable=category.durable or config.flush_interval_s <= 0)
                 self._add(sink, LEVEL_NO[level], accepted_names(category))
                 self.files[category.name] = path
-            if config.console and not rank:
+            if config.console and not tag:
                 self._add(ConsoleSink(self.failures), LEVEL_NO["INFO"], frozenset({"console"}))
         except BaseException:
             self.stop()
@@ -598,13 +599,16 @@ class RunSinks:
         self.handler_ids.clear()
 
 
-def open_sinks(config, run_id: str, log_dir: Path, rank: int, *, key: str,
+def open_sinks(config, run_id: str, log_dir: Path, tag: str, *, key: str,
                on_library_record: Callable[[str, str, str], None],
-               on_flush: Callable[[], None] | None = None) -> RunSinks:
-    """Open a file per enabled category (on a rank other than 0 only the ``per_rank`` categories'
-    own files, and no console) behind one loguru handler, and add the stdlib bridge.
+               on_flush: Callable[[], None] | None = None, full_set: bool = True) -> RunSinks:
+    """Open a file per enabled category behind one loguru handler, and add the stdlib bridge.
 
     Args:
+        tag: the process's file tag (``""`` on global rank 0, ``node<N>``, ``rank<N>``; see
+            :func:`file_path`); the console only where it is ``""``.
+        full_set: every category's file (global rank 0, node leaders), else only the ``per_rank``
+            categories' (errors, error tracking, the per-rank metrics).
         key: the records this handler takes (``extra["seo_key"]``): unique to the open run, so that
             runs open at once in one process never write into each other's files.
         on_flush: called by the flusher thread after each periodic flush (the run manifest).
@@ -614,7 +618,7 @@ def open_sinks(config, run_id: str, log_dir: Path, rank: int, *, key: str,
         OSError: when a file cannot be opened (nothing stays added).
     """
     sinks = RunSinks()
-    router = CategoryRouter(config, run_id, log_dir, rank, key)
+    router = CategoryRouter(config, run_id, log_dir, tag, key, full_set=full_set)
     sinks.files, sinks.router = dict(router.files), router
     try:
         if config.flush_interval_s > 0:

@@ -2,7 +2,7 @@
 
 Commands (``seo-trainlog COMMAND --help`` for each)::
 
-    seo-trainlog summarize LOG_DIR [--run RUN_ID] [--list] [--json]
+    seo-trainlog summarize LOG_DIR [LOG_DIR ...] [--run RUN_ID] [--list] [--json]
     seo-trainlog plot LOG_DIR -o FILE.png [--run RUN_ID]
     seo-trainlog report LOG_DIR -o FILE.html [--run RUN_ID]
     seo-trainlog watch LOG_DIR [--run RUN_ID] [--interval S] [--timeout S]
@@ -14,6 +14,13 @@ naming its file, and the others are listed and reported (status 0 when at least 
 ``watch`` waits for a missing directory or a first run, and exits 1 when ``--timeout`` ends it
 before the run's summary, 130 on Ctrl-C.
 Anomaly thresholds come from the ``SEO_TRAINLOG_*`` variables (:meth:`LogConfig.from_env`).
+
+``summarize`` of a distributed run, or with several directories (e.g. the log directories gathered
+from the nodes of a multi-node run, same run id), adds a per-rank table (rank, node, host, mean step
+time, data wait share, own data time, pace, straggler) read from every process's metrics files of the
+run in all the directories, and the ``straggler`` anomalies (``--json``: ``ranks`` and ``stragglers``).
+The run is chosen in the first directory; a directory holding only a node's files is read as that run,
+from its node leader's ``performance_metrics_node<N>_<stamp>.log``.
 """
 
 from __future__ import annotations
@@ -27,10 +34,10 @@ from pathlib import Path
 from rich.console import Console
 
 from . import _present
-from ._analysis import RunAnalysis
+from ._analysis import RankAnalysis, RunAnalysis
 from ._config import LogConfig
 from ._format import to_jsonable
-from ._reader import LogReadError, MetricsRun, find_runs, load_manifest, read_records, select_run
+from ._reader import LogReadError, MetricsRun, find_process_files, find_runs, load_manifest, read_records, select_run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,15 +57,21 @@ def _parser() -> argparse.ArgumentParser:
                                      "of seo_trainlog's JSON metrics (performance_metrics_<run>.log).")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, handler, help_text: str, several: bool = False) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("log_dir", metavar="LOG_DIR", type=Path, help="the log directory")
+        if several:
+            sub.add_argument("log_dirs", metavar="LOG_DIR", type=Path, nargs="+",
+                             help="the log directory; more than one: the directories of one run's nodes "
+                                  "(the run is chosen in the first)")
+        else:
+            sub.add_argument("log_dir", metavar="LOG_DIR", type=Path, help="the log directory")
         sub.add_argument("--run", metavar="RUN_ID", help="the run stamp (default: the latest run)")
         sub.set_defaults(handler=handler)
         return sub
 
     summarize = command("summarize", _summarize, "a table of one run: status, losses, evaluation, throughput, "
-                        "memory, errors and anomalies")
+                        "memory, errors and anomalies; per rank (step time, data wait, pace, straggler) for a "
+                        "distributed run", several=True)
     summarize.add_argument("--list", action="store_true", help="one line per run instead")
     summarize.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     plot = command("plot", _plot, "a PNG figure of loss, eval loss, learning rate, throughput and memory")
@@ -73,10 +86,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _summarize(args: argparse.Namespace) -> int:
+    args.log_dir = args.log_dirs[0]
     runs = find_runs(args.log_dir)
     config = _config()
     console = Console()
     if args.list:
+        if len(args.log_dirs) > 1:
+            raise LogReadError("--list reads one LOG_DIR")
         summaries = [analysis.summary() for analysis in _analyse_all(runs, config)]
         if args.json:
             _print_json({"log_dir": str(args.log_dir), "runs": summaries})
@@ -86,14 +102,40 @@ def _summarize(args: argparse.Namespace) -> int:
             if footnote:
                 console.print(footnote, markup=False, highlight=False)
         return 0
-    summary = _analyse_chosen(runs, args.run, config).summary()
+    analysis = _analyse_chosen(runs, args.run, config)
+    summary = analysis.summary()
+    if analysis.ranks.ranks or len(args.log_dirs) > 1:  # a distributed run, or the directories of its nodes
+        summary.update(_ranks(analysis, select_run(runs, analysis.run_id), args.log_dirs))
     if args.json:
         _print_json(summary)
         return 0
     console.print(_present.summary_table(summary))
     if summary["anomalies"]:
         console.print(_present.anomaly_table(summary["anomalies"]))
+    if "ranks" in summary:
+        console.print(_present.rank_table(summary["ranks"]))
+        for anomaly in summary["stragglers"]:
+            console.print(str(anomaly.get("message")), markup=False, highlight=False)
     return 0
+
+
+def _ranks(analysis: RunAnalysis, chosen: MetricsRun, log_dirs: list[Path]) -> dict:
+    """:meth:`RankAnalysis.summary` of the run over every process's files in ``log_dirs`` (the chosen
+    files were read already); a directory without any of the run's files is named in a warning."""
+    ranks: RankAnalysis = analysis.ranks
+    for log_dir in log_dirs:
+        files = find_process_files([log_dir], analysis.run_id)
+        if not files:
+            _warn(f"{log_dir} holds no metrics file of run {analysis.run_id}")
+        for process in files:
+            if [path.resolve() for path in process.paths] == [path.resolve() for path in chosen.paths]:
+                continue
+            try:
+                for record in read_records(process, _warn):
+                    ranks.add(record)
+            except LogReadError as exc:
+                _warn(f"{process.active_path.name} skipped: {exc}")
+    return ranks.summary()
 
 
 def _plot(args: argparse.Namespace) -> int:

@@ -113,7 +113,13 @@ def test_torchrun_two_processes_write_the_shared_files_once(log_dir):
     assert all((row["rank"], row["local_rank"], row["world_size"]) == (0, 0, 2) and row["host"] for row in train)
     names = sorted(p.name for p in log_dir.glob("*.log"))
     assert all(run.run_id in name for name in names)  # one stamp on every rank
-    assert [n for n in names if "rank" in n] == [f"error_tracking_rank1_{run.run_id}.log", f"errors_rank1_{run.run_id}.log"]
+    assert [n for n in names if "rank" in n] == [f"error_tracking_rank1_{run.run_id}.log", f"errors_rank1_{run.run_id}.log",
+                                                 f"performance_metrics_rank1_{run.run_id}.log"]
+    rank_steps = [json.loads(line) for line in (log_dir / f"performance_metrics_rank1_{run.run_id}.log").open()]
+    assert [row["global_step"] for row in rank_steps if row["event"] == "rank_step"] == list(range(1, 11))
+    assert {(row["rank"], row["run_id"]) for row in rank_steps} == {(1, run.run_id)}
+    assert run.records("run_start")[0]["run_id_source"] == "store"  # torchrun's agent store, no pointer file
+    assert not list(log_dir.glob(".seo_trainlog-run-*"))
     assert run.records("summary")[0]["status"] == "completed"
 
 
@@ -130,7 +136,8 @@ def test_an_exception_on_rank_1_is_on_disk_with_its_rank(log_dir):
     assert progress_steps(run) == [1, 2]
 
 
-def test_a_rank_on_a_second_node_joins_rank_0s_stamp(log_dir, monkeypatch):
+def test_a_node_leader_on_a_second_node_joins_rank_0s_stamp(log_dir, monkeypatch):
+    # no store answers at 10.0.0.1: the shared-file pointer is the fallback
     launch_env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "job-42",
                   "WORLD_SIZE": "4"}
     for name, value in launch_env.items():
@@ -144,13 +151,15 @@ def test_a_rank_on_a_second_node_joins_rank_0s_stamp(log_dir, monkeypatch):
     with TrainLogger(quiet(log_dir)) as second_node:
         assert second_node.role == _rank.ProcessRole(rank=2, local_rank=0, world_size=4, node_rank=1,
                                                      host=second_node.role.host)
-        second_node.log_training_progress(1, 1, 0.5, 1e-3)  # shared files: rank 0 only
+        second_node.log_training_progress(1, 1, 0.5, 1e-3)  # the node's own file set, not rank 0's
         second_node.log_error(ValueError("bad batch on node 1"))
     assert second_node.run_id == first_node.run_id
-    rank_file = log_dir / f"errors_rank2_{first_node.run_id}.log"
-    assert "Error: ValueError: bad batch on node 1" in rank_file.read_text()
-    assert "rank=2, local_rank=0, world_size=4" in rank_file.read_text()
+    assert second_node.agreement.source == "file"
+    node_file = log_dir / f"errors_node1_{first_node.run_id}.log"
+    assert "Error: ValueError: bad batch on node 1" in node_file.read_text()
+    assert "rank=2, local_rank=0, world_size=4, host=" in node_file.read_text()
     assert progress_steps(RunFiles(log_dir, first_node.run_id)) == []
+    assert "Epoch 1, Step 1: Loss=0.500000" in (log_dir / f"training_progress_node1_{first_node.run_id}.log").read_text()
 
 
 def test_accelerate_tracker_in_a_two_process_launch(log_dir):
