@@ -262,6 +262,34 @@ def test_textfile_and_eval_loss_and_errors_count(make_trainer, log_dir, tmp_path
     assert value(text, "seo_trainlog_global_step", **labels) == run.records("train")[-1]["global_step"] == 3
 
 
+def test_a_hyperparameter_search_labels_each_trial(make_trainer, log_dir, tmp_path, tiny_dataset):
+    pytest.importorskip("optuna")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    port = free_port()
+    trainer = make_trainer(max_steps=2, model_init=tiny_model, eval_dataset=tiny_dataset.select(range(8)))
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, prometheus_port=port, prometheus_addr="127.0.0.1",
+                                                prometheus_textfile=tmp_path / "seo.prom")))
+    seen = []
+
+    class Scrape(TrainerCallback):  # what /metrics serves at the end of each trial
+        def on_train_end(self, args, state, control, **kwargs):
+            seen.append(get(f"http://127.0.0.1:{port}/metrics"))
+
+    trainer.add_callback(Scrape())
+    trainer.hyperparameter_search(direction="minimize", backend="optuna", n_trials=2, hp_name=lambda t: f"t{t.number}",
+                                  hp_space=lambda t: {"learning_rate": t.suggest_float("learning_rate", 1e-4, 1e-2)})
+    stamps = sorted(p.name[len("seo_engine_"):-4] for p in log_dir.glob("seo_engine_*.log"))
+    assert len(stamps) == 2 == len(seen)
+    for trial, (stamp, text) in enumerate(zip(stamps, seen)):
+        labels = {**run_labels(stamp), "trial": f"t{trial}"}
+        assert [sample.labels for sample in families(text)["seo_trainlog_global_step"]] == [labels]
+        assert value(text, "seo_trainlog_global_step", **labels) == 2
+    assert value((tmp_path / "seo.prom").read_text(), "seo_trainlog_run_info", status="completed",
+                 **run_labels(stamps[1]), trial="t1") == 1
+
+
 def test_textfile_name_per_rank():
     role = ProcessRole(rank=3, local_rank=1, world_size=4, node_rank=1, host="h")
     assert textfile_path(Path("/t/seo_trainlog.prom"), role) == Path("/t/seo_trainlog_rank3.prom")
