@@ -351,6 +351,33 @@ def test_the_same_process_training_again_reuses_its_server(make_trainer, log_dir
         assert warnings_of(RunFiles(log_dir, run_id)) == []
 
 
+def test_one_server_serves_the_open_runs_and_the_last_finished_one(tmp_path):
+    """Runs of one process on one port: those still open are all served (Trainers in two threads);
+    a finished run's series stay until a newer run attaches."""
+    port = free_port()
+    config = LogConfig(log_dir=tmp_path / "logs", prometheus_port=port, prometheus_addr="127.0.0.1")
+    role = ProcessRole(rank=0, local_rank=0, world_size=1, node_rank=0, host="node-a")
+    warnings: list[str] = []
+    first, second = (open_exporter(config, role, stamp, None, warnings.append)
+                     for stamp in ("20260101_000001", "20260101_000002"))
+    first.observe_train(7, 1.0, {"loss": float("nan")}, "loss", {}, {})
+    second.observe_train(9, 1.0, {"loss": 0.5}, "loss", {}, {})
+    text = get(f"http://127.0.0.1:{port}/metrics")
+    assert value(text, "seo_trainlog_global_step", run_id="20260101_000001") == 7
+    assert math.isnan(value(text, "seo_trainlog_train_loss", run_id="20260101_000001"))  # exposed as NaN
+    assert value(text, "seo_trainlog_global_step", run_id="20260101_000002") == 9
+    first.finish("completed")
+    assert value(get(f"http://127.0.0.1:{port}/metrics"), "seo_trainlog_run_info", run_id="20260101_000001",
+                 status="completed") == 1
+    third = open_exporter(config, role, "20260101_000003", None, warnings.append)
+    text = get(f"http://127.0.0.1:{port}/metrics")
+    assert "20260101_000001" not in text  # finished, replaced by the newer run
+    assert value(text, "seo_trainlog_global_step", run_id="20260101_000002") == 9  # still open: still served
+    assert value(text, "seo_trainlog_run_info", run_id="20260101_000003", status="running") == 1
+    assert first.url == second.url == third.url == f"http://127.0.0.1:{port}/metrics"
+    assert warnings == []
+
+
 def test_linger_stops_the_server_after_the_run(make_trainer, log_dir):
     port = free_port()
     trainer = make_trainer(max_steps=2)
