@@ -262,6 +262,30 @@ def test_textfile_and_eval_loss_and_errors_count(make_trainer, log_dir, tmp_path
     assert value(text, "seo_trainlog_global_step", **labels) == run.records("train")[-1]["global_step"] == 3
 
 
+def test_anomalies_are_counted_by_kind(make_trainer, log_dir, tmp_path):
+    path = tmp_path / "seo.prom"
+    model = tiny_model()
+    calls = []
+
+    def nan_loss_at_3(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:
+            output.loss = output.loss * math.nan
+        return output
+
+    model.register_forward_hook(nan_loss_at_3)
+    trainer = make_trainer(max_steps=5, model=model)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, prometheus_textfile=path)))
+    trainer.train()
+    run = RunFiles(log_dir)
+    kinds = [record["kind"] for record in run.records("anomaly")]
+    assert "non_finite" in kinds
+    text = path.read_text(encoding="utf-8")
+    labels = run_labels(run.run_id)
+    for kind in KINDS:
+        assert value(text, "seo_trainlog_anomalies_total", kind=kind, **labels) == kinds.count(kind)
+
+
 def test_a_hyperparameter_search_labels_each_trial(make_trainer, log_dir, tmp_path, tiny_dataset):
     pytest.importorskip("optuna")
     import optuna
