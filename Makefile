@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench clean prometheus-server
 
 install: $(STAMP)
 
@@ -35,8 +35,25 @@ $(STAMP): pyproject.toml Makefile
 train: $(STAMP)
 	$(BIN)/python scripts/finetune.py $(TRAIN_ARGS)
 
+# tests/test_prometheus.py runs a real Prometheus server: Debian's `prometheus` package, installed here
+# when it is missing, apt-get is there and we are root. Never fails `make`: it says why it could not.
+prometheus-server:
+	@if command -v prometheus >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "prometheus is not installed and there is no apt-get: the real-server test will be skipped"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "prometheus is not installed and we are not root: the real-server test will be skipped" \
+		     "(sudo apt-get install -y prometheus)"; \
+	else \
+		echo "installing Debian's prometheus (for tests/test_prometheus.py)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >/dev/null \
+		|| { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive \
+		     apt-get install -y --no-install-recommends prometheus >/dev/null; } \
+		|| echo "could not install prometheus with apt-get: the real-server test will be skipped"; \
+	fi
+
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
-test: $(STAMP)
+test: $(STAMP) prometheus-server
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -4,7 +4,9 @@
 One tiny-BERT ``Trainer`` run (CPU, 300 steps, batch 16, fixed seed, ``dataloader_num_workers=0``) in
 three configurations: no reporting callback (``none``), TrainLogCallback with every file on (debug
 file, resource sampler, anomaly detection; ``seo_trainlog``) and transformers' TensorBoardCallback
-(``tensorboard``), at ``logging_steps=1`` and ``logging_steps=50``. The configurations alternate
+(``tensorboard``), at ``logging_steps=1`` and ``logging_steps=50``; at ``logging_steps=1`` also
+TrainLogCallback with the Prometheus exporter on (``seo_trainlog+prometheus``: ``/metrics`` served
+on a loopback port and scraped every second by a thread standing for Prometheus, plus the textfile). The configurations alternate
 (none, seo_trainlog, tensorboard, none, ...) ``--repeats`` times so that machine noise hits all alike;
 each repeat's overhead is its run time over the same repeat's ``none`` run. As that ratio is only as
 steady as the machine, each run also reports the share of its wall time spent inside the reporting
@@ -13,10 +15,12 @@ resource-sampler thread are outside it). Then micro-benchmarks of
 the pieces, each the median over 100 batches of 100 calls (10,000 calls): ``on_step_end`` on a
 non-logging step, ``on_log`` with a typical logs dict (as the training loop sees it, the formatting
 and writing deferred to a batch; and with each batch's formatting and writing included),
-``TimedDataCollator`` over a trivial collator (minus the bare collator), one JSON metrics line.
+``TimedDataCollator`` over a trivial collator (minus the bare collator), one JSON metrics line, and
+``on_log`` again with the Prometheus exporter on.
 
     python scripts/bench_overhead.py                       # what `make bench` runs
     python scripts/bench_overhead.py --repeats 3 --steps 100 --output /tmp/overhead.json
+    python scripts/bench_overhead.py --logging-steps 1 --skip tensorboard   # without tensorboard installed
 
 Prints one table and writes the same numbers as JSON (default ``benchmarks/overhead.json``).
 """
@@ -27,10 +31,13 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -56,6 +63,49 @@ from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback  # noqa:
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = ("none", "seo_trainlog", "tensorboard")
+PROMETHEUS = "seo_trainlog+prometheus"  # measured at logging_steps=1, where its cost shows
+
+
+SKIPPED: set[str] = set()  # --skip
+
+
+def configs(logging_steps: int) -> tuple[str, ...]:
+    chosen = (*CONFIGS, PROMETHEUS) if logging_steps == 1 else CONFIGS
+    return tuple(config for config in chosen if config not in SKIPPED)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def prometheus_config(scratch: Path, port: int, **values) -> LogConfig:
+    return LogConfig(log_dir=scratch / "logs", console=False, prometheus_port=port, prometheus_addr="127.0.0.1",
+                     prometheus_textfile=scratch / "seo_trainlog.prom", **values)
+
+
+class Scraper:
+    """Stands for Prometheus: GET /metrics every ``interval_s`` in a thread, while the run trains."""
+
+    def __init__(self, port: int, interval_s: float = 1.0) -> None:
+        self.url, self.interval_s, self.scrapes = f"http://127.0.0.1:{port}/metrics", interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    response.read()
+                self.scrapes += 1
+            except OSError:
+                pass  # before train begin: nothing serves yet
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 TYPICAL_LOGS = {"loss": 0.4567, "grad_norm": 1.2345, "learning_rate": 1.0e-4, "epoch": 0.52}
 
 
@@ -66,17 +116,20 @@ def tiny_bert() -> BertForSequenceClassification:
                                                     max_position_embeddings=64, num_labels=4))
 
 
-def make_trainer(config: str, logging_steps: int, steps: int, scratch: Path, callbacks=()) -> Trainer:
+def make_trainer(config: str, logging_steps: int, steps: int, scratch: Path, callbacks=(),
+                 port: int | None = None) -> Trainer:
     args = TrainingArguments(output_dir=str(scratch / "out"), max_steps=steps, per_device_train_batch_size=16,
                              logging_steps=logging_steps, learning_rate=1e-4, seed=0, use_cpu=True,
                              save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
                              report_to="tensorboard" if config == "tensorboard" else "none")
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=RandomTokens(16 * 64, 32, 1000),
-                      data_collator=TimedDataCollator(default_data_collator) if config == "seo_trainlog"
-                      else default_data_collator, callbacks=list(callbacks))
+                      data_collator=TimedDataCollator(default_data_collator)
+                      if config in ("seo_trainlog", PROMETHEUS) else default_data_collator, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # the same for every configuration: no stdout noise
     if config == "seo_trainlog":
         trainer.add_callback(TrainLogCallback(LogConfig(log_dir=scratch / "logs", console=False, debug=True)))
+    elif config == PROMETHEUS:
+        trainer.add_callback(TrainLogCallback(prometheus_config(scratch, port, debug=True)))
     return trainer
 
 
@@ -103,26 +156,34 @@ class EventClock:
 def timed_run(config: str, logging_steps: int, steps: int) -> tuple[float, float]:
     """Wall seconds of ``trainer.train()``, and the seconds spent inside the reporting callback's events."""
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = make_trainer(config, logging_steps, steps, Path(scratch))
+        port = free_port() if config == PROMETHEUS else None
+        trainer = make_trainer(config, logging_steps, steps, Path(scratch), port=port)
         reporters = [cb for cb in trainer.callback_handler.callbacks
                      if type(cb).__name__ in ("TrainLogCallback", "TensorBoardCallback")]
         clocks = [EventClock(cb) for cb in reporters]
+        scraper = Scraper(port) if port is not None else None
         started = time.perf_counter()
         trainer.train()
-        return time.perf_counter() - started, sum(clock.seconds for clock in clocks)
+        wall_s = time.perf_counter() - started
+        if scraper is not None:
+            scraper.stop()
+            from seo_trainlog._prometheus import stop_servers
+
+            stop_servers()
+        return wall_s, sum(clock.seconds for clock in clocks)
 
 
 def overhead(logging_steps: int, steps: int, repeats: int) -> dict[str, dict[str, float]]:
-    times: dict[str, list[float]] = {config: [] for config in CONFIGS}
-    inside: dict[str, list[float]] = {config: [] for config in CONFIGS}
+    times: dict[str, list[float]] = {config: [] for config in configs(logging_steps)}
+    inside: dict[str, list[float]] = {config: [] for config in configs(logging_steps)}
     timed_run("none", logging_steps, 20)  # warm-up: first-call costs belong to nobody
     for _ in range(repeats):
-        for config in CONFIGS:
+        for config in configs(logging_steps):
             wall_s, callback_s = timed_run(config, logging_steps, steps)
             times[config].append(wall_s)
             inside[config].append(callback_s / wall_s)
     result = {}
-    for config in CONFIGS:
+    for config in configs(logging_steps):
         ratios = [t / base for t, base in zip(times[config], times["none"])]
         result[config] = {"median_s": statistics.median(times[config]), "median_ratio": statistics.median(ratios),
                           "min_ratio": min(ratios), "max_ratio": max(ratios), "runs_s": times[config],
@@ -147,8 +208,9 @@ def median_us(call, batches: int = 100, per_batch: int = 100, settle=None) -> fl
 class MeasurePieces(TrainerCallback):
     """At step 1 (the run open), time our callback's pieces as the Trainer would call them."""
 
-    def __init__(self, ours: TrainLogCallback) -> None:
+    def __init__(self, ours: TrainLogCallback, on_log_only: str | None = None) -> None:
         self.ours = ours
+        self.on_log_only = on_log_only  # time on_log only, its names ending with this
         self.results: dict[str, float] = {}
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -160,17 +222,21 @@ class MeasurePieces(TrainerCallback):
             ours.on_step_begin(args, state, control)
             ours.on_step_end(args, state, control)
 
-        self.results["on_step_begin + on_step_end (non-logging step)"] = median_us(step)
         def on_log() -> None:
             ours.on_log(args, state, control, logs=dict(TYPICAL_LOGS))
 
+        suffix = self.on_log_only or ""
+        if self.on_log_only is None:
+            self.results["on_step_begin + on_step_end (non-logging step)"] = median_us(step)
         logger.flush()
         # in the training loop: the numbers are taken, the formatting and writing wait for a batch
-        self.results["on_log (typical logs dict), in the loop"] = median_us(on_log)
+        self.results["on_log (typical logs dict), in the loop" + suffix] = median_us(on_log)
         logger._settle()
         # everything included: each batch of 100 calls is formatted and written inside the timing
-        self.results["on_log (typical logs dict), formatting and writing included"] = \
+        self.results["on_log (typical logs dict), formatting and writing included" + suffix] = \
             median_us(on_log, settle=logger._settle)
+        if self.on_log_only is not None:
+            return
         self.results["one JSON metrics line (log_metrics)"] = median_us(lambda: logger.log_metrics("train",
                                                                                                   TYPICAL_LOGS))
         features = [{"input_ids": [1, 2, 3]}] * 16
@@ -207,7 +273,17 @@ def pieces(scratch: Path) -> dict[str, float]:
     trainer.add_callback(ours)
     trainer.add_callback(measure)  # after ours: the run is open when it measures
     trainer.train()
-    return {**measure.results, **loguru_sinks(scratch)}
+    # the same on_log with the Prometheus exporter on (gauges set in the loop; the textfile with the batch)
+    exporting = TrainLogCallback(prometheus_config(scratch / "prometheus", free_port()))
+    trainer = make_trainer("none", 50, 2, scratch / "prometheus")
+    measure_exporting = MeasurePieces(exporting, on_log_only=", Prometheus exporter on")
+    trainer.add_callback(exporting)
+    trainer.add_callback(measure_exporting)
+    trainer.train()
+    from seo_trainlog._prometheus import stop_servers
+
+    stop_servers()
+    return {**measure.results, **measure_exporting.results, **loguru_sinks(scratch)}
 
 
 def main() -> int:
@@ -216,7 +292,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--logging-steps", type=int, nargs="+", default=[1, 50])
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "overhead.json")
+    parser.add_argument("--skip", nargs="*", default=[], choices=[c for c in (*CONFIGS, PROMETHEUS) if c != "none"],
+                        help="configurations left out (e.g. tensorboard where it is not installed)")
     args = parser.parse_args()
+    SKIPPED.update(args.skip)
     hf_logging.set_verbosity_error()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
@@ -228,15 +307,15 @@ def main() -> int:
         results["pieces_us"] = pieces(Path(scratch))
 
     print(f"\n{results['machine']}; {args.steps} steps, batch 16, {args.repeats} alternating repeats\n")
-    print(f"{'run':<36}{'median s':>10}{'overhead (median)':>20}{'min':>9}{'max':>9}{'in callback':>13}")
+    print(f"{'run':<47}{'median s':>10}{'overhead (median)':>20}{'min':>9}{'max':>9}{'in callback':>13}")
     for setting, table in results["overhead"].items():
         for config, row in table.items():
-            print(f"{setting + ', ' + config:<36}{row['median_s']:>10.2f}{100 * (row['median_ratio'] - 1):>19.2f}%"
+            print(f"{setting + ', ' + config:<47}{row['median_s']:>10.2f}{100 * (row['median_ratio'] - 1):>19.2f}%"
                   f"{100 * (row['min_ratio'] - 1):>8.2f}%{100 * (row['max_ratio'] - 1):>8.2f}%"
                   f"{100 * row['in_callback_share']:>12.2f}%")
-    print(f"\n{'piece':<70}{'median µs/call':>16}")
+    print(f"\n{'piece':<96}{'median µs/call':>16}")
     for name, value in results["pieces_us"].items():
-        print(f"{name:<70}{value:>16.2f}")
+        print(f"{name:<96}{value:>16.2f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"\nwritten to {args.output}")

@@ -18,10 +18,10 @@ import orjson
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from . import _format
+from . import _format, _prometheus
 from ._alerts import AlertDispatcher, AlertHook
 from ._analysis import SPEED_SUFFIXES
-from ._anomaly import Anomaly, AnomalyDetector, StragglerDetector, rank_sample, settings_of
+from ._anomaly import KINDS, Anomaly, AnomalyDetector, StragglerDetector, rank_sample, settings_of
 from ._collator import TimedDataCollator
 from ._config import LogConfig
 from ._guard import TrainerGuard, caller_local, find_trainer
@@ -66,6 +66,7 @@ class _Run:
     exchange: TelemetryExchange | None = None  # the ranks' interval numbers, through the launcher's store
     straggler: StragglerDetector | None = None  # global rank 0 only
     compared_through: int = -1  # the last global_step the straggler detector compared
+    exporter: _prometheus.PrometheusExporter | None = None
     retrying: bool = False
     pid: int = field(default_factory=os.getpid)
     thread: int = field(default_factory=threading.get_ident)  # where its Trainer trains
@@ -104,6 +105,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
       SIGTERM handler you installed before runs as usual, or else the process terminates as it
       would have.
 
+    Prometheus (``LogConfig.prometheus_port``, ``prometheus_textfile``, ``pushgateway_url``; needs
+    ``prometheus-client``): every process exports its own series (see :mod:`seo_trainlog._prometheus`)
+    from train begin on; a logging step only sets gauges, the exposition is formatted when scraped,
+    when the textfile is written (with the deferred records) and at the end (push).
+
     In a distributed run the world-process-zero writes the shared files, each other node's local rank 0
     a node file set of its own, every other rank its errors and, at each logging step, a ``rank_step``
     record of its own ``step_time_s``, ``data_wait_s``, ``data_wait_pct``, ``samples_per_second``,
@@ -132,7 +138,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         SEO_TRAINLOG_LOSS_SPIKE_Z, SEO_TRAINLOG_GRAD_NORM_JUMP, SEO_TRAINLOG_THROUGHPUT_DROP_PCT,
         SEO_TRAINLOG_MEMORY_CREEP_MB, SEO_TRAINLOG_PLATEAU_EVALS, SEO_TRAINLOG_PLATEAU_MIN_DELTA,
         SEO_TRAINLOG_STRAGGLER_PCT, SEO_TRAINLOG_STRAGGLER_WINDOW, SEO_TRAINLOG_ALERT_CMD,
-        SEO_TRAINLOG_ALERT_TIMEOUT.
+        SEO_TRAINLOG_ALERT_TIMEOUT, SEO_TRAINLOG_PROMETHEUS_PORT, SEO_TRAINLOG_PROMETHEUS_ADDR, SEO_TRAINLOG_PROMETHEUS_LINGER, SEO_TRAINLOG_PROMETHEUS_TEXTFILE,
+        SEO_TRAINLOG_PUSHGATEWAY.
 
     Raises:
         TypeError: at once, for a ``config`` that is not a :class:`LogConfig` or an alert hook that
@@ -250,6 +257,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                                           notice=functools.partial(tlog.log_message, category="model"),
                                           local_rank=role.local_rank if role.world_size > 1 else None)
             run.sampler.start()
+        if _prometheus.configured(config):  # on every rank: each exports its own series
+            self._open_exporter(run, tlog, state)
         remember_secrets(vars(args))  # to_dict() blanks hub_token: learn the value itself
         self.run_id = tlog.run_id
         tlog.mark(state.global_step, state.epoch)
@@ -272,6 +281,17 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self._collate.phase, self._collate.logger = "train", tlog
         bind_thread(self._collate)  # collations in this (the training) thread are this run's
         run.timer.mark(perf_counter())
+
+    @staticmethod
+    def _open_exporter(run: _Run, tlog: TrainLogger, state) -> None:
+        trial = (state.trial_name or "") if state.is_hyper_param_search or state.trial_params else None
+        exporter = _prometheus.open_exporter(tlog.config, tlog.role, tlog.run_id, trial, tlog._warn,
+                                             anomaly_kinds=KINDS if run.detector is not None else ())
+        if exporter is not None:
+            if run.sampler is None:  # no sampler on this rank: the resident memory is read when scraped
+                exporter.scrape_rss(rss_mb)
+            tlog.error_hooks.append(exporter.count_error)
+            run.exporter = exporter
 
     def _guard(self, run: _Run, trainer) -> None:
         callbacks = trainer.callback_handler.callbacks
@@ -400,6 +420,10 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 run.sigterm.remove()
             if run.sampler is not None:
                 run.sampler.stop()
+            if run.exporter is not None:
+                if run.exporter.count_error in tlog.error_hooks:
+                    tlog.error_hooks.remove(run.exporter.count_error)
+                run.exporter.finish(status)
             self._last_run = (tlog.config, tlog.run_id)
             self._collate.logger = None
             self._collate.phase = "train"
@@ -448,7 +472,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                     collate = self._collate.drain_all()
                     self._write_log(tlog, None, state.global_step, state.epoch, dict(logs), {}, collate)
             return
-        training = _training_loss_key(logs) is not None
+        loss_key = _training_loss_key(logs)
+        training = loss_key is not None
         timing = run.timer.drain(run.samples_per_step) if training else {}
         evaluation = not training and _speed_prefix(logs) not in (None, "train")
         self._drain_workers(run, settle=evaluation)
@@ -461,11 +486,16 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             # deferred records (TrainLogger.defer), out of the training loop's way
             resources = {**run.sampler.drain(), **cuda_memory()} if run.sampler else \
                 {"rss_mb": rss_mb(), **cuda_memory()}
+            if run.exporter is not None:  # gauges set now; the textfile written with the deferred records
+                run.exporter.observe_train(state.global_step, state.epoch, logs, loss_key, timing, resources)
+                run.exporter.schedule_textfile(run.logger.defer)
             run.logger.defer("on_log", functools.partial(self._write_log, run.logger, run, state.global_step,
                                                          state.epoch, dict(logs), timing, collate, resources))
             if run.exchange is not None and timing:
                 self._exchange(run, state.global_step, {**timing, **collate})
         else:
+            if evaluation and run.exporter is not None:
+                run.exporter.observe_eval(logs)
             self._write_log(run.logger, run, state.global_step, state.epoch, logs, timing, collate)
         run.timer.mark(perf_counter())
 
@@ -605,6 +635,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             if anomaly.kind != "non_finite":  # already a WARNING per non-finite value
                 run.logger._write("errors", "WARNING", [f"Anomaly: {anomaly.message}"])
             run.logger.log_metrics("anomaly", anomaly.to_dict())
+            if run.exporter is not None:
+                run.exporter.count_anomaly(anomaly.kind)
             if run.alerts is not None:
                 run.alerts.send(anomaly.to_dict())
 

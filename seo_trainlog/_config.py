@@ -111,6 +111,11 @@ class LogConfig:
     straggler_window: int = 5
     alert_cmd: str | None = None
     alert_timeout_s: float = 10.0
+    prometheus_port: int | None = None
+    prometheus_addr: str = "0.0.0.0"
+    prometheus_linger_s: float | None = None
+    prometheus_textfile: Path | None = None
+    pushgateway_url: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dir", _check_log_dir("log_dir", self.log_dir))
@@ -128,7 +133,7 @@ class LogConfig:
                                                                    0.0, 3600.0))
         object.__setattr__(self, "data_wait_warn_pct", _check_number("data_wait_warn_pct", self.data_wait_warn_pct,
                                                                      0.0, 100.0))
-        for name in _ANOMALY_FIELDS:
+        for name in _ANOMALY_FIELDS + _PROMETHEUS_FIELDS:
             object.__setattr__(self, name, _PARSERS[name](name, getattr(self, name)))
 
     @classmethod
@@ -158,6 +163,11 @@ class LogConfig:
         ``SEO_TRAINLOG_STRAGGLER_WINDOW``      logging steps in a row that make a straggler
         ``SEO_TRAINLOG_ALERT_CMD``             shell command receiving each anomaly as JSON on stdin
         ``SEO_TRAINLOG_ALERT_TIMEOUT``         seconds the alert command may run
+        ``SEO_TRAINLOG_PROMETHEUS_PORT``       serve ``/metrics`` on this port + local_rank
+        ``SEO_TRAINLOG_PROMETHEUS_ADDR``       address the ``/metrics`` server binds (``0.0.0.0``)
+        ``SEO_TRAINLOG_PROMETHEUS_LINGER``     seconds ``/metrics`` is served after the run's end
+        ``SEO_TRAINLOG_PROMETHEUS_TEXTFILE``   exposition file for node_exporter's textfile collector
+        ``SEO_TRAINLOG_PUSHGATEWAY``           Pushgateway URL, pushed to at the end of the run
         ============================  ==========================================================
 
         Args:
@@ -224,6 +234,34 @@ def _check_command(name: str, value: object) -> str | None:
     if value is None or (isinstance(value, str) and value.strip()):
         return value
     raise ValueError(f"{name}={value!r} is not valid; accepted values: a shell command, or None")
+
+
+def _optional(check):
+    """``check``, letting ``None`` through (the setting is off)."""
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _check_address(name: str, value: object) -> str:
+    if isinstance(value, str) and value.strip() and not any(char.isspace() for char in value.strip()):
+        return value.strip()
+    raise ValueError(f"{name}={value!r} is not valid; accepted values: an address to bind, such as "
+                     "'0.0.0.0', '127.0.0.1' or '::'")
+
+
+def _check_file(name: str, value: object) -> Path:
+    if isinstance(value, (str, os.PathLike)) and str(value).strip() and not str(value).endswith(("/", os.sep)):
+        return Path(value)
+    raise ValueError(f"{name}={value!r} is not valid; accepted values: a file path, e.g. "
+                     "/var/lib/node_exporter/textfile/seo_trainlog.prom")
+
+
+def _check_url(name: str, value: object) -> str:
+    text = value.strip() if isinstance(value, str) else ""
+    scheme = text.partition("://")[0] if "://" in text else "http"
+    if text and not any(char.isspace() for char in text) and scheme in ("http", "https"):
+        return text
+    raise ValueError(f"{name}={value!r} is not valid; accepted values: a Pushgateway URL such as "
+                     "'http://pushgateway:9091' (http or https; host:port alone means http)")
 
 
 def _check_encoding(name: str, value: object) -> str:
@@ -305,6 +343,11 @@ _ENV_FIELDS = (
     ("SEO_TRAINLOG_STRAGGLER_WINDOW", "straggler_window"),
     ("SEO_TRAINLOG_ALERT_CMD", "alert_cmd"),
     ("SEO_TRAINLOG_ALERT_TIMEOUT", "alert_timeout_s"),
+    ("SEO_TRAINLOG_PROMETHEUS_PORT", "prometheus_port"),
+    ("SEO_TRAINLOG_PROMETHEUS_ADDR", "prometheus_addr"),
+    ("SEO_TRAINLOG_PROMETHEUS_LINGER", "prometheus_linger_s"),
+    ("SEO_TRAINLOG_PROMETHEUS_TEXTFILE", "prometheus_textfile"),
+    ("SEO_TRAINLOG_PUSHGATEWAY", "pushgateway_url"),
 )
 _PARSERS = {
     "log_dir": _check_log_dir,
@@ -329,7 +372,14 @@ _PARSERS = {
     "straggler_window": functools.partial(_check_int, low=1, high=10_000),
     "alert_cmd": _check_command,
     "alert_timeout_s": functools.partial(_check_number, low=0.1, high=3600.0),
+    "prometheus_port": _optional(functools.partial(_check_int, low=1, high=65535)),
+    "prometheus_addr": _check_address,
+    "prometheus_linger_s": _optional(functools.partial(_check_number, low=0.0, high=86400.0)),
+    "prometheus_textfile": _optional(_check_file),
+    "pushgateway_url": _optional(_check_url),
 }
 _ANOMALY_FIELDS = ("detect_anomalies", "anomaly_window", "loss_spike_z", "grad_norm_jump", "throughput_drop_pct",
                    "memory_creep_mb", "plateau_evals", "plateau_min_delta", "straggler_pct", "straggler_window",
                    "alert_cmd", "alert_timeout_s")
+_PROMETHEUS_FIELDS = ("prometheus_port", "prometheus_addr", "prometheus_linger_s", "prometheus_textfile",
+                      "pushgateway_url")

@@ -139,6 +139,7 @@ class TrainLogger:
         self._settling_thread: int | None = None  # the thread running deferred jobs, while it does
         self._settle_lock = threading.Lock()
         self._event_time: datetime | None = None  # while a deferred job runs: when its event happened
+        self.error_hooks: list[Callable[[], Any]] = []  # called after each error written (e.g. a counter)
         REDACTOR.add_environment(os.environ)
         self.log_dir = prepare_log_dir(self.config.log_dir)
         self.agreement = agree_on_run_id(self.log_dir, lambda: claim_stamp(self.log_dir, CATEGORIES[0].prefix),
@@ -276,6 +277,8 @@ class TrainLogger:
                                    "additional_info": _format.metric_values(info), "traceback": trace})
         self._console(lines[0])
         self._sinks.flush()  # what led up to the error is on disk with it
+        for hook in self.error_hooks:
+            hook()
 
     @never_raises
     def log_training_summary(self, total_epochs: float, total_steps: int, final_loss: float | None,
