@@ -77,6 +77,12 @@ class LogConfig:
         alert_timeout_s: Seconds an alert command may run, with everything it started (its whole
             process group is killed then), and a Python hook may take before the run stops waiting
             for it at the end. Default ``10.0``.
+        metric_directions: Which way is better for metrics the built-in table
+            (:data:`seo_trainlog._directions.RULES`) does not know or gets wrong: a mapping of metric
+            name or :mod:`fnmatch` glob (matched with and without its ``eval_``/``test_``... prefix)
+            to ``"min"`` (lower is better), ``"max"`` (higher is better) or ``None`` (no "best" at
+            all: a counter, a timing). Used wherever a best value is picked (``seo-trainlog``
+            summaries, ``compare``, the run manifest). Default ``None`` (the table alone).
 
     Raises:
         ValueError: at construction, for an unknown level, an invalid rotation or retention, or an
@@ -104,6 +110,7 @@ class LogConfig:
     plateau_min_delta: float = 0.0
     alert_cmd: str | None = None
     alert_timeout_s: float = 10.0
+    metric_directions: Mapping[str, str | None] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dir", _check_log_dir("log_dir", self.log_dir))
@@ -123,6 +130,9 @@ class LogConfig:
                                                                      0.0, 100.0))
         for name in _ANOMALY_FIELDS:
             object.__setattr__(self, name, _PARSERS[name](name, getattr(self, name)))
+        if self.metric_directions is not None:
+            object.__setattr__(self, "metric_directions", _check_directions("metric_directions",
+                                                                            self.metric_directions))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LogConfig:
@@ -149,6 +159,7 @@ class LogConfig:
         ``SEO_TRAINLOG_PLATEAU_MIN_DELTA``     improvement of eval_loss that counts
         ``SEO_TRAINLOG_ALERT_CMD``             shell command receiving each anomaly as JSON on stdin
         ``SEO_TRAINLOG_ALERT_TIMEOUT``         seconds the alert command may run
+        ``SEO_TRAINLOG_METRIC_DIRECTIONS``     JSON object, e.g. ``{"eval_my_score": "max", "*_count": null}``
         ============================  ==========================================================
 
         Args:
@@ -215,6 +226,12 @@ def _check_command(name: str, value: object) -> str | None:
     if value is None or (isinstance(value, str) and value.strip()):
         return value
     raise ValueError(f"{name}={value!r} is not valid; accepted values: a shell command, or None")
+
+
+def _check_directions(name: str, value: object) -> dict[str, str | None]:
+    from ._directions import check_overrides
+
+    return check_overrides(value, name)
 
 
 def _check_encoding(name: str, value: object) -> str:
@@ -294,6 +311,7 @@ _ENV_FIELDS = (
     ("SEO_TRAINLOG_PLATEAU_MIN_DELTA", "plateau_min_delta"),
     ("SEO_TRAINLOG_ALERT_CMD", "alert_cmd"),
     ("SEO_TRAINLOG_ALERT_TIMEOUT", "alert_timeout_s"),
+    ("SEO_TRAINLOG_METRIC_DIRECTIONS", "metric_directions"),
 )
 _PARSERS = {
     "log_dir": _check_log_dir,
@@ -316,6 +334,7 @@ _PARSERS = {
     "plateau_min_delta": functools.partial(_check_number, low=0.0, high=1e9),
     "alert_cmd": _check_command,
     "alert_timeout_s": functools.partial(_check_number, low=0.1, high=3600.0),
+    "metric_directions": _check_directions,
 }
 _ANOMALY_FIELDS = ("detect_anomalies", "anomaly_window", "loss_spike_z", "grad_norm_jump", "throughput_drop_pct",
                    "memory_creep_mb", "plateau_evals", "plateau_min_delta", "alert_cmd", "alert_timeout_s")
