@@ -125,13 +125,14 @@ def check_overrides(value: object, name: str) -> dict[str, Direction]:
         ValueError: naming ``name``, the bad entry and the accepted values.
     """
     accepted = 'accepted values: a mapping of metric name or glob to "min", "max" or null/None'
+    given = value
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError as exc:
-            raise ValueError(f"{name}={value!r} is not valid JSON ({exc}); {accepted}") from None
+            raise ValueError(f"{name}={given!r} is not valid JSON ({exc}); {accepted}") from None
     if not isinstance(value, Mapping):
-        raise ValueError(f"{name}={value!r} is not valid; {accepted}")
+        raise ValueError(f"{name}={given!r} is not valid; {accepted}")
     checked: dict[str, Direction] = {}
     for pattern, direction in value.items():
         if not isinstance(pattern, str) or not pattern.strip():

@@ -97,7 +97,8 @@ def build_metrics_figure(analysis: RunAnalysis, patterns: Sequence[str]) -> Figu
     anomalies = [a for a in summary["anomalies"] if isinstance(a["global_step"], (int, float))]
     for panel, axes in zip(panels, grid):
         for label, steps, values in panel["lines"]:
-            _line(axes, steps, values, *_STYLES[label], label=label, markersize=4)
+            style, color = _STYLES[label]
+            _line(axes, steps, values, style, color=color, label=label, markersize=4)
         _panel(axes, panel["title"], DIRECTION_TEXT[panel["direction"]])
         _mark_anomalies(axes, anomalies, label_them=False)
         axes.set_xlabel("global_step")
