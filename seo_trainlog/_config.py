@@ -110,7 +110,7 @@ class LogConfig:
     plateau_min_delta: float = 0.0
     alert_cmd: str | None = None
     alert_timeout_s: float = 10.0
-    metric_directions: Mapping[str, str | None] | None = None
+    metric_directions: Mapping[str, str | None] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dir", _check_log_dir("log_dir", self.log_dir))

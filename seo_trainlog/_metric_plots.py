@@ -74,7 +74,8 @@ def metric_panels(analysis: RunAnalysis, patterns: Sequence[str]) -> list[dict[s
                 lines.append(("eval", *evals.series(f"eval_{name}")))
             panels.append({"title": name, "direction": train.directions.of(name), "lines": lines})
         else:
-            panels.append({"title": name, "direction": evals.directions.of(name), "lines": [("eval", *evals.series(name))]})
+            panels.append({"title": name, "direction": evals.directions.of(name),
+                           "lines": [("eval", *evals.series(name))]})
     return panels[:MAX_PANELS]
 
 

@@ -150,16 +150,15 @@ def _compare(args: argparse.Namespace) -> int:
         raise LogReadError(str(exc)) from None
     config = _config()
     found = [(directory, find_runs(directory)) for directory in directories]
-    chosen = []
+    chosen = []  # (directory, analysis): the runs named must be read; of all runs, the unreadable are skipped
     for run_id in run_ids:
         matches = [(directory, run) for directory, runs in found for run in runs if run.run_id == run_id]
         if not matches:
             raise LogReadError(f"no run {run_id!r} in {', '.join(map(str, directories))}")
-        chosen += matches
+        chosen += [(directory, _analyse(run, config)) for directory, run in matches]
     if not run_ids:
-        chosen = [(directory, run) for directory, runs in found for run in runs]
-    analyses = [_analyse(run, config) for _, run in chosen]
-    result = comparing.compare(analyses, [str(directory) for directory, _ in chosen])
+        chosen = [(directory, analysis) for directory, runs in found for analysis in _analyse_all(runs, config)]
+    result = comparing.compare([analysis for _, analysis in chosen], [str(directory) for directory, _ in chosen])
     try:
         outcomes = comparing.check(result, conditions) if conditions else []
     except ValueError as exc:

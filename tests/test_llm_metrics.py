@@ -117,7 +117,8 @@ def test_the_table_of_directions():
         "eval_rewards/margins": "max", "rewards/accuracies": "max", "mean_token_accuracy": "max",
         "eval_sts-dev_spearman_cosine": "max", "eval_nq_cosine_ndcg@10": "max", "eval_nq_cosine_map@100": "max",
         "eval_nq_cosine_mrr@10": "max",
-        "eval_num_tokens": None, "num_tokens": None, "entropy": None, "logits/chosen": None, "eval_logits/rejected": None,
+        "eval_num_tokens": None, "num_tokens": None, "entropy": None, "logits/chosen": None,
+        "eval_logits/rejected": None,
         "rewards/chosen": None, "eval_rewards/rejected": None, "logps/chosen": None, "train_runtime": None,
         "eval_samples_per_second": None, "steps_per_second": None, "epoch": None, "learning_rate": None,
         "grad_norm": None, "num_input_tokens_seen": None, "my_custom_value": None,
@@ -426,3 +427,34 @@ def test_compare_across_directories_in_the_order_given(gate_dir, tmp_path, capsy
     assert out["fail_if"][0]["failed"] is True  # 0.4 -> 0.5 rose; exit 1 without --json too
     assert main(["compare", str(gate_dir), str(other), "--run", "20261203_120000", "--run", "20261201_120000",
                  "--fail-if", "eval_loss>+0%"]) == 1
+
+
+def test_the_manifest_and_summarize_follow_the_users_directions(make_trainer, tiny_dataset, log_dir, capsys,
+                                                                monkeypatch):
+    def compute_metrics(prediction):
+        return {"my_score": float(prediction.predictions.mean()), "num_items": len(prediction.label_ids)}
+
+    trainer = make_trainer(max_steps=6, eval_strategy="steps", eval_steps=2,
+                           eval_dataset=tiny_dataset.select(range(16)), compute_metrics=compute_metrics)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, metric_directions={"eval_my_score": "min"})))
+    trainer.train()
+    evals = RunFiles(log_dir).records("eval")
+    assert len(evals) == 3 and len({row["eval_my_score"] for row in evals}) == 3
+    lowest = best_of(column(evals, "eval_my_score"), "min")
+    manifest = json.loads(next(log_dir.glob("run_manifest_*.json")).read_text())
+    assert manifest["eval"]["best"] == {"eval_loss": best_of(column(evals, "eval_loss"), "min"),
+                                        "eval_my_score": lowest}  # no best for eval_num_items (a count)
+    out = cli_json(capsys, "summarize", str(log_dir))  # the table alone: my_score has no direction
+    assert set(out["best_eval"]) == {"eval_loss"} and out["eval_metrics"]["eval_my_score"]["direction"] is None
+    monkeypatch.setenv("SEO_TRAINLOG_METRIC_DIRECTIONS", '{"eval_my_score": "min"}')
+    out = cli_json(capsys, "summarize", str(log_dir))
+    assert out["best_eval"]["eval_my_score"] == lowest
+
+
+def test_compare_skips_a_run_it_cannot_read_and_says_so(gate_dir, capsys):
+    (gate_dir / "performance_metrics_20261203_120000.log").write_text("not json\n", encoding="utf-8")
+    out = cli_json(capsys, "compare", str(gate_dir))
+    assert [run["run_id"] for run in out["runs"]] == ["20261201_120000", "20261202_120000"]
+    assert main(["compare", str(gate_dir)]) == 0
+    assert capsys.readouterr().err.startswith("seo-trainlog: warning: run 20261203_120000 skipped: ")
+    assert main(["compare", str(gate_dir), "20261203_120000", "20261201_120000"]) == 2
