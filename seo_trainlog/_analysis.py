@@ -234,7 +234,7 @@ class RunAnalysis:
             self._gpu_util_keys = [key for key in record if is_gpu_util_key(key)]
             self._gpu_memory_keys = [key for key in record if key.startswith("gpu") and key.endswith("_mem_used_mb")]
             self._peak_keys = [key for key in record if _PEAK_KEY.match(key)]
-            self._metric_keys = [key for key in record if is_train_metric(key, record[key])]
+            self._metric_keys = [key for key in record if is_train_metric(key)]
         for key in self._metric_keys:
             self.train_metrics.add(key, record[key], step)
         peaks = self._peaks

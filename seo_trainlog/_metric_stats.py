@@ -22,10 +22,11 @@ NOT_METRICS = frozenset({
 _READINGS = re.compile(r"(?:(?:rss_mb|cpu_pct)(?:_min|_max)?|sys_mem_\w+|gpu\d+_\w+|cuda\d+_\w+|collate_\w+)\Z")
 
 
-def is_train_metric(key: str, value: Any) -> bool:
-    """True for a train record's ``key`` that the trainer logged as a metric (a number not among
-    :data:`NOT_METRICS` nor a resource reading such as ``rss_mb``, ``gpu0_util_pct``, ``collate_time_s``)."""
-    return _is_number(value) and key not in NOT_METRICS and not _READINGS.match(key)
+def is_train_metric(key: str) -> bool:
+    """True for a train record's ``key`` that may be a metric the trainer logged: not among
+    :data:`NOT_METRICS` nor a resource reading such as ``rss_mb``, ``gpu0_util_pct``, ``collate_time_s``
+    (decided by the name alone: a value that is not a finite number is skipped by :meth:`MetricStats.add`)."""
+    return key not in NOT_METRICS and not _READINGS.match(key)
 
 
 class MetricStats:

@@ -458,3 +458,19 @@ def test_compare_skips_a_run_it_cannot_read_and_says_so(gate_dir, capsys):
     assert main(["compare", str(gate_dir)]) == 0
     assert capsys.readouterr().err.startswith("seo-trainlog: warning: run 20261203_120000 skipped: ")
     assert main(["compare", str(gate_dir), "20261203_120000", "20261201_120000"]) == 2
+
+
+def test_a_train_metric_first_logged_as_nan_is_still_summarised(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    rows = [("run_start", 0, {})] + [
+        ("train", step, {"loss": 1.0 / step, "learning_rate": 1e-3, "mean_token_accuracy": value, "host": "vm"})
+        for step, value in ((1, None), (2, 0.25), (3, 0.5), (4, 0.375))]  # NaN is written as null
+    log_dir.mkdir()
+    with open(log_dir / "performance_metrics_20261201_120000.log", "w", encoding="utf-8") as out:
+        for index, (event, step, values) in enumerate(rows):
+            out.write(json_line(event, "20261201_120000", step, step / 10, values,
+                                time=START + timedelta(seconds=index)) + "\n")
+    out = cli_json(capsys, "summarize", str(log_dir))
+    assert out["train_metrics"] == {"mean_token_accuracy": {
+        "last": 0.375, "last_global_step": 4, "min": 0.25, "max": 0.5, "direction": "max",
+        "best": {"value": 0.5, "global_step": 3}}}
