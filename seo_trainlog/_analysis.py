@@ -12,6 +12,8 @@ from typing import Any
 
 from ._anomaly import AnomalyDetector, StragglerDetector, eval_prefix, pace_times, rank_sample, settings_of
 from ._config import LogConfig
+from ._directions import Directions, better, directions
+from ._metric_stats import MetricStats, is_train_metric
 
 MAX_POINTS = 2000  # per plotted series (a run with more train records keeps every k-th)
 MAX_KEPT = 50  # errors and warnings kept for the report (all are counted)
@@ -19,7 +21,6 @@ MAX_ANOMALIES = 200  # anomalies kept (all are counted)
 MAX_SEGMENTS = 1000  # segments (resumed parts of a run) kept
 TRAIN_COLUMNS = ("loss", "learning_rate", "grad_norm", "samples_per_second", "rss_mb", "gpu_util_pct",
                  "gpu_mem_used_mb")
-_LOWER_IS_BETTER = frozenset({"loss", "error", "err", "wer", "cer", "perplexity", "ppl", "mae", "mse", "rmse"})
 SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")  # timings
 _PEAK_KEY = re.compile(r"rss_mb_max$|gpu\d+_mem_used_mb_max$|cuda\d+_max_allocated_mb$")  # psutil, NVML, torch.cuda
 NO_SUMMARY = "no_summary"
@@ -89,6 +90,10 @@ class RunAnalysis:
                  manifest_problem: str | None = None) -> None:
         self.run_id = run_id
         self.config = config or LogConfig()
+        self.directions: Directions = directions(self.config.metric_directions)
+        self.train_metrics = MetricStats(self.directions, max_points)  # train-side metrics beside the loss
+        self.eval_metrics = MetricStats(self.directions, max_points)  # the ``eval`` prefix's, loss included
+        self._metric_keys: list[str] = []
         self.manifest = manifest if isinstance(manifest, Mapping) else None
         self.manifest_problem = manifest_problem  # why a manifest that exists was not used (or partly)
         self._rotated = rotated or self.manifest is not None
@@ -233,6 +238,9 @@ class RunAnalysis:
             self._gpu_util_keys = [key for key in record if is_gpu_util_key(key)]
             self._gpu_memory_keys = [key for key in record if key.startswith("gpu") and key.endswith("_mem_used_mb")]
             self._peak_keys = [key for key in record if _PEAK_KEY.match(key)]
+            self._metric_keys = [key for key in record if is_train_metric(key)]
+        for key in self._metric_keys:
+            self.train_metrics.add(key, record[key], step)
         peaks = self._peaks
         for key in self._peak_keys:
             value = record[key]
@@ -267,9 +275,10 @@ class RunAnalysis:
         self.evals.offer(record)
         for key, value in metrics.items():
             if _is_number(value):
+                self.eval_metrics.add(key, value, step, prefix)
+                direction = self.directions.of(key, prefix)
                 best = self._best_eval.get(key)
-                lower = lower_is_better(key)
-                if best is None or (value < best[0] if lower else value > best[0]):
+                if direction is not None and (best is None or better(direction, value, best[0])):
                     self._best_eval[key] = (value, step)
 
     def _note_anomaly(self, source: str, kind: Any, step: Any, details: Mapping[str, Any]) -> None:
@@ -331,7 +340,13 @@ class RunAnalysis:
         (between them), ``training_duration_s`` (summed over the segments), ``segments`` (see
         :meth:`segments`), ``global_step``, ``max_steps``, ``epoch``, ``final_loss``, ``best_loss``
         with ``best_loss_step``, ``evaluations``, ``best_eval`` (``{metric: {"value",
-        "global_step"}}``: lowest for losses and errors, highest otherwise), ``last_eval``
+        "global_step"}}``: only metrics with a direction (:mod:`~seo_trainlog._directions`, extended by
+        ``LogConfig.metric_directions``), lowest for losses and errors, highest for accuracies...),
+        ``eval_metrics`` and ``train_metrics`` (``{metric: {"last", "last_global_step", "min", "max",
+        "direction"}}`` and ``"best"`` for a metric with a direction: the ``eval`` evaluation metrics,
+        and the train records' metrics other than the loss, learning rate, gradient norm, timings and
+        resource readings, e.g. TRL's ``mean_token_accuracy``, ``rewards/margins``; over the records
+        read), ``last_eval``
         (``{prefix: {metric: value, "global_step"}}``, e.g. ``eval``, ``test``), ``best_metric`` and
         ``best_model_checkpoint`` (Trainer's), ``samples_per_second`` and ``steps_per_second`` (over
         the logged step intervals of the records read, data wait included, evaluation excluded),
@@ -385,7 +400,8 @@ class RunAnalysis:
                     counts[key] = value
             if status is None and manifest.get("status") not in (None, "running"):
                 status = manifest["status"]
-            evaluations = self._merge_eval(_mapping(manifest, "eval"), evaluations, best_eval, last_eval)
+            evaluations = self._merge_eval(_mapping(manifest, "eval"), evaluations, best_eval, last_eval,
+                                           self.directions)
         segments = self.segments()
         durations = [s["training_duration_s"] for s in segments if _is_number(s["training_duration_s"])]
         whole = not lost and len(segments) <= 1  # the summary's own figures cover the records read
@@ -420,6 +436,8 @@ class RunAnalysis:
             "mean_train_loss": trainer.get("train_loss") if _is_number(trainer.get("train_loss")) else None,
             "evaluations": evaluations,
             "best_eval": {key: {"value": value, "global_step": step} for key, (value, step) in best_eval.items()},
+            "eval_metrics": self.eval_metrics.summary(),
+            "train_metrics": self.train_metrics.summary(),
             "last_eval": last_eval,
             "best_metric": summary.get("best_metric"),
             "best_model_checkpoint": summary.get("best_model_checkpoint"),
@@ -446,7 +464,7 @@ class RunAnalysis:
 
     @staticmethod
     def _merge_eval(section: Mapping[str, Any], evaluations: int, best_eval: dict[str, tuple[float, Any]],
-                    last_eval: dict[str, dict[str, Any]]) -> int:
+                    last_eval: dict[str, dict[str, Any]], table: Directions | None = None) -> int:
         """Merge the manifest's ``eval`` section (``records``, ``best``, ``last``; see
         :func:`eval_metrics`) into ``best_eval`` (the better value per metric; the manifest's, of
         earlier steps, on a tie) and ``last_eval`` (per prefix, the later ``global_step``); returns
@@ -457,8 +475,8 @@ class RunAnalysis:
         for metric, entry in _mapping(section, "best").items():
             if not isinstance(entry, Mapping) or not _is_number(entry.get("value")):
                 continue
-            value, known = entry["value"], best_eval.get(metric)
-            if known is None or (value <= known[0] if lower_is_better(metric) else value >= known[0]):
+            value, known, direction = entry["value"], best_eval.get(metric), (table or directions()).of(metric)
+            if direction is not None and (known is None or not better(direction, known[0], value)):
                 best_eval[metric] = (value, entry.get("global_step"))
         for prefix, entry in _mapping(section, "last").items():
             if not isinstance(entry, Mapping) or type(entry.get("global_step")) is not int:
@@ -478,12 +496,6 @@ def eval_metrics(record: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     prefix = eval_prefix(record)
     return prefix, {key: value for key, value in record.items()
                     if key.startswith(f"{prefix}_") and not key.endswith(SPEED_SUFFIXES)}
-
-
-def lower_is_better(metric: str) -> bool:
-    """True for losses and errors (``eval_loss``, ``eval_wer``, ``eval_mse``...): a word of the name
-    (split on ``_`` and ``/``) is one of loss, error, err, wer, cer, perplexity, ppl, mae, mse, rmse."""
-    return not _LOWER_IS_BETTER.isdisjoint(metric.replace("/", "_").split("_"))
 
 
 def is_gpu_util_key(key: str) -> bool:

@@ -886,16 +886,16 @@ _NOT_TRAINING_PREFIXES = ("eval_", "test_", "predict_", "val_", "validation_")
 
 
 def _training_loss_key(logs: Mapping[Any, Any]) -> str | None:
-    """The key of a training log's loss: ``loss``, else the one key ending in ``loss`` (SetFit's
-    ``embedding_loss``, a trainer's ``train_loss``) in a log that is not an evaluation's or the end of
-    training's; None for any other log."""
+    """The key of a training log's loss: ``loss``, else the first key ending in ``loss`` (SetFit's
+    ``embedding_loss``, a multi-loss trainer's ``lm_loss`` beside ``aux_loss``) in a log that is not an
+    evaluation's or the end of training's; None for any other log. The other ``*loss`` keys stay
+    metrics of the train record."""
     if "loss" in logs:
         return "loss"
     if _speed_prefix(logs) is not None:
         return None
-    keys = [key for key in logs if isinstance(key, str) and key.endswith("loss")
-            and not key.startswith(_NOT_TRAINING_PREFIXES)]
-    return keys[0] if len(keys) == 1 else None
+    return next((key for key in logs if isinstance(key, str) and key.endswith("loss")
+                 and not key.startswith(_NOT_TRAINING_PREFIXES)), None)
 
 
 def _resumed_from(state) -> str | None:

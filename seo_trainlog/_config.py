@@ -82,6 +82,12 @@ class LogConfig:
         alert_timeout_s: Seconds an alert command may run, with everything it started (its whole
             process group is killed then), and a Python hook may take before the run stops waiting
             for it at the end. Default ``10.0``.
+        metric_directions: Which way is better for metrics the built-in table
+            (:data:`seo_trainlog._directions.RULES`) does not know or gets wrong: a mapping of metric
+            name or :mod:`fnmatch` glob (matched with and without its ``eval_``/``test_``... prefix)
+            to ``"min"`` (lower is better), ``"max"`` (higher is better) or ``None`` (no "best" at
+            all: a counter, a timing). Used wherever a best value is picked (``seo-trainlog``
+            summaries, ``compare``, the run manifest). Default ``None`` (the table alone).
 
     Raises:
         ValueError: at construction, for an unknown level, an invalid rotation or retention, or an
@@ -116,6 +122,7 @@ class LogConfig:
     prometheus_linger_s: float | None = None
     prometheus_textfile: Path | None = None
     pushgateway_url: str | None = None
+    metric_directions: Mapping[str, str | None] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dir", _check_log_dir("log_dir", self.log_dir))
@@ -135,6 +142,9 @@ class LogConfig:
                                                                      0.0, 100.0))
         for name in _ANOMALY_FIELDS + _PROMETHEUS_FIELDS:
             object.__setattr__(self, name, _PARSERS[name](name, getattr(self, name)))
+        if self.metric_directions is not None:
+            object.__setattr__(self, "metric_directions", _check_directions("metric_directions",
+                                                                            self.metric_directions))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LogConfig:
@@ -168,6 +178,7 @@ class LogConfig:
         ``SEO_TRAINLOG_PROMETHEUS_LINGER``     seconds ``/metrics`` is served after the run's end
         ``SEO_TRAINLOG_PROMETHEUS_TEXTFILE``   exposition file for node_exporter's textfile collector
         ``SEO_TRAINLOG_PUSHGATEWAY``           Pushgateway URL, pushed to at the end of the run
+        ``SEO_TRAINLOG_METRIC_DIRECTIONS``     JSON object, e.g. ``{"eval_my_score": "max", "*_count": null}``
         ============================  ==========================================================
 
         Args:
@@ -264,6 +275,12 @@ def _check_url(name: str, value: object) -> str:
                      "'http://pushgateway:9091' (http or https; host:port alone means http)")
 
 
+def _check_directions(name: str, value: object) -> dict[str, str | None]:
+    from ._directions import check_overrides
+
+    return check_overrides(value, name)
+
+
 def _check_encoding(name: str, value: object) -> str:
     # the logs hold any text (metric names, messages) and seo-trainlog reads the JSON as UTF-8
     try:
@@ -348,6 +365,7 @@ _ENV_FIELDS = (
     ("SEO_TRAINLOG_PROMETHEUS_LINGER", "prometheus_linger_s"),
     ("SEO_TRAINLOG_PROMETHEUS_TEXTFILE", "prometheus_textfile"),
     ("SEO_TRAINLOG_PUSHGATEWAY", "pushgateway_url"),
+    ("SEO_TRAINLOG_METRIC_DIRECTIONS", "metric_directions"),
 )
 _PARSERS = {
     "log_dir": _check_log_dir,
@@ -377,6 +395,7 @@ _PARSERS = {
     "prometheus_linger_s": _optional(functools.partial(_check_number, low=0.0, high=86400.0)),
     "prometheus_textfile": _optional(_check_file),
     "pushgateway_url": _optional(_check_url),
+    "metric_directions": _check_directions,
 }
 _ANOMALY_FIELDS = ("detect_anomalies", "anomaly_window", "loss_spike_z", "grad_norm_jump", "throughput_drop_pct",
                    "memory_creep_mb", "plateau_evals", "plateau_min_delta", "straggler_pct", "straggler_window",

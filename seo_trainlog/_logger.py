@@ -20,6 +20,7 @@ import orjson
 from . import _format, _guard
 from ._categories import BY_NAME, CATEGORIES, TEXT_NAMES
 from ._config import LogConfig
+from ._directions import directions
 from ._rank import agree_on_run_id, process_role
 from ._safety import mark_logged, never_raises, safe_warn, was_logged
 from ._secrets import REDACTOR, mask_mapping
@@ -150,7 +151,7 @@ class TrainLogger:
         self.manifest: RunManifest | None = None
         if self.writes:
             self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id, self.tag), self.run_id,
-                                             _version())
+                                             _version(), directions(self.config.metric_directions))
         self._manifest_written_s = perf_counter()
         self._manifest_failed = False
         self._started_segment = False  # this logger began the manifest's last segment

@@ -4,7 +4,8 @@ Retention deletes a long run's oldest files, and with them ``run_start``, the hy
 the first losses. The manifest keeps what a reader needs to stay right about the whole run: when it
 started, its hyperparameters and ``max_steps``, its segments (one per ``train()`` call, resumed
 ones included), running totals of the training records (count, first/last step, final and best
-loss), the evaluations (count, best value of each ``eval_*`` metric, last values per prefix), the
+loss), the evaluations (count, best value of each ``eval_*`` metric that has a direction
+(:mod:`~seo_trainlog._directions`, with ``LogConfig.metric_directions``), last values per prefix), the
 error/warning/anomaly counts (``warning``: every WARNING line of the error log, anomalies'
 included, as ``seo-trainlog`` counts them) and the last summary.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from ._directions import Directions, better, directions
 from ._format import iso_time, to_jsonable
 
 MANIFEST_PREFIX = "run_manifest"
@@ -52,8 +54,10 @@ class RunManifest:
     as the exception (the logger reports it once) and retried at the next write.
     """
 
-    def __init__(self, path: Path, run_id: str, version: str) -> None:
+    def __init__(self, path: Path, run_id: str, version: str,
+                 metric_directions: Directions | None = None) -> None:
         self.path = path
+        self.directions = metric_directions or directions()
         self._lock = threading.Lock()
         self._dirty = False
         self.data: dict[str, Any] = {
@@ -68,9 +72,11 @@ class RunManifest:
         }
 
     @classmethod
-    def open(cls, path: Path, run_id: str, version: str) -> RunManifest:
-        """The manifest at ``path`` as written before (a run continued), else a new one."""
-        manifest = cls(path, run_id, version)
+    def open(cls, path: Path, run_id: str, version: str,
+             metric_directions: Directions | None = None) -> RunManifest:
+        """The manifest at ``path`` as written before (a run continued), else a new one;
+        ``metric_directions`` decides which eval metrics have a best, and which way (default: the table)."""
+        manifest = cls(path, run_id, version, metric_directions)
         try:
             stored = orjson.loads(path.read_bytes())
         except (OSError, ValueError):
@@ -142,7 +148,7 @@ class RunManifest:
     def _note_eval(self, record: dict[str, Any], global_step: Any) -> None:
         """Evaluation facts as ``seo-trainlog`` computes them (``_analysis.eval_metrics``): the last
         values per metric prefix, and for ``eval`` the count and the best value of each metric."""
-        from ._analysis import eval_metrics, lower_is_better
+        from ._analysis import eval_metrics
 
         section = self.data["eval"]
         prefix, metrics = eval_metrics(record)
@@ -152,11 +158,11 @@ class RunManifest:
             return
         section["records"] += 1
         for key, value in metrics.items():
-            value = _number(value)
-            if value is None:
+            value, direction = _number(value), self.directions.of(key, prefix)
+            if value is None or direction is None:
                 continue
             best = section["best"].get(key)
-            if best is None or (value < best["value"] if lower_is_better(key) else value > best["value"]):
+            if best is None or better(direction, value, best["value"]):
                 section["best"][key] = {"value": value, "global_step": step}
 
     def start_segment(self, start_global_step: int, at: datetime | None,

@@ -113,6 +113,7 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
                                         "no train record was logged: logging_steps longer than the run?)"))
     for metric, best in summary["best_eval"].items():
         rows.append((f"best {metric}", _at(best["value"], best["global_step"])))
+    rows += metric_rows(summary)
     for prefix, values in summary["last_eval"].items():
         if prefix != "eval":
             pairs = ", ".join(f"{k}={number(v)}" for k, v in values.items() if k != "global_step")
@@ -133,6 +134,18 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("errors / warnings", f"{plural(summary['errors'], 'error')}, {plural(summary['warnings'], 'warning')}"),
         ("anomalies", anomalies_text(summary)),
     ]
+    return rows
+
+
+def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The rows of the eval metrics without a direction (no best: last and range) and of the train
+    records' other metrics (``train mean_token_accuracy``: last, range, best with a direction)."""
+    from ._metric_stats import stats_text
+
+    rows = [(metric, stats_text(entry, number)) for metric, entry in (summary.get("eval_metrics") or {}).items()
+            if entry["direction"] is None]
+    rows += [(f"train {metric}", stats_text(entry, number))
+             for metric, entry in (summary.get("train_metrics") or {}).items()]
     return rows
 
 
@@ -238,6 +251,16 @@ def comparison_table(summaries: Sequence[Mapping[str, Any]], title: str) -> Tabl
         table.add_column(header, no_wrap=header == "run")
     for summary in summaries:
         table.add_row(*map(Text, comparison_row(summary)))
+    return table
+
+
+def text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
+    """A rich table of plain-text cells (``seo-trainlog compare``)."""
+    table = Table(title=title, title_justify="left")
+    for index, header in enumerate(headers):
+        table.add_column(header, no_wrap=index == 0)
+    for row in rows:
+        table.add_row(*map(Text, row))
     return table
 
 

@@ -46,6 +46,7 @@ def render_report(analysis: RunAnalysis, all_runs: Sequence[RunAnalysis] = ()) -
         current = {index for index, run in enumerate(all_runs) if run.run_id == analysis.run_id}
         parts += [f"<h2>All {len(all_runs)} runs in this directory</h2>",
                   _table(_present.COMPARISON_HEADERS, rows, current)]
+        parts += _comparison(all_runs)
     parts += [f"<h2>Anomalies ({summary['anomaly_count']})</h2>",
               _table(("global_step", "kind", "source", "message"),
                      [(a["global_step"], a["kind"], a["source"], a["message"]) for a in summary["anomalies"]])
@@ -91,6 +92,18 @@ def _table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]], highlig
         attributes = ' class="current"' if index in highlight else ""
         lines.append(f"<tr{attributes}>{''.join(cells)}</tr>")
     return "".join(lines) + "</table>"
+
+
+def _comparison(all_runs: Sequence[RunAnalysis]) -> list[str]:
+    """The hyperparameters that differ and the metrics' final/best values of ``all_runs``, the
+    tables of ``seo-trainlog compare`` (:func:`~seo_trainlog._compare.tables`)."""
+    from ._compare import compare, tables
+
+    parts = []
+    for title, headers, rows in tables(compare(all_runs), _present.number, _present.duration,
+                                       _present.status_text)[1:]:
+        parts += [f"<h3>{escape(title)}</h3>", _table(headers, rows) if rows else "<p>None.</p>"]
+    return parts
 
 
 def _not_listed(summary: dict[str, Any], key: str, listed: int) -> list[str]:

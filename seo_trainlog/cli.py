@@ -3,7 +3,8 @@
 Commands (``seo-trainlog COMMAND --help`` for each)::
 
     seo-trainlog summarize LOG_DIR [LOG_DIR ...] [--run RUN_ID] [--list] [--json]
-    seo-trainlog plot LOG_DIR -o FILE.png [--run RUN_ID]
+    seo-trainlog plot LOG_DIR -o FILE.png [--run RUN_ID] [--metrics 'rewards/*,mean_token_accuracy']
+    seo-trainlog compare LOG_DIR [LOG_DIR ...] [RUN_ID ...] [--json] [--fail-if 'eval_loss>+2%']
     seo-trainlog report LOG_DIR -o FILE.html [--run RUN_ID]
     seo-trainlog watch LOG_DIR [--run RUN_ID] [--interval S] [--timeout S]
 
@@ -12,7 +13,8 @@ empty directory, an unknown run, a broken line, metrics of a newer schema: one l
 never a traceback). Without ``--run``, a run that cannot be read is skipped with a warning on stderr
 naming its file, and the others are listed and reported (status 0 when at least one was read).
 ``watch`` waits for a missing directory or a first run, and exits 1 when ``--timeout`` ends it
-before the run's summary, 130 on Ctrl-C.
+before the run's summary, 130 on Ctrl-C. ``compare --fail-if`` exits 1 when the last run regresses
+against the first by more than a condition allows.
 Anomaly thresholds come from the ``SEO_TRAINLOG_*`` variables (:meth:`LogConfig.from_env`).
 
 ``summarize`` of a distributed run, or with several directories (e.g. the log directories gathered
@@ -76,9 +78,25 @@ def _parser() -> argparse.ArgumentParser:
     summarize.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     plot = command("plot", _plot, "a PNG figure of loss, eval loss, learning rate, throughput and memory")
     plot.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png")
+    plot.add_argument("--metrics", metavar="GLOBS", help="instead, one panel per metric matching these "
+                      "comma-separated globs, e.g. 'rewards/*,mean_token_accuracy' (train values, and eval_<name>)")
     report = command("report", _report, "one self-contained HTML file: summary, plots, hyperparameters, errors, "
                      "anomalies, and a comparison of the directory's runs")
     report.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.html")
+    compare = commands.add_parser(
+        "compare", help="runs side by side: differing hyperparameters, final/best metrics, throughput, status",
+        description="Runs side by side: the hyperparameters that differ, the final and best value of each "
+                    "metric with its direction, throughput, duration, status and anomalies. Positional "
+                    "arguments are log directories and run ids (YYYYMMDD_HHMMSS[_n]); without run ids, "
+                    "every run of the directories, oldest first.")
+    compare.add_argument("paths", nargs="+", metavar="LOG_DIR_OR_RUN_ID", help="log directories, then run ids")
+    compare.add_argument("--run", action="append", default=[], metavar="RUN_ID", help="a run to compare "
+                         "(repeatable; the order given is the order compared: the first is the baseline)")
+    compare.add_argument("--json", action="store_true", help='print {"runs", "differences", "metrics"} as JSON')
+    compare.add_argument("--fail-if", metavar="CONDITIONS", help="exit 1 when the last run regresses against "
+                         "the first: comma-separated 'eval_loss>+2%%', 'eval_accuracy<-1%%', 'eval_loss>+0.05' "
+                         "(final values; %% relative to the first run's)")
+    compare.set_defaults(handler=_compare)
     watch = command("watch", _watch, "follow a run live as training writes it (Ctrl-C to stop)")
     watch.add_argument("--interval", type=_positive, default=1.0, metavar="S", help="seconds between refreshes")
     watch.add_argument("--timeout", type=_positive, default=None, metavar="S", help="stop after S seconds")
@@ -144,9 +162,60 @@ def _plot(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() != ".png":
         raise LogReadError(f"{args.output}: the figure is written as PNG; give a file name ending in .png")
     analysis = _analyse_chosen(find_runs(args.log_dir), args.run, _config())
+    if args.metrics is not None:
+        from ._metric_plots import NoMetricMatched, parse_patterns, save_metrics_figure
+
+        try:
+            titles = save_metrics_figure(analysis, parse_patterns(args.metrics), args.output)
+        except (NoMetricMatched, ValueError) as exc:
+            raise LogReadError(str(exc)) from None
+        print(f"wrote {args.output} ({', '.join(titles)})")
+        return 0
     save_figure(analysis, args.output)
     print(f"wrote {args.output}")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from . import _compare as comparing
+
+    directories = [Path(p) for p in args.paths if Path(p).is_dir()]
+    run_ids = [p for p in args.paths if not Path(p).is_dir()] + list(args.run)
+    for text in run_ids:
+        if not comparing.RUN_ID.match(text):
+            raise LogReadError(f"{text!r} is neither a log directory nor a run id (YYYYMMDD_HHMMSS[_n])")
+    if not directories:
+        raise LogReadError(f"no log directory among {' '.join(args.paths)}")
+    try:
+        conditions = comparing.parse_conditions(args.fail_if) if args.fail_if is not None else []
+    except ValueError as exc:
+        raise LogReadError(str(exc)) from None
+    config = _config()
+    found = [(directory, find_runs(directory)) for directory in directories]
+    chosen = []  # (directory, analysis): the runs named must be read; of all runs, the unreadable are skipped
+    for run_id in run_ids:
+        matches = [(directory, run) for directory, runs in found for run in runs if run.run_id == run_id]
+        if not matches:
+            raise LogReadError(f"no run {run_id!r} in {', '.join(map(str, directories))}")
+        chosen += [(directory, _analyse(run, config)) for directory, run in matches]
+    if not run_ids:
+        chosen = [(directory, analysis) for directory, runs in found for analysis in _analyse_all(runs, config)]
+    result = comparing.compare([analysis for _, analysis in chosen], [str(directory) for directory, _ in chosen])
+    try:
+        outcomes = comparing.check(result, conditions) if conditions else []
+    except ValueError as exc:
+        raise LogReadError(str(exc)) from None
+    if args.json:
+        _print_json({**result, **({"fail_if": outcomes} if conditions else {})})
+    else:
+        console = Console()
+        for title, headers, rows in comparing.tables(result, _present.number, _present.duration,
+                                                     _present.status_text):
+            console.print(_present.text_table(title, headers, rows) if rows else f"{title}: none")
+    first, last = result["runs"][0]["run_id"], result["runs"][-1]["run_id"]
+    for outcome in outcomes:
+        print(f"seo-trainlog: {comparing.outcome_text(outcome, first, last)}", file=sys.stderr)
+    return 1 if any(outcome["failed"] for outcome in outcomes) else 0
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -1,0 +1,216 @@
+"""Several runs side by side (``seo-trainlog compare``, the report's comparison): the
+hyperparameters that differ, the final and best value of each metric with its direction,
+throughput, duration, status and anomalies; and the ``--fail-if`` regression gate."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._analysis import RunAnalysis
+from ._format import flatten
+
+RUN_ID = re.compile(r"\d{8}_\d{6}(?:_\d+)?\Z")  # a run stamp: YYYYMMDD_HHMMSS[_n]
+
+
+def compare(analyses: Sequence[RunAnalysis], log_dirs: Sequence[str] | None = None) -> dict[str, Any]:
+    """The comparison of ``analyses`` (in that order; the first is the baseline of the gate):
+
+    ``runs``: per run ``{"run_id", "log_dir", "status", "started", "global_step", "epoch",
+    "duration_s"`` (training, else first to last record), ``"samples_per_second", "steps_per_second",
+    "errors", "warnings", "anomaly_count"}``; ``differences``: ``{dotted hyperparameter name: [value
+    per run]}`` for the names whose values differ (``None`` where a run lacks it or logged ``None``), e.g.
+    ``training_args.learning_rate``; ``metrics``: ``{name: {"direction": "min"|"max"|None,
+    "final": [value per run], "best": [value per run]}}`` (``best`` only with a direction) for the
+    training ``loss``, the ``eval_*`` metrics, the train records' other metrics and the last values
+    of other prefixes (``test_*``: no best). ``None`` where a run did not log the metric.
+    """
+    summaries = [analysis.summary() for analysis in analyses]
+    dirs = list(log_dirs) if log_dirs is not None else [None] * len(analyses)
+    runs = [{"run_id": s["run_id"], "log_dir": directory, "status": s["status"], "started": s["started"],
+             "global_step": s["global_step"], "epoch": s["epoch"],
+             "duration_s": s["training_duration_s"] if s["training_duration_s"] is not None else s["wall_time_s"],
+             "samples_per_second": s["samples_per_second"], "steps_per_second": s["steps_per_second"],
+             "errors": s["errors"], "warnings": s["warnings"], "anomaly_count": s["anomaly_count"]}
+            for s, directory in zip(summaries, dirs)]
+    return {"runs": runs, "differences": differences([a.hyperparameters for a in analyses]),
+            "metrics": _metrics(analyses, summaries)}
+
+
+def differences(hyperparameters: Sequence[Mapping[str, Any] | None]) -> dict[str, list[Any]]:
+    """``{dotted name: [value per run]}`` of the names whose values are not the same in every run
+    (a run without the name, or without hyperparameters, has ``None``: the same as a ``None``
+    logged), in first-seen order."""
+    flat = [flatten(h) if isinstance(h, Mapping) else {} for h in hyperparameters]
+    names: dict[str, None] = {}
+    for values in flat:
+        names.update(dict.fromkeys(values))
+    out = {}
+    for name in names:
+        column = [values.get(name) for values in flat]
+        if any(value != column[0] or type(value) is not type(column[0]) for value in column[1:]):
+            out[name] = column
+    return out
+
+
+def _metrics(analyses: Sequence[RunAnalysis], summaries: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    count = len(analyses)
+
+    def entry(name: str, direction: Any) -> dict[str, Any]:
+        if name not in table:
+            table[name] = {"direction": direction, "final": [None] * count}
+            if direction is not None:
+                table[name]["best"] = [None] * count
+        return table[name]
+
+    for index, (analysis, summary) in enumerate(zip(analyses, summaries)):
+        if summary["final_loss"] is not None or summary["best_loss"] is not None:
+            loss = entry("loss", "min")
+            loss["final"][index], loss["best"][index] = summary["final_loss"], summary["best_loss"]
+        for section in ("eval_metrics", "train_metrics"):
+            for name, stats in summary[section].items():
+                row = entry(name, stats["direction"])
+                row["final"][index] = stats["last"]
+                if "best" in row and "best" in stats:
+                    row["best"][index] = stats["best"]["value"]
+        for name, best in summary["best_eval"].items():  # from the manifest when records were deleted
+            row = entry(name, analysis.directions.of(name))
+            if "best" in row and row["best"][index] is None:
+                row["best"][index] = best["value"]
+        for prefix, values in summary["last_eval"].items():  # other prefixes; eval's from the manifest
+            for name, value in values.items():
+                if name != "global_step" and _finite(value):
+                    row = entry(name, analysis.directions.of(name, prefix))
+                    if row["final"][index] is None:
+                        row["final"][index] = value
+    return table
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One ``--fail-if`` condition: ``metric`` (``eval_loss``), ``above`` (``>``: fails when the
+    last run's value rose by more than ``threshold``; else ``<``: fell by more), ``threshold``
+    (signed, in the metric's units or in percent of the first run's value when ``relative``)."""
+
+    text: str
+    metric: str
+    above: bool
+    threshold: float
+    relative: bool
+
+
+_CONDITION = re.compile(r"\s*(?P<metric>.+?)\s*(?P<op>[<>])\s*(?P<value>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+                        r"\s*(?P<pct>%)?\s*\Z")
+
+
+def parse_conditions(text: str) -> list[Condition]:
+    """``'eval_loss>+2%,eval_accuracy<-1%,loss>+0.05'`` -> conditions (comma-separated).
+
+    Raises:
+        ValueError: a condition that does not read ``METRIC>+N[%]`` or ``METRIC<-N[%]``.
+    """
+    conditions = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        match = _CONDITION.match(part)
+        if match is None:
+            raise ValueError(f"--fail-if {part.strip()!r}: expected METRIC>+N, METRIC>+N%, METRIC<-N or "
+                             "METRIC<-N% (e.g. 'eval_loss>+2%', 'eval_accuracy<-1%', 'eval_loss>+0.05')")
+        conditions.append(Condition(part.strip(), match["metric"], match["op"] == ">", float(match["value"]),
+                                    match["pct"] is not None))
+    if not conditions:
+        raise ValueError(f"--fail-if {text!r}: no condition given")
+    return conditions
+
+
+def check(result: Mapping[str, Any], conditions: Sequence[Condition]) -> list[dict[str, Any]]:
+    """Each condition on the final values of the first and the last run of ``result``
+    (:func:`compare`): ``{"condition", "metric", "first", "last", "change", "change_pct", "failed"}``;
+    ``change`` is ``last - first``, ``change_pct`` that in percent of ``|first|`` (``None`` when
+    ``first`` is 0). A condition fails when the change (relative for ``%`` thresholds) is above
+    the threshold for ``>``, below it for ``<``.
+
+    Raises:
+        ValueError: fewer than two runs; a metric that the first or the last run did not log (the
+            message names the run and the metrics there are); a relative threshold on a first
+            value of 0.
+    """
+    runs = result["runs"]
+    if len(runs) < 2:
+        raise ValueError(f"--fail-if needs two runs or more to compare, got {len(runs)}")
+    outcomes = []
+    for condition in conditions:
+        row = result["metrics"].get(condition.metric)
+        values = row["final"] if row else [None] * len(runs)
+        for index in (0, -1):
+            if not _finite(values[index]):
+                logged = sorted(name for name, entry in result["metrics"].items() if _finite(entry["final"][index]))
+                raise ValueError(f"--fail-if {condition.text!r}: run {runs[index]['run_id']} has no "
+                                 f"{condition.metric} (its metrics: {', '.join(logged) or 'none'})")
+        first, last = values[0], values[-1]
+        change = last - first
+        change_pct = 100 * change / abs(first) if first else None
+        if condition.relative and change_pct is None:
+            raise ValueError(f"--fail-if {condition.text!r}: {condition.metric} is 0 in run {runs[0]['run_id']}: "
+                             "a change in percent of it is undefined; give an absolute threshold")
+        measured = change_pct if condition.relative else change
+        failed = measured > condition.threshold if condition.above else measured < condition.threshold
+        outcomes.append({"condition": condition.text, "metric": condition.metric, "first": first, "last": last,
+                         "change": change, "change_pct": change_pct, "failed": failed})
+    return outcomes
+
+
+def outcome_text(outcome: Mapping[str, Any], first_run: str, last_run: str) -> str:
+    """``eval_loss: 0.5 (20261201_120000) -> 0.53 (20261202_120000), +0.03 (+6%): fails 'eval_loss>+2%'``."""
+    pct = f" ({outcome['change_pct']:+.4g}%)" if outcome["change_pct"] is not None else ""
+    verdict = "FAILS" if outcome["failed"] else "passes"
+    return (f"{outcome['metric']}: {outcome['first']:.6g} ({first_run}) -> {outcome['last']:.6g} ({last_run}), "
+            f"{outcome['change']:+.4g}{pct}: {verdict} {outcome['condition']!r}")
+
+
+DIRECTION_MARK = {"min": "best (lower)", "max": "best (higher)"}
+
+
+def run_labels(result: Mapping[str, Any]) -> list[str]:
+    """The run ids, with the log directory when two runs share an id."""
+    ids = [run["run_id"] for run in result["runs"]]
+    return [f"{run['run_id']} ({run['log_dir']})" if ids.count(run["run_id"]) > 1 else run["run_id"]
+            for run in result["runs"]]
+
+
+def tables(result: Mapping[str, Any], number, duration, status_text) -> list[tuple[str, list[str], list[list[str]]]]:
+    """``(title, headers, rows)`` of the comparison as text, shared by the terminal and the report:
+    runs, hyperparameter differences, metrics (``final`` and, with a direction, ``best``).
+    ``number``, ``duration``, ``status_text`` format cells (:mod:`~seo_trainlog._present`)."""
+    labels = run_labels(result)
+    runs = [[label, status_text(run["status"]), number(run["global_step"]), duration(run["duration_s"]),
+             number(run["samples_per_second"]), str(run["errors"]), str(run["anomaly_count"])]
+            for label, run in zip(labels, result["runs"])]
+    out = [("Runs", ["run", "status", "steps", "duration", "samples/s", "errors", "anomalies"], runs)]
+    differing = [[name, *(_value(value, number) for value in values)]
+                 for name, values in result["differences"].items()]
+    out.append(("Hyperparameters that differ", ["hyperparameter", *labels], differing))
+    rows = []
+    for name, entry in result["metrics"].items():
+        for kind in ("final", "best"):
+            if kind in entry:
+                label = DIRECTION_MARK[entry["direction"]] if kind == "best" else \
+                    "final" if entry["direction"] else "final (no best)"
+                rows.append([name if kind == "final" else "", label, *(number(value) for value in entry[kind])])
+    out.append(("Metrics", ["metric", "value", *labels], rows))
+    return out
+
+
+def _value(value: Any, number) -> str:
+    if isinstance(value, float):
+        return number(value, 6)
+    return "n/a" if value is None else str(value)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
