@@ -19,10 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
-from conftest import WORDS, quiet, tiny_model  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import BertTokenizer, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from conftest import build_dataset, build_tokenizer, quiet, tiny_model  # noqa: E402
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from seo_trainlog import TrainLogCallback  # noqa: E402
 
@@ -68,12 +66,8 @@ else:
     command, hooks, flush_interval_s = None, [lambda anomaly: time.sleep(1000)], 0.0
 timeout_s = 1.0 if mode == "blocking_hook" else 30.0  # the wait for a stuck hook at a completed run's end: 2 s
 
-vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-tokenizer = BertTokenizer(vocab={word: index for index, word in enumerate(vocab)})
-generator = torch.Generator().manual_seed(0)
-texts = [" ".join(WORDS[p] for p in torch.randint(0, len(WORDS), (2 + index % 5,), generator=generator).tolist())
-         for index in range(64)]
-data = Dataset.from_dict({**tokenizer(texts, truncation=True, max_length=16), "labels": [i % 4 for i in range(64)]})
+tokenizer = build_tokenizer()
+data = build_dataset(tokenizer)
 model = tiny_model()
 model.register_forward_hook(spike_at_16)
 trainer = Trainer(model=model, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),

@@ -46,14 +46,13 @@ def quiet(log_dir, **changes):
     return LogConfig(log_dir=log_dir, **values)
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
+def build_tokenizer() -> BertTokenizer:
+    """A word-level BertTokenizer over the special tokens and WORDS (no file, no hub)."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     return BertTokenizer(vocab={word: index for index, word in enumerate(vocab)})
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tokenizer):
+def build_dataset(tokenizer) -> Dataset:
     """64 short 'queries' with 4 labels, tokenised (no padding: the collator pads)."""
     generator = torch.Generator().manual_seed(0)
     texts, labels = [], []
@@ -64,6 +63,16 @@ def tiny_dataset(tokenizer):
         labels.append(index % 4)
     encoded = tokenizer(texts, truncation=True, max_length=16)
     return Dataset.from_dict({**encoded, "labels": labels})
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tokenizer):
+    return build_dataset(tokenizer)
 
 
 def tiny_model():

@@ -17,19 +17,13 @@ if mode == "no_client":
     sys.modules["prometheus_client"] = None  # `import prometheus_client` raises ImportError from here on
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
-from conftest import WORDS, quiet, tiny_model  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import BertTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
+from conftest import build_dataset, build_tokenizer, quiet, tiny_model  # noqa: E402
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # noqa: E402
 
 from seo_trainlog import TrainLogCallback  # noqa: E402
 
-vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-tokenizer = BertTokenizer(vocab={word: index for index, word in enumerate(vocab)})
-generator = torch.Generator().manual_seed(0)
-texts = [" ".join(WORDS[p] for p in torch.randint(0, len(WORDS), (2 + index % 5,), generator=generator).tolist())
-         for index in range(64)]
-data = Dataset.from_dict({**tokenizer(texts, truncation=True, max_length=16), "labels": [i % 4 for i in range(64)]})
+tokenizer = build_tokenizer()
+data = build_dataset(tokenizer)
 ddp = {"ddp_backend": "gloo", "ddp_broadcast_buffers": False, "ddp_timeout": 60} if mode == "ddp" else {}
 trainer = Trainer(model=tiny_model(), train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),
                   args=TrainingArguments(output_dir=os.path.join(log_dir, "out"), max_steps=4, logging_steps=1,
