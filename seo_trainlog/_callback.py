@@ -426,6 +426,9 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 extra["best_metric"] = state.best_metric
                 extra["best_model_checkpoint"] = state.best_model_checkpoint
             self._await_rank_tokens(run)  # before mark(): that writes the deferred records
+            seen = self._tokens_at_end(run)
+            if seen is not None:
+                extra["num_input_tokens_seen"] = seen
             tlog.mark(state.global_step, state.epoch)
             if run.step_times:
                 steps, run.step_times = run.step_times, []
@@ -725,6 +728,19 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             run.others = exchange.collect()
             found = complete()
         return found
+
+    def _tokens_at_end(self, run: _Run) -> int | None:
+        """For the summary: the Trainer's ``num_input_tokens_seen`` when it counts, else (one process)
+        ours, with the batches of the steps after the last logging step."""
+        state = run.state
+        if getattr(run.args, "include_num_input_tokens_seen", "no") not in ("no", False, None):
+            return state.num_input_tokens_seen
+        if run.collator is None or run.logger.role.world_size > 1:
+            return None
+        if run.args.dataloader_num_workers > 0:
+            self._drain_workers(run, settle=True)
+        tokens = run.meter.take(self._collate.train, run.timer.steps)
+        return tokens["tokens_seen"] if tokens is not None else None
 
     def _await_rank_tokens(self, run: _Run, wait_s: float = 2.0) -> None:
         """At the end of a distributed run, global rank 0 waits (at most ``wait_s``) for every rank's
