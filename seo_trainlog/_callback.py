@@ -95,7 +95,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
     - ``on_log``: training progress (epoch, global_step, loss, learning_rate, grad_norm and any other
       value; nested mappings flattened with ``/``) with the interval's step time, data wait share and
       samples/s; ``<prefix>_*`` evaluation values as validation loss and metrics; collate timings of
-      :class:`TimedDataCollator`; a WARNING for each non-finite value; one JSON line per event.
+      :class:`TimedDataCollator`; ``num_input_tokens_seen``, ``tokens_per_second`` and ``mfu_pct``
+      (README "Tokens and MFU"); a WARNING for each non-finite value; one JSON line per event.
     - ``on_evaluate``/``on_predict``: runtime, throughput and RSS memory in the model-performance log.
     - ``on_epoch_begin``/``on_epoch_end``: epoch wall time. ``on_save``: the checkpoint path.
     - ``on_train_end``: the training summary (``early_stopping_triggered`` is true when training
