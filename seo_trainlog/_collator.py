@@ -189,13 +189,16 @@ def count_tokens(batch: Any) -> tuple[int | None, int]:
     ``input_ids.numel()``; ``(None, 0)`` when the batch has neither as an array."""
     if not isinstance(batch, Mapping):
         return None, 0
-    mask = batch.get("attention_mask")
-    if getattr(mask, "ndim", None) == 2:
-        return int(mask.sum()), int(mask.shape[-1])
-    ids = batch.get("input_ids")
-    shape = getattr(ids, "shape", None)
-    if shape is not None and len(shape) > 0:
-        return int(ids.size if not callable(getattr(ids, "numel", None)) else ids.numel()), int(shape[-1])
+    try:  # never the user's training stopped by a count: an odd array is not counted
+        mask = batch.get("attention_mask")
+        if getattr(mask, "ndim", None) == 2:
+            return int(mask.sum()), int(mask.shape[-1])
+        ids = batch.get("input_ids")
+        shape = getattr(ids, "shape", None)
+        if shape is not None and len(shape) > 0:
+            return int(ids.size if not callable(getattr(ids, "numel", None)) else ids.numel()), int(shape[-1])
+    except Exception:
+        pass
     return None, 0
 
 

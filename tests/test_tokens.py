@@ -241,3 +241,24 @@ def test_trl_sft_trainer_with_a_wrapped_collator(tmp_path, tokenizer):
         assert row["tokens_per_second"] == pytest.approx((row["num_input_tokens_seen"] - previous) / row["interval_s"])
         assert math.isfinite(row["mfu_pct"]) and row["mfu_pct"] > 0
     assert list(itertools.accumulate(inputs.tokens))[-1] == records[-1]["num_input_tokens_seen"]
+
+
+def test_count_tokens_of_a_batch():
+    import numpy as np
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    ids = torch.ones(2, 4, dtype=torch.long)
+    assert count_tokens({"input_ids": ids, "attention_mask": mask}) == (5, 4)  # non-padding
+    assert count_tokens({"input_ids": ids}) == (8, 4)  # no mask: every element
+    assert count_tokens({"input_ids": np.ones((3, 5))}) == (15, 5)
+    assert count_tokens({"input_ids": ids, "attention_mask": torch.ones(2, 1, 4, 4)}) == (8, 4)  # 4-D: not a count
+    assert count_tokens({"input_ids": [[1, 2], [3, 4]]}) == (None, 0)
+    assert count_tokens([ids]) == (None, 0)
+
+    class Odd:
+        ndim = 2
+
+        def sum(self):
+            raise RuntimeError("no sum here")
+
+    assert count_tokens({"attention_mask": Odd()}) == (None, 0)
