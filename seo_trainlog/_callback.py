@@ -347,7 +347,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         run.samples_per_step = (state.train_batch_size or run.per_device_batch_size) \
             * args.gradient_accumulation_steps * max(1, args.world_size)
         run.timer = StepTimer()
-        run.meter.substeps = run.meter.owed = 0
+        run.meter.substeps = run.meter.owed = run.meter.epoch_batches = run.meter.credit_steps = 0
         self._collate.train.pending.clear()  # batches read ahead for the failed attempt
         run.logger.log_message(f"Training restarted by auto_find_batch_size with train_batch_size="
                                f"{state.train_batch_size}")
