@@ -4,6 +4,7 @@ summarize/plot; one real TRL SFTTrainer run."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -59,8 +60,9 @@ def run(make_trainer, log_dir, *, timed=True, config=None, **args):
 def test_tokens_seen_are_the_attention_masks_the_model_received(make_trainer, log_dir, workers, accumulation,
                                                                 max_steps):
     # 64 examples, batches of 8: 8 batches an epoch, so both runs cross an epoch (11 and 12 batches)
-    inputs, _ = run(make_trainer, log_dir, max_steps=max_steps, logging_steps=3, gradient_accumulation_steps=accumulation,
-                    dataloader_num_workers=workers, dataloader_persistent_workers=workers > 0)
+    inputs, _ = run(make_trainer, log_dir, max_steps=max_steps, logging_steps=3,
+                    gradient_accumulation_steps=accumulation, dataloader_num_workers=workers,
+                    dataloader_persistent_workers=workers > 0)
     assert len(inputs.tokens) == max_steps * accumulation
     assert sum(inputs.tokens) < sum(8 * length for length in inputs.lengths)  # padding there, not counted
     records = train_records(log_dir)
@@ -211,6 +213,7 @@ def test_peak_tflops_setting():
 
 
 def test_trl_sft_trainer_with_a_wrapped_collator(tmp_path, tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays as it was
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import GPT2Config, GPT2LMHeadModel, set_seed
@@ -227,9 +230,9 @@ def test_trl_sft_trainer_with_a_wrapped_collator(tmp_path, tokenizer):
     log_dir = tmp_path / "logs"
     trainer = trl.SFTTrainer(
         model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts}),
-        args=trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=4, logging_steps=2, per_device_train_batch_size=4,
-                           max_length=32, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
-                           learning_rate=1e-3, dataloader_num_workers=0),
+        args=trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=4, logging_steps=2,
+                           per_device_train_batch_size=4, max_length=32, report_to="none", use_cpu=True,
+                           save_strategy="no", disable_tqdm=True, learning_rate=1e-3, dataloader_num_workers=0),
         callbacks=[TrainLogCallback(quiet(log_dir, peak_tflops=0.001))])
     trainer.data_collator = TimedDataCollator(trainer.data_collator)  # SFTTrainer builds its own collator
     trainer.train()
