@@ -19,6 +19,7 @@ MAX_POINTS = 2000  # per plotted series (a run with more train records keeps eve
 MAX_KEPT = 50  # errors and warnings kept for the report (all are counted)
 MAX_ANOMALIES = 200  # anomalies kept (all are counted)
 MAX_SEGMENTS = 1000  # segments (resumed parts of a run) kept
+TOKEN_COLUMNS = ("tokens_per_second", "mfu_pct", "num_input_tokens_seen")
 TRAIN_COLUMNS = ("loss", "learning_rate", "grad_norm", "samples_per_second", "rss_mb", "gpu_util_pct",
                  "gpu_mem_used_mb")
 SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")  # timings
@@ -106,6 +107,9 @@ class RunAnalysis:
         self.detector: AnomalyDetector | None = AnomalyDetector(self.config)
         self.train = Series(("epoch",) + TRAIN_COLUMNS, self._train_row, max_points)
         self.evals = Series(("eval_loss",), _eval_row, max_points)
+        self.tokens = Series(TOKEN_COLUMNS, _token_row, max_points)  # train records with tokens_per_second
+        self._token_sums = [0.0, 0.0, 0.0, 0.0]  # tokens, seconds; MFU x seconds, seconds (records with MFU)
+        self._token_last: dict[str, Any] = {}
         self._hyperparameters: dict[str, Any] | None = None
         self.errors: list[dict[str, Any]] = []
         self.warnings: list[str] = []
@@ -252,6 +256,37 @@ class RunAnalysis:
                 self._gpu_util_sum += sum(utils) / len(utils)
                 self._gpu_util_count += 1
         self.train.offer(record)
+        rate = record.get("tokens_per_second")
+        if type(rate) is float or type(rate) is int:
+            self._add_tokens(record, rate, interval)
+
+    def _add_tokens(self, record: dict[str, Any], rate: float, interval: Any) -> None:
+        sums, mfu = self._token_sums, record.get("mfu_pct")
+        if type(interval) is float and interval > 0:
+            sums[0] += rate * interval
+            sums[1] += interval
+            if _is_number(mfu):
+                sums[2] += mfu * interval
+                sums[3] += interval
+        self._token_last = {"tokens_per_second": rate, "mfu_pct": mfu if _is_number(mfu) else None,
+                            "num_input_tokens_seen": record.get("num_input_tokens_seen"),
+                            "global_step": record.get("global_step")}
+        self.tokens.offer(record)
+
+    def token_summary(self) -> dict[str, Any] | None:
+        """Over the train records with ``tokens_per_second`` (None when there is none):
+        ``tokens_per_second`` (all tokens over all their intervals' time), ``last_tokens_per_second``,
+        ``num_input_tokens_seen`` (the last record's), ``mfu_pct`` (time-weighted mean of the records
+        with one; None when none has) and ``last_mfu_pct``."""
+        if not self._token_last:
+            return None
+        tokens, seconds, mfu, mfu_seconds = self._token_sums
+        last = self._token_last
+        return {"tokens_per_second": tokens / seconds if seconds else last["tokens_per_second"],
+                "last_tokens_per_second": last["tokens_per_second"],
+                "num_input_tokens_seen": last["num_input_tokens_seen"],
+                "mfu_pct": mfu / mfu_seconds if mfu_seconds else None, "last_mfu_pct": last["mfu_pct"],
+                "last_global_step": last["global_step"]}
 
     def _train_row(self, record: dict[str, Any]) -> tuple[Any, ...]:
         """``global_step``, ``epoch``, then :data:`TRAIN_COLUMNS`: ``gpu_util_pct`` is the mean over the
@@ -350,6 +385,7 @@ class RunAnalysis:
         (``{prefix: {metric: value, "global_step"}}``, e.g. ``eval``, ``test``), ``best_metric`` and
         ``best_model_checkpoint`` (Trainer's), ``samples_per_second`` and ``steps_per_second`` (over
         the logged step intervals of the records read, data wait included, evaluation excluded),
+        ``tokens`` (see :meth:`token_summary`; None without token counts),
         ``data_wait_pct``, ``peak_rss_mb``, ``peak_gpu_mem_mb`` (``{key: MiB}``),
         ``mean_gpu_util_pct``, ``early_stopping_triggered``, ``errors``, ``warnings``,
         ``anomaly_count``, ``anomalies``, ``records_cover`` (``{"first_global_step",
@@ -444,6 +480,7 @@ class RunAnalysis:
             "samples_per_second": samples_per_second,
             "steps_per_second": steps_per_second,
             "throughput_source": throughput_source,
+            "tokens": self.token_summary(),
             "data_wait_pct": summary.get("data_wait_pct", computed_wait) if whole else computed_wait,
             "peak_rss_mb": peak_rss,
             "peak_gpu_mem_mb": peaks,
@@ -509,6 +546,10 @@ _SEGMENT_KEYS = ("segment", "started", "start_global_step", "status", "training_
 def _mapping(parent: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = parent.get(key)
     return value if isinstance(value, Mapping) else {}
+
+
+def _token_row(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (record.get("global_step"), *(record.get(name) for name in TOKEN_COLUMNS))
 
 
 def _eval_row(record: dict[str, Any]) -> tuple[Any, ...]:

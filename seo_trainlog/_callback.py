@@ -8,6 +8,7 @@ import math
 import os
 import re
 import threading
+import time as _time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from ._secrets import remember_secrets
 from ._signals import SigtermHook, TerminatedBySignal
 from ._sinks import logging_busy
 from ._timing import CollateSums, IntervalSums, StepTimer, bind_thread
+from ._tokens import TokenMeter, device_name, model_shape, peak_tflops_for, training_dtype
 from ._timing import thread_sums as _thread_sums
 
 _OPEN_RUNS: weakref.WeakSet[TrainLogCallback] = weakref.WeakSet()
@@ -71,6 +73,9 @@ class _Run:
     pid: int = field(default_factory=os.getpid)
     thread: int = field(default_factory=threading.get_ident)  # where its Trainer trains
     step_times: list[tuple[int, float, float]] = field(default_factory=list)  # per-step DEBUG lines to write
+    meter: TokenMeter = field(default_factory=TokenMeter)  # tokens seen, tokens/s, MFU
+    others: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # other ranks' samples (rank 0)
+    token_step: int | None = None  # the last logging step with this rank's token counts
 
 
 class TrainLogCallback(TrainerCallback, ExportableState):
@@ -90,7 +95,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
     - ``on_log``: training progress (epoch, global_step, loss, learning_rate, grad_norm and any other
       value; nested mappings flattened with ``/``) with the interval's step time, data wait share and
       samples/s; ``<prefix>_*`` evaluation values as validation loss and metrics; collate timings of
-      :class:`TimedDataCollator`; a WARNING for each non-finite value; one JSON line per event.
+      :class:`TimedDataCollator`; ``num_input_tokens_seen``, ``tokens_per_second`` and ``mfu_pct``
+      (README "Tokens and MFU"); a WARNING for each non-finite value; one JSON line per event.
     - ``on_evaluate``/``on_predict``: runtime, throughput and RSS memory in the model-performance log.
     - ``on_epoch_begin``/``on_epoch_end``: epoch wall time. ``on_save``: the checkpoint path.
     - ``on_train_end``: the training summary (``early_stopping_triggered`` is true when training
@@ -138,8 +144,9 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         SEO_TRAINLOG_LOSS_SPIKE_Z, SEO_TRAINLOG_GRAD_NORM_JUMP, SEO_TRAINLOG_THROUGHPUT_DROP_PCT,
         SEO_TRAINLOG_MEMORY_CREEP_MB, SEO_TRAINLOG_PLATEAU_EVALS, SEO_TRAINLOG_PLATEAU_MIN_DELTA,
         SEO_TRAINLOG_STRAGGLER_PCT, SEO_TRAINLOG_STRAGGLER_WINDOW, SEO_TRAINLOG_ALERT_CMD,
-        SEO_TRAINLOG_ALERT_TIMEOUT, SEO_TRAINLOG_PROMETHEUS_PORT, SEO_TRAINLOG_PROMETHEUS_ADDR, SEO_TRAINLOG_PROMETHEUS_LINGER, SEO_TRAINLOG_PROMETHEUS_TEXTFILE,
-        SEO_TRAINLOG_PUSHGATEWAY.
+        SEO_TRAINLOG_ALERT_TIMEOUT, SEO_TRAINLOG_PROMETHEUS_PORT, SEO_TRAINLOG_PROMETHEUS_ADDR,
+        SEO_TRAINLOG_PROMETHEUS_LINGER, SEO_TRAINLOG_PROMETHEUS_TEXTFILE, SEO_TRAINLOG_PUSHGATEWAY,
+        SEO_TRAINLOG_PEAK_TFLOPS.
 
     Raises:
         TypeError: at once, for a ``config`` that is not a :class:`LogConfig` or an alert hook that
@@ -245,12 +252,14 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             if self.alert_hooks or config.alert_cmd:
                 run.alerts = AlertDispatcher(self.alert_hooks, config.alert_cmd, config.alert_timeout_s,
                                              report_failure=tlog._warn)
-        if config.detect_anomalies and tlog.role.world_size > 1 and tlog.agreement.key is not None:
+        counting = isinstance(getattr(trainer, "data_collator", None), TimedDataCollator)  # tokens to sum
+        if (config.detect_anomalies or counting) and tlog.role.world_size > 1 and tlog.agreement.key is not None:
             store = launch_store()
             if store is not None:
                 run.exchange = TelemetryExchange(store, tlog.agreement.key, tlog.role, tlog._warn)
-                if primary:
+                if primary and config.detect_anomalies:
                     run.straggler = StragglerDetector(config.straggler_pct, config.straggler_window)
+        self._measure(run, tlog, args, state, model)
         if tlog.writes:  # rank 0 and node leaders; other ranks record their errors and rank_step numbers
             role = tlog.role
             run.sampler = ResourceSampler(tlog.config.sample_interval_s,
@@ -281,6 +290,24 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self._collate.phase, self._collate.logger = "train", tlog
         bind_thread(self._collate)  # collations in this (the training) thread are this run's
         run.timer.mark(perf_counter())
+
+    @staticmethod
+    def _measure(run: _Run, tlog: TrainLogger, args, state, model) -> None:
+        """What ``mfu_pct`` needs: trainable parameters, layers and hidden size of the model's config,
+        the peak FLOP/s of the run's devices (``LogConfig.peak_tflops``, else the table by the NVML
+        name of this rank's GPU and the dtype of ``args``; none on CPU) times the world size."""
+        meter = run.meter
+        meter.workers = max(1, int(args.dataloader_num_workers or 0))
+        if model is not None:
+            meter.trainable_parameters, meter.num_layers, meter.hidden_size = model_shape(model)
+        meter.trainer_seen = getattr(state, "num_input_tokens_seen", None) or 0
+        peak = tlog.config.peak_tflops
+        device = getattr(getattr(args, "device", None), "type", None)
+        if peak is None and device == "cuda":
+            name = device_name(tlog.role.local_rank if tlog.role.world_size > 1 else 0)
+            peak = peak_tflops_for(name, training_dtype(args)) if name else None
+        if peak is not None:
+            meter.peak_flops = peak * 1e12 * max(1, tlog.role.world_size)
 
     @staticmethod
     def _open_exporter(run: _Run, tlog: TrainLogger, state) -> None:
@@ -321,6 +348,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         run.samples_per_step = (state.train_batch_size or run.per_device_batch_size) \
             * args.gradient_accumulation_steps * max(1, args.world_size)
         run.timer = StepTimer()
+        run.meter.substeps = run.meter.owed = run.meter.epoch_batches = run.meter.credit_steps = 0
+        self._collate.train.pending.clear()  # batches read ahead for the failed attempt
         run.logger.log_message(f"Training restarted by auto_find_batch_size with train_batch_size="
                                f"{state.train_batch_size}")
         run.timer.mark(perf_counter())
@@ -398,6 +427,10 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             if state.best_metric is not None:
                 extra["best_metric"] = state.best_metric
                 extra["best_model_checkpoint"] = state.best_model_checkpoint
+            self._await_rank_tokens(run)  # before mark(): that writes the deferred records
+            seen = self._tokens_at_end(run)
+            if seen is not None:
+                extra["num_input_tokens_seen"] = seen
             tlog.mark(state.global_step, state.epoch)
             if run.step_times:
                 steps, run.step_times = run.step_times, []
@@ -458,6 +491,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             if run.per_step_detail:  # a DEBUG line per step, written as one record at the logging step
                 run.step_times.append((state.global_step, elapsed, time()))
 
+    def on_substep_end(self, args, state, control, **kwargs):
+        run = self._run
+        if run is not None:  # a micro-batch of gradient accumulation used (its tokens: at the logging step)
+            run.meter.substeps += 1
+
     # ------------------------------------------------------------------ logging events
 
     @never_raises
@@ -481,6 +519,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if run.step_times:
             steps, run.step_times = run.step_times, []
             run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))
+        tokens = self._take_tokens(run, timing) if training and timing else None
         if training:
             # the step's numbers are taken now; formatting and writing wait for the next batch of
             # deferred records (TrainLogger.defer), out of the training loop's way
@@ -490,9 +529,9 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 run.exporter.observe_train(state.global_step, state.epoch, logs, loss_key, timing, resources)
                 run.exporter.schedule_textfile(run.logger.defer)
             run.logger.defer("on_log", functools.partial(self._write_log, run.logger, run, state.global_step,
-                                                         state.epoch, dict(logs), timing, collate, resources))
+                                                         state.epoch, dict(logs), timing, collate, resources, tokens))
             if run.exchange is not None and timing:
-                self._exchange(run, state.global_step, {**timing, **collate})
+                self._exchange(run, state.global_step, {**timing, **collate}, tokens)
         else:
             if evaluation and run.exporter is not None:
                 run.exporter.observe_eval(logs)
@@ -516,6 +555,10 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 run.logger.log_message, f"Epoch {math.floor(state.epoch or 0) + 1} started at global_step "
                                         f"{state.global_step}", category="training_detailed"))
             run.timer.new_epoch()
+            if run.collator is not None:  # the previous epoch's last batches: their index restarts now
+                if run.args.dataloader_num_workers > 0:
+                    self._drain_workers(run, settle=run.meter.wanted(run.timer.steps) > 0)
+                run.meter.new_epoch(self._collate.train, run.timer.steps)
 
     @never_raises
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -558,10 +601,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
 
     def _write_log(self, tlog: TrainLogger, run: _Run | None, global_step: int, state_epoch: float | None,
                    logs: Mapping[Any, Any], timing: Mapping[str, Any], collate: Mapping[str, Any],
-                   resources: Mapping[str, Any] | None = None) -> None:
+                   resources: Mapping[str, Any] | None = None, tokens: Mapping[str, int] | None = None) -> None:
         """One ``on_log`` event: ``timing`` and ``collate`` are the interval's sums, drained at the
-        event; ``resources`` the sampler's aggregate taken at the event (None: take it now). Run as a
-        deferred job, its records carry the event's time (``TrainLogger.defer``)."""
+        event; ``resources`` the sampler's aggregate taken at the event (None: take it now); ``tokens``
+        this rank's token counts of the interval (:meth:`TokenMeter.take`). Run as a deferred job, its
+        records carry the event's time (``TrainLogger.defer``)."""
         tlog.mark(global_step, state_epoch)
         values = _format.metric_values(logs)
         for key, value in values.items():
@@ -575,10 +619,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             metrics = {key: value for key, value in values.items() if key not in (loss_key, "learning_rate", "epoch")}
             if loss_key != "loss":
                 metrics["loss_name"] = loss_key  # e.g. SetFit's embedding_loss: the JSON keeps "loss"
+            counts = self._token_fields(run, tlog, global_step, values, timing, tokens) if run is not None else {}
             if not tlog.writes:  # a rank without a file set: its own numbers in its per-rank metrics file
-                tlog.log_metrics("rank_step", {**timing, **collate, **resources})
+                tlog.log_metrics("rank_step", {**timing, **collate, **resources, **counts})
             line = tlog._progress(epoch, global_step, values[loss_key], values.get("learning_rate"), None,
-                                  metrics, timing={**timing, **collate, **resources})
+                                  metrics, timing={**timing, **collate, **resources, **counts})
             if run is not None:
                 run.pending.add(run.interval_first_step, global_step, timing, collate)
                 run.interval_first_step = global_step + 1
@@ -606,16 +651,18 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             tlog.log_metrics("log", values)
 
     @staticmethod
-    def _exchange(run: _Run, global_step: int, values: Mapping[str, Any]) -> None:
-        """Publish this rank's interval numbers; on global rank 0, compare the ranks at every logging
-        step all of them have published (in order, each once) and report the stragglers."""
+    def _exchange(run: _Run, global_step: int, values: Mapping[str, Any],
+                  tokens: Mapping[str, int] | None = None) -> None:
+        """Publish this rank's interval numbers (with its token counts); on global rank 0, compare the
+        ranks at every logging step all of them have published (in order, each once) and report the
+        stragglers."""
         sample = rank_sample(values)
         if sample is None:
             return
-        run.exchange.post(global_step, sample)
+        run.exchange.post(global_step, {**sample, **tokens} if tokens else sample)
         if run.straggler is None:
             return
-        others = run.exchange.collect()
+        others = run.others = run.exchange.collect()
         if len(others) < run.logger.role.world_size - 1:
             return
         found: list[Anomaly] = []
@@ -626,6 +673,87 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             found += run.straggler.update(step, {0: own, **{rank: series[step] for rank, series in others.items()}})
         if found:
             run.logger.defer("straggler", functools.partial(TrainLogCallback._report, run, found))
+
+    def _take_tokens(self, run: _Run, timing: Mapping[str, Any]) -> dict[str, int] | None:
+        """This rank's token counts of the batches the interval's steps trained on (see
+        :meth:`TokenMeter.take`); None without a counting :class:`TimedDataCollator`. With DataLoader
+        workers whose counts are still on their way, waits briefly for them (else they are owed to the
+        next logging step). The first interval with a batch that had nothing to count says so once."""
+        if run.collator is None:
+            return None
+        meter, stats = run.meter, self._collate.train
+        if run.args.dataloader_num_workers > 0 and stats.pending_batches() < meter.wanted(timing["steps"]):
+            self._drain_workers(run, settle=True)
+        if stats.untokenised and not meter.untokenised_noted:
+            meter.untokenised_noted = True
+            run.logger.defer("tokens", functools.partial(
+                run.logger.log_message, "TimedDataCollator: a batch had neither a 2-D attention_mask nor an "
+                "input_ids array, so its tokens are not counted (num_input_tokens_seen, tokens_per_second and "
+                "mfu_pct come only from batches that have them)", category="data"))
+        tokens = meter.take(stats, timing["steps"])
+        if tokens is not None:
+            run.token_step = run.state.global_step
+        return tokens
+
+    def _token_fields(self, run: _Run, tlog: TrainLogger, global_step: int, values: Mapping[str, Any],
+                      timing: Mapping[str, Any], tokens: Mapping[str, int] | None) -> dict[str, Any]:
+        """``num_input_tokens_seen``, ``tokens_per_second``, ``mfu_pct`` of a train record; in a
+        distributed run also this rank's ``rank_input_tokens`` and ``rank_num_input_tokens_seen``.
+        Global rank 0 sums the ranks' counts of this step from the telemetry exchange, when every rank
+        has published it; else the record has no all-rank count of ours."""
+        world = tlog.role.world_size
+        others = self._others_at(run, global_step) if world > 1 and tokens is not None \
+            and tlog.role.is_world_process_zero else None
+        fields = run.meter.fields(values, timing.get("interval_s"), tokens, others, world)
+        if tokens is not None and world > 1:
+            fields["rank_input_tokens"] = tokens["tokens"]
+            fields["rank_num_input_tokens_seen"] = tokens["tokens_seen"]
+        return fields
+
+    @staticmethod
+    def _others_at(run: _Run, step: int) -> list[dict[str, Any]] | None:
+        """The other ranks' token counts at ``step`` (from the exchange; collected again when some
+        are missing), or None while any rank has not published that step."""
+        exchange = run.exchange
+        if exchange is None:
+            return None
+        world = run.logger.role.world_size
+
+        def complete():
+            series = run.others
+            if len(series) < world - 1 or not all("tokens" in s.get(step, ()) for s in series.values()):
+                return None
+            return [series[rank][step] for rank in sorted(series)]
+
+        found = complete()
+        if found is None and exchange.enabled:
+            run.others = exchange.collect()
+            found = complete()
+        return found
+
+    def _tokens_at_end(self, run: _Run) -> int | None:
+        """For the summary: the Trainer's ``num_input_tokens_seen`` when it counts, else (one process)
+        ours, with the batches of the steps after the last logging step."""
+        state = run.state
+        if getattr(run.args, "include_num_input_tokens_seen", "no") not in ("no", False, None):
+            return state.num_input_tokens_seen
+        if run.collator is None or run.logger.role.world_size > 1:
+            return None
+        if run.args.dataloader_num_workers > 0:
+            self._drain_workers(run, settle=True)
+        tokens = run.meter.take(self._collate.train, run.timer.steps)
+        return tokens["tokens_seen"] if tokens is not None else None
+
+    def _await_rank_tokens(self, run: _Run, wait_s: float = 2.0) -> None:
+        """At the end of a distributed run, global rank 0 waits (at most ``wait_s``) for every rank's
+        counts of the last logging step, so that its last record has the all-rank count."""
+        step = run.token_step
+        if step is None or run.exchange is None or not run.logger.role.is_world_process_zero \
+                or run.logger.role.world_size < 2:
+            return
+        deadline = _time.monotonic() + wait_s
+        while run.exchange.enabled and self._others_at(run, step) is None and _time.monotonic() < deadline:
+            _time.sleep(0.02)
 
     @staticmethod
     def _report(run: _Run, anomalies: list[Anomaly]) -> None:

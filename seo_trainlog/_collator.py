@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing.context import get_spawning_popen
 from queue import Empty
 from time import perf_counter
@@ -26,6 +26,14 @@ class TimedDataCollator:
     and the JSON metrics at every logging step (``collate_calls``, ``collate_time_s``,
     ``collate_mean_ms``, ``collate_max_ms``, ``collate_samples``); batches collated while the Trainer
     evaluates are counted in the evaluation's record, never in a training interval.
+
+    Tokens: each returned batch's tokens are counted with one tensor sum: the non-padding tokens
+    (``attention_mask.sum()``) when the batch has a 2-D ``attention_mask``, else every element of
+    ``input_ids`` (``numel()``); its padded length is the last dimension. A batch with neither (not a
+    mapping, or plain lists) is not counted (said once in ``data_loading_<stamp>.log``). The callback
+    hands the counts to the optimizer step that trained on those batches (in the order the batches
+    were collated; see the README's "Tokens and MFU" for the train records' ``num_input_tokens_seen``,
+    ``tokens_per_second`` and ``mfu_pct``).
 
     When the wrapped collator raises, the error is written to the error logs of the run the call
     belongs to, with its context (batch size and feature keys, never feature values), and re-raised
@@ -67,15 +75,17 @@ class TimedDataCollator:
             samples = len(features)
         except TypeError:
             samples = 0
+        tokens, length = count_tokens(batch)
         attributes = self.__dict__
         queue = attributes.get("_worker_queue")
         if queue is not None and get_worker_info() is not None:
             phase = attributes.get("_worker_phase") or self._phase()
-            queue.put((phase, (1, elapsed, elapsed, samples)))  # before the batch leaves this worker
+            # before the batch leaves this worker
+            queue.put((phase, (1, elapsed, elapsed, samples, tokens, length, get_worker_info().id)))
             return batch
         sums = self._owner()
         if sums is not None:
-            sums.current().add(elapsed, samples)
+            sums.current().add(elapsed, samples, tokens, length)
         return batch
 
     def _owner(self) -> CollateSums | None:
@@ -172,6 +182,24 @@ class TimedDataCollator:
 
     def __repr__(self) -> str:
         return f"TimedDataCollator({self.collator!r})"
+
+
+def count_tokens(batch: Any) -> tuple[int | None, int]:
+    """``(tokens, padded length)`` of a collated batch: ``attention_mask.sum()`` for a 2-D mask, else
+    ``input_ids.numel()``; ``(None, 0)`` when the batch has neither as an array."""
+    if not isinstance(batch, Mapping):
+        return None, 0
+    try:  # never the user's training stopped by a count: an odd array is not counted
+        mask = batch.get("attention_mask")
+        if getattr(mask, "ndim", None) == 2:
+            return int(mask.sum()), int(mask.shape[-1])
+        ids = batch.get("input_ids")
+        shape = getattr(ids, "shape", None)
+        if shape is not None and len(shape) > 0:
+            return int(ids.size if not callable(getattr(ids, "numel", None)) else ids.numel()), int(shape[-1])
+    except Exception:
+        pass
+    return None, 0
 
 
 def _batch_facts(features: Any) -> dict[str, Any]:

@@ -88,6 +88,10 @@ class LogConfig:
             to ``"min"`` (lower is better), ``"max"`` (higher is better) or ``None`` (no "best" at
             all: a counter, a timing). Used wherever a best value is picked (``seo-trainlog``
             summaries, ``compare``, the run manifest). Default ``None`` (the table alone).
+        peak_tflops: Peak TFLOPS of one device, for ``mfu_pct`` (model FLOPs utilisation): overrides
+            the table of GPUs by name (:data:`seo_trainlog._tokens.PEAK_TFLOPS`); the run's peak is
+            this times the world size. ``None``: from the table (no ``mfu_pct`` on a device not in it,
+            ``null`` on CPU). Default ``None``.
 
     Raises:
         ValueError: at construction, for an unknown level, an invalid rotation or retention, or an
@@ -123,6 +127,7 @@ class LogConfig:
     prometheus_textfile: Path | None = None
     pushgateway_url: str | None = None
     metric_directions: Mapping[str, str | None] | None = dataclasses.field(default=None, hash=False)
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dir", _check_log_dir("log_dir", self.log_dir))
@@ -140,7 +145,7 @@ class LogConfig:
                                                                    0.0, 3600.0))
         object.__setattr__(self, "data_wait_warn_pct", _check_number("data_wait_warn_pct", self.data_wait_warn_pct,
                                                                      0.0, 100.0))
-        for name in _ANOMALY_FIELDS + _PROMETHEUS_FIELDS:
+        for name in _ANOMALY_FIELDS + _PROMETHEUS_FIELDS + ("peak_tflops",):
             object.__setattr__(self, name, _PARSERS[name](name, getattr(self, name)))
         if self.metric_directions is not None:
             object.__setattr__(self, "metric_directions", _check_directions("metric_directions",
@@ -179,6 +184,7 @@ class LogConfig:
         ``SEO_TRAINLOG_PROMETHEUS_TEXTFILE``   exposition file for node_exporter's textfile collector
         ``SEO_TRAINLOG_PUSHGATEWAY``           Pushgateway URL, pushed to at the end of the run
         ``SEO_TRAINLOG_METRIC_DIRECTIONS``     JSON object, e.g. ``{"eval_my_score": "max", "*_count": null}``
+        ``SEO_TRAINLOG_PEAK_TFLOPS``           peak TFLOPS of one device, for ``mfu_pct``
         ============================  ==========================================================
 
         Args:
@@ -366,6 +372,7 @@ _ENV_FIELDS = (
     ("SEO_TRAINLOG_PROMETHEUS_TEXTFILE", "prometheus_textfile"),
     ("SEO_TRAINLOG_PUSHGATEWAY", "pushgateway_url"),
     ("SEO_TRAINLOG_METRIC_DIRECTIONS", "metric_directions"),
+    ("SEO_TRAINLOG_PEAK_TFLOPS", "peak_tflops"),
 )
 _PARSERS = {
     "log_dir": _check_log_dir,
@@ -396,6 +403,7 @@ _PARSERS = {
     "prometheus_textfile": _optional(_check_file),
     "pushgateway_url": _optional(_check_url),
     "metric_directions": _check_directions,
+    "peak_tflops": _optional(functools.partial(_check_number, low=0.001, high=1e6)),
 }
 _ANOMALY_FIELDS = ("detect_anomalies", "anomaly_window", "loss_spike_z", "grad_norm_jump", "throughput_drop_pct",
                    "memory_creep_mb", "plateau_evals", "plateau_min_delta", "straggler_pct", "straggler_window",

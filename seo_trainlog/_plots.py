@@ -32,9 +32,12 @@ def smooth(values: Sequence[float], span: int | None = None) -> list[float]:
 
 def build_figure(analysis: RunAnalysis) -> Figure:
     """A 2x2 figure, 14 x 9 inches: loss (raw, smoothed, eval loss), learning rate, throughput
-    (samples/s, raw and smoothed), memory (RSS and GPU memory in MiB, GPU utilisation in percent)."""
+    (samples/s, raw and smoothed), memory (RSS and GPU memory in MiB, GPU utilisation in percent);
+    with token counts in the records a third row (14 x 13 inches): tokens/s (raw and smoothed) and
+    MFU (percent)."""
     summary = analysis.summary()
-    figure = Figure(figsize=(14, 9), dpi=100, layout="constrained")
+    tokens = bool(analysis.tokens.rows())  # a third row: tokens/s and MFU
+    figure = Figure(figsize=(14, 13 if tokens else 9), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     notice = coverage_notice(summary)  # the plotted records are not the whole run: say which steps
     why = "earlier records in another log directory" if summary["resumed_here"] else "older records removed by retention"
@@ -42,7 +45,8 @@ def build_figure(analysis: RunAnalysis) -> Figure:
                     f"{summary['global_step']}, epoch {fmt_epoch(summary['epoch'])}"
                     + (f"\n{_first_clause(notice)} ({why})" if notice else ""),
                     fontsize=13)
-    loss_ax, lr_ax, speed_ax, memory_ax = figure.subplots(2, 2, sharex=True).flat
+    panels = list(figure.subplots(3 if tokens else 2, 2, sharex=True).flat)
+    loss_ax, lr_ax, speed_ax, memory_ax = panels[:4]
     anomalies = [a for a in summary["anomalies"] if isinstance(a["global_step"], (int, float))]
 
     loss_steps, losses = analysis.train.column("loss")
@@ -70,9 +74,14 @@ def build_figure(analysis: RunAnalysis) -> Figure:
         util_ax.legend(loc="lower right", fontsize=8)
     _panel(memory_ax, "Memory and GPU", "MiB")
 
-    for axes in (loss_ax, lr_ax, speed_ax, memory_ax):
+    if tokens:
+        _raw_and_smoothed(panels[4], *analysis.tokens.column("tokens_per_second"), "tokens/s", "tab:red")
+        _panel(panels[4], "Tokens per second", "tokens_per_second")
+        _line(panels[5], *analysis.tokens.column("mfu_pct"), color="tab:olive", label="MFU (%)")
+        _panel(panels[5], "Model FLOPs utilisation", "mfu_pct")
+    for axes in panels:
         _mark_anomalies(axes, anomalies, label_them=axes is loss_ax)
-    for axes in (speed_ax, memory_ax):
+    for axes in panels[-2:]:
         axes.set_xlabel("global_step")
     return figure
 

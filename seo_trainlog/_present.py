@@ -126,6 +126,7 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
                        f"{number(summary['steps_per_second'])} steps/s"
                        + (" (Trainer's, over the whole train())" if summary.get("throughput_source") == "trainer"
                           else "")),
+        *_token_rows(summary.get("tokens")),
         ("data wait", _unit(summary["data_wait_pct"], "% of step time", 3)),
         ("peak memory", ", ".join([f"RSS {_unit(summary['peak_rss_mb'], ' MiB', 5)}"]
                                   + [f"{key} {_unit(v, ' MiB', 5)}" for key, v in summary["peak_gpu_mem_mb"].items()])),
@@ -146,6 +147,20 @@ def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
             if entry["direction"] is None]
     rows += [(f"train {metric}", stats_text(entry, number))
              for metric, entry in (summary.get("train_metrics") or {}).items()]
+    return rows
+
+
+def _token_rows(tokens: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """``tokens/s`` and ``MFU`` rows when the run counted tokens (``RunAnalysis.token_summary``)."""
+    if not tokens:
+        return []
+    seen = tokens["num_input_tokens_seen"]
+    rows = [("tokens/s", f"{number(tokens['tokens_per_second'])} mean, {number(tokens['last_tokens_per_second'])} "
+                         f"last" + (f"; {seen} tokens seen" if isinstance(seen, int) else ""))]
+    if tokens["mfu_pct"] is not None or tokens["last_mfu_pct"] is not None:
+        rows.append(("MFU", f"{_unit(tokens['mfu_pct'], '%', 3)} mean, {_unit(tokens['last_mfu_pct'], '%', 3)} last"))
+    else:
+        rows.append(("MFU", "n/a (peak FLOPs unknown: set SEO_TRAINLOG_PEAK_TFLOPS)"))
     return rows
 
 

@@ -312,4 +312,4 @@ class TelemetryExchange:
     def _fail(self, exc: Exception) -> None:
         self.enabled = False
         self._warn(f"the per-rank telemetry exchange through the launcher's store failed ({type(exc).__name__}: "
-                   f"{exc}); straggler detection during training is off, training goes on")
+                   f"{exc}); straggler detection and the all-rank token counts during training are off, training goes on")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 
 class StepTimer:
@@ -130,41 +131,89 @@ class IntervalSums:
 
 
 class CollateStats:
-    """Calls and seconds spent in :class:`~seo_trainlog.TimedDataCollator` since the last drain."""
+    """Calls and seconds spent in :class:`~seo_trainlog.TimedDataCollator` since the last drain, and
+    the token counts of the batches it returned.
 
-    __slots__ = ("calls", "total_s", "max_s", "samples")
+    ``pending`` (the train phase only, else None): per collating process (``0``: the main process or
+    DataLoader worker 0, ``w``: worker ``w``), ``(tokens, padded length)`` of each counted batch in
+    the order it collated them, until :meth:`take` hands them to the step that used them; a batch with
+    neither ``attention_mask`` nor ``input_ids`` adds to ``untokenised`` instead."""
 
-    def __init__(self) -> None:
+    __slots__ = ("calls", "total_s", "max_s", "samples", "pending", "untokenised")
+
+    def __init__(self, pending: dict[int, deque] | None = None) -> None:
         self.calls = 0
         self.total_s = 0.0
         self.max_s = 0.0
         self.samples = 0
+        self.pending = pending
+        self.untokenised = 0
 
-    def add(self, elapsed_s: float, samples: int) -> None:
+    def add(self, elapsed_s: float, samples: int, tokens: int | None = None, length: int = 0, worker: int = 0) -> None:
         self.calls += 1
         self.total_s += elapsed_s
         self.samples += samples
         if elapsed_s > self.max_s:
             self.max_s = elapsed_s
+        if tokens is None:
+            self.untokenised += 1
+        elif self.pending is not None:
+            self._queue(worker).append((tokens, length))
 
-    def merge(self, sums: tuple[int, float, float, int]) -> None:
-        """Add ``(calls, total_s, max_s, samples)`` summed elsewhere (a DataLoader worker)."""
-        calls, total_s, max_s, samples = sums
+    def _queue(self, worker: int) -> deque:
+        queue = self.pending.get(worker)
+        if queue is None:
+            queue = self.pending[worker] = deque(maxlen=PENDING_BATCHES)
+        return queue
+
+    def merge(self, sums: tuple) -> None:
+        """Add ``(calls, total_s, max_s, samples[, tokens, length, worker id])`` summed elsewhere (a
+        DataLoader worker sends one call's: ``tokens`` None when the batch had no tokens to count)."""
+        calls, total_s, max_s, samples = sums[:4]
         self.calls += calls
         self.total_s += total_s
         self.samples += samples
         if max_s > self.max_s:
             self.max_s = max_s
+        if len(sums) > 4:
+            if sums[4] is None:
+                self.untokenised += calls
+            elif self.pending is not None:
+                self._queue(sums[6]).append((sums[4], sums[5]))
+
+    def take(self, batches: int, first: int = 0, workers: int = 1) -> tuple[int, int, int]:
+        """Pop the counts of the DataLoader's batches ``first`` to ``first + batches - 1`` (indices in
+        the current epoch; batch ``i`` comes from worker ``i % workers``, the DataLoader's round
+        robin), stopping at the first one not arrived yet: ``(batches taken, tokens, sum of their
+        padded lengths)``."""
+        taken = tokens = length = 0
+        pending = self.pending or {}
+        workers = max(1, workers)
+        while taken < batches:
+            queue = pending.get((first + taken) % workers)
+            if not queue:
+                break
+            count, size = queue.popleft()
+            taken += 1
+            tokens += count
+            length += size
+        return taken, tokens, length
+
+    def pending_batches(self) -> int:
+        return sum(map(len, (self.pending or {}).values()))
 
     def drain(self) -> dict[str, float | int]:
         """``collate_calls``, ``collate_time_s`` (total), ``collate_mean_ms``, ``collate_max_ms``,
-        ``collate_samples``; then reset. Empty if there was no call."""
+        ``collate_samples``; then reset (the pending token counts stay). Empty if there was no call."""
         calls, total, peak, samples = self.calls, self.total_s, self.max_s, self.samples
         self.calls, self.total_s, self.max_s, self.samples = 0, 0.0, 0.0, 0
         if calls == 0:
             return {}
         return {"collate_calls": calls, "collate_time_s": total, "collate_mean_ms": 1000.0 * total / calls,
                 "collate_max_ms": 1000.0 * peak, "collate_samples": samples}
+
+
+PENDING_BATCHES = 1 << 18
 
 
 class CollateSums:
@@ -176,7 +225,9 @@ class CollateSums:
     __slots__ = ("train", "eval", "phase", "logger")
 
     def __init__(self) -> None:
-        self.train = CollateStats()
+        # bounded: between a run's logging steps only their batches wait here; outside a run (predict()
+        # with the train phase) nobody takes them, and the oldest go
+        self.train = CollateStats({})
         self.eval = CollateStats()
         self.phase = "train"
         self.logger = None
@@ -184,19 +235,22 @@ class CollateSums:
     def current(self) -> CollateStats:
         return self.eval if self.phase == "eval" else self.train
 
-    def add_sums(self, phase: str, sums: tuple[int, float, float, int]) -> None:
+    def add_sums(self, phase: str, sums: tuple) -> None:
         (self.eval if phase == "eval" else self.train).merge(sums)
 
     def discard(self) -> None:
         """Forget every sum (the calls before a run are not the run's)."""
-        self.train.drain()
-        self.eval.drain()
+        for stats in (self.train, self.eval):
+            stats.drain()
+            stats.untokenised = 0
+        self.train.pending.clear()
 
     def drain_all(self) -> dict[str, float | int]:
         """Both phases' sums as one :meth:`CollateStats.drain` result (outside a run), then reset."""
         evaluation = self.eval
         self.train.merge((evaluation.calls, evaluation.total_s, evaluation.max_s, evaluation.samples))
         evaluation.drain()
+        self.train.pending.clear()
         return self.train.drain()
 
 

@@ -113,6 +113,20 @@ def test_a_rank_slowed_in_its_collator_is_the_straggler(log_dir, capsys, monkeyp
     assert first["pace_s"] >= 0.15
     warnings = [m for m in run.messages("errors") if m.startswith("Anomaly: Straggler at global_step")]
     assert warnings and "rank 1's pace" in warnings[0]
+    # tokens: each rank counts its own batches (4 queries of 5 tokens a step, no padding: 20 a step);
+    # rank 0's all-rank count is the sum of both ranks' at the same step, from the telemetry exchange
+    assert [row["rank_num_input_tokens_seen"] for row in rank_steps] == [20 * step for step in range(1, 16)]
+    rank1 = {row["global_step"]: row for row in rank_steps}
+    train = run.records("train")
+    assert [row["rank_num_input_tokens_seen"] for row in train] == [20 * step for step in range(1, 16)]
+    summed = [row for row in train if "num_input_tokens_seen" in row]
+    assert summed and summed[-1]["global_step"] == 15 and summed[-1]["num_input_tokens_seen"] == 600
+    for row in summed:
+        other = rank1[row["global_step"]]
+        assert row["num_input_tokens_seen"] == row["rank_num_input_tokens_seen"] + other["rank_num_input_tokens_seen"]
+        assert row["tokens_per_second"] == pytest.approx(
+            (row["rank_input_tokens"] + other["rank_input_tokens"]) / row["interval_s"], rel=1e-12)
+    assert all("tokens_per_second" not in row for row in train if "num_input_tokens_seen" not in row)
     monkeypatch.setenv("SEO_TRAINLOG_STRAGGLER_WINDOW", "3")
     summary = summarize_json(capsys, str(log_dir))
     ranks = {row["rank"]: row for row in summary["ranks"]}
@@ -324,5 +338,6 @@ def test_a_store_that_fails_switches_the_exchange_off_with_one_warning():
     exchange.post(3, {"step_time_s": 0.1})
     assert len(warnings) == 1 and warnings[0].startswith("the per-rank telemetry exchange through the launcher's "
                                                          "store failed (")
-    assert warnings[0].endswith("straggler detection during training is off, training goes on")
+    assert warnings[0].endswith("straggler detection and the all-rank token counts during training are off, "
+                                "training goes on")
     assert exchange.enabled is False and [step for step, _ in exchange.recent] == [1, 2, 3]

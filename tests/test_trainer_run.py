@@ -50,7 +50,9 @@ def test_add_callback_run_writes_every_file(make_trainer, log_dir, tokenizer):
     ]
     assert summary[start + 7:start + 9] == ["Early stopping triggered: False", "Status: completed"]
     assert summary[start + 9].startswith("peak_rss_mb: ") and summary[start + 10].startswith("data_wait_pct: ")
-    assert summary[start + 11] == "=" * 80
+    # TimedDataCollator counted the tokens of the batches trained on: the last record's count
+    assert summary[start + 11] == f"num_input_tokens_seen: {records[-1]['num_input_tokens_seen']}"
+    assert summary[start + 12] == "=" * 80
     duration = float(summary[start + 6].removeprefix("Training duration: ").removesuffix("s"))
     assert 0 < duration < 60
     assert [m for m in run.messages("data_loading") if m.startswith("Collate: ")]
