@@ -21,7 +21,8 @@ def compare(analyses: Sequence[RunAnalysis], log_dirs: Sequence[str] | None = No
 
     ``runs``: per run ``{"run_id", "log_dir", "status", "started", "global_step", "epoch",
     "duration_s"`` (training, else first to last record), ``"samples_per_second", "steps_per_second",
-    "errors", "warnings", "anomaly_count"}``; ``differences``: ``{dotted hyperparameter name: [value
+    "tokens_per_second", "mfu_pct"`` (over the run, ``None`` without token counts or a known peak),
+    ``"errors", "warnings", "anomaly_count"}``; ``differences``: ``{dotted hyperparameter name: [value
     per run]}`` for the names whose values differ (``None`` where a run lacks it or logged ``None``), e.g.
     ``training_args.learning_rate``; ``metrics``: ``{name: {"direction": "min"|"max"|None,
     "final": [value per run], "best": [value per run]}}`` (``best`` only with a direction) for the
@@ -34,6 +35,8 @@ def compare(analyses: Sequence[RunAnalysis], log_dirs: Sequence[str] | None = No
              "global_step": s["global_step"], "epoch": s["epoch"],
              "duration_s": s["training_duration_s"] if s["training_duration_s"] is not None else s["wall_time_s"],
              "samples_per_second": s["samples_per_second"], "steps_per_second": s["steps_per_second"],
+             "tokens_per_second": (s.get("tokens") or {}).get("tokens_per_second"),
+             "mfu_pct": (s.get("tokens") or {}).get("mfu_pct"),
              "errors": s["errors"], "warnings": s["warnings"], "anomaly_count": s["anomaly_count"]}
             for s, directory in zip(summaries, dirs)]
     return {"runs": runs, "differences": differences([a.hyperparameters for a in analyses]),
@@ -188,10 +191,16 @@ def tables(result: Mapping[str, Any], number, duration, status_text) -> list[tup
     runs, hyperparameter differences, metrics (``final`` and, with a direction, ``best``).
     ``number``, ``duration``, ``status_text`` format cells (:mod:`~seo_trainlog._present`)."""
     labels = run_labels(result)
+    # tokens/s and MFU only when some run has them (no empty columns in an 80-column table)
+    optional = [(key, header, digits) for key, header, digits in (("tokens_per_second", "tokens/s", 4),
+                                                                  ("mfu_pct", "MFU %", 3))
+                if any(run[key] is not None for run in result["runs"])]
     runs = [[label, status_text(run["status"]), number(run["global_step"]), duration(run["duration_s"]),
-             number(run["samples_per_second"]), str(run["errors"]), str(run["anomaly_count"])]
+             number(run["samples_per_second"]), *(number(run[key], digits) for key, _, digits in optional),
+             str(run["errors"]), str(run["anomaly_count"])]
             for label, run in zip(labels, result["runs"])]
-    out = [("Runs", ["run", "status", "steps", "duration", "samples/s", "errors", "anomalies"], runs)]
+    out = [("Runs", ["run", "status", "steps", "duration", "samples/s", *(header for _, header, _ in optional),
+                     "errors", "anomalies"], runs)]
     differing = [[name, *(_value(value, number) for value in values)]
                  for name, values in result["differences"].items()]
     out.append(("Hyperparameters that differ", ["hyperparameter", *labels], differing))

@@ -151,6 +151,24 @@ def test_mfu_with_peak_tflops_is_the_palm_formula(make_trainer, log_dir, monkeyp
     assert cli_main(["plot", str(log_dir), "-o", str(log_dir / "run.png")]) == 0
     assert (log_dir / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # compare: the run's tokens/s and MFU beside a run without token counts
+    plain = log_dir.parent / "plain"
+    trainer = make_trainer(callbacks=[TrainLogCallback(quiet(plain))], max_steps=2, logging_steps=2)
+    trainer.train()
+    capsys.readouterr()
+    assert cli_main(["compare", str(log_dir), str(plain), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [(r["tokens_per_second"], r["mfu_pct"]) for r in runs] == [(tokens["tokens_per_second"],
+                                                                      tokens["mfu_pct"]), (None, None)]
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: every cell whole
+    assert cli_main(["compare", str(log_dir), str(plain)]) == 0
+    header, first, second = [line for line in capsys.readouterr().out.splitlines() if "┃" in line or "│" in line][:3]
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == [
+        "run", "status", "steps", "duration", "samples/s", "tokens/s", "MFU %", "errors", "anomalies"]
+    assert [cell.strip() for cell in first.split("│")[6:8]] == [f"{tokens['tokens_per_second']:.4g}",
+                                                              f"{tokens['mfu_pct']:.3g}"]
+    assert [cell.strip() for cell in second.split("│")[6:8]] == ["n/a", "n/a"]
+
 
 def test_a_run_without_tokens_plots_and_summarizes_as_before(make_trainer, log_dir, capsys):
     run(make_trainer, log_dir, timed=False, max_steps=2)
