@@ -232,8 +232,9 @@ def test_textfile_holds_the_runs_values_and_is_replaced_atomically(make_trainer,
     assert value(text, "seo_trainlog_run_info", status="completed", **labels) == 1
     assert "running" not in text
     assert value(text, "seo_trainlog_errors_total", **labels) == 0
-    for kind in KINDS:
-        assert value(text, "seo_trainlog_anomalies_total", kind=kind, **labels) == 0
+    for kind in KINDS:  # as many as the run recorded (a loaded machine may see a throughput_drop)
+        assert value(text, "seo_trainlog_anomalies_total", kind=kind, **labels) == \
+            sum(record["kind"] == kind for record in run.records("anomaly"))
     # the labels are exactly the run's: no trial outside a hyperparameter search
     sample = families(text)["seo_trainlog_global_step"][0]
     assert sample.labels == labels
