@@ -428,7 +428,8 @@ def test_linger_stops_the_server_after_the_run(make_trainer, log_dir):
 
 def test_every_rank_of_a_torchrun_launch_exports_its_own_series(log_dir, tmp_path):
     """Rank 1 writes no train records, yet exports its own step time and memory with its labels, on
-    port + local_rank, to its own textfile."""
+    port + local_rank, to its own textfile; its collator sleeps 0.15 s a batch, and its data time (the
+    straggler detector's: TimedDataCollator time per step) shows it."""
     from test_scale import failure_text, launch
 
     port = free_port()
@@ -444,6 +445,11 @@ def test_every_rank_of_a_torchrun_launch_exports_its_own_series(log_dir, tmp_pat
     assert result.returncode == 0, failure_text(result)
     run = RunFiles(log_dir)
     assert sorted(os.listdir(tmp_path)) == ["logs", "seo_rank0.prom", "seo_rank1.prom"]
+    rank1_file, = log_dir.glob("performance_metrics_rank1_*.log")
+    last = {0: run.records("train")[-1],
+            1: [record for record in map(json.loads, rank1_file.read_text().splitlines())
+                if record["event"] == "rank_step"][-1]}
+    assert last[0]["global_step"] == last[1]["global_step"] == 4
     for rank in (0, 1):
         labels = {**run_labels(run.run_id), "rank": str(rank), "local_rank": str(rank)}
         textfile = (tmp_path / f"seo_rank{rank}.prom").read_text(encoding="utf-8")
@@ -455,6 +461,10 @@ def test_every_rank_of_a_torchrun_launch_exports_its_own_series(log_dir, tmp_pat
             assert value(text, "seo_trainlog_resident_memory_bytes", **labels) > 10 * MB
             assert value(text, "seo_trainlog_run_info", status="completed", **labels) == 1
             assert {sample.labels["rank"] for sample in families(text)["seo_trainlog_global_step"]} == {str(rank)}
+            # the straggler detector's own data time: the last interval's collate time per step
+            assert value(text, "seo_trainlog_data_time_seconds", **labels) == \
+                last[rank]["collate_time_s"] / last[rank]["steps"]
+    assert last[1]["collate_time_s"] / last[1]["steps"] >= 0.15 / 2  # at least one slept batch in 2 steps
     assert run.records("summary")[0]["status"] == "completed"
 
 
