@@ -526,7 +526,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             resources = {**run.sampler.drain(), **cuda_memory()} if run.sampler else \
                 {"rss_mb": rss_mb(), **cuda_memory()}
             if run.exporter is not None:  # gauges set now; the textfile written with the deferred records
-                run.exporter.observe_train(state.global_step, state.epoch, logs, loss_key, timing, resources)
+                run.exporter.observe_train(state.global_step, state.epoch, logs, loss_key, timing, resources,
+                                           collate)
                 run.exporter.schedule_textfile(run.logger.defer)
             run.logger.defer("on_log", functools.partial(self._write_log, run.logger, run, state.global_step,
                                                          state.epoch, dict(logs), timing, collate, resources, tokens))

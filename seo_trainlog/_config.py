@@ -5,12 +5,15 @@ import dataclasses
 import datetime
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from loguru._string_parsers import parse_duration, parse_size
 
+from ._secrets import REDACTOR
 from ._sinks import probe_file_options
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -151,6 +154,12 @@ class LogConfig:
             object.__setattr__(self, "metric_directions", _check_directions("metric_directions",
                                                                             self.metric_directions))
 
+    def __repr__(self) -> str:
+        """The dataclass repr, with the ``user:password@`` of ``pushgateway_url`` redacted."""
+        shown = (f"{field.name}={redacted_url(value) if field.name == 'pushgateway_url' and value else value!r}"
+                 for field in dataclasses.fields(self) if field.repr for value in (getattr(self, field.name),))
+        return f"{type(self).__qualname__}({', '.join(shown)})"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LogConfig:
         """Build a config from environment variables; unset or empty ones keep the defaults.
@@ -273,12 +282,48 @@ def _check_file(name: str, value: object) -> Path:
 
 
 def _check_url(name: str, value: object) -> str:
+    """A Pushgateway URL, ``http://`` put in front when it names no scheme (``host:port``,
+    ``user:password@host:port``: nothing before ``://`` is taken for a scheme). A password in it is
+    remembered by the secret redactor, and never shown in an error message."""
     text = value.strip() if isinstance(value, str) else ""
-    scheme = text.partition("://")[0] if "://" in text else "http"
-    if text and not any(char.isspace() for char in text) and scheme in ("http", "https"):
+    if text and "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        valid = bool(parts.hostname) and (parts.port is None or parts.port > 0)  # .port: ValueError if not a port
+    except ValueError:
+        valid = False
+    if valid and not any(char.isspace() for char in text) and parts.scheme in ("http", "https"):
+        if parts.password:
+            REDACTOR.add(unquote(parts.password))  # masked wherever it would be logged (6 characters or more)
         return text
-    raise ValueError(f"{name}={value!r} is not valid; accepted values: a Pushgateway URL such as "
-                     "'http://pushgateway:9091' (http or https; host:port alone means http)")
+    shown = redacted_url(value) if isinstance(value, str) else value
+    raise ValueError(f"{name}={shown!r} is not valid; accepted values: a Pushgateway URL such as "
+                     "'http://pushgateway:9091' (http or https; host:port alone means http; "
+                     "user:password@ for HTTP basic auth)")
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``url`` without its ``user:password@`` part, and the user name and password (percent-decoded),
+    None where absent. Raises ValueError for a URL :func:`urllib.parse.urlsplit` rejects."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None, None
+    host = parts.netloc.rpartition("@")[2]
+    return (urlunsplit(parts._replace(netloc=host)), unquote(parts.username or ""),
+            None if parts.password is None else unquote(parts.password))
+
+
+def redacted_url(text: str) -> str:
+    """``text`` (a URL, or a message quoting URLs) with every ``user:password@`` or ``user@`` part of a
+    URL replaced by ``<redacted>@``; a text holding no URL with ``://`` is treated as one without scheme
+    (``user:password@host:port``)."""
+    if "://" not in text and "@" in text and not any(char.isspace() for char in text):
+        return "<redacted>@" + text.rpartition("@")[2]
+    return _USERINFO.sub(r"\1<redacted>@", text)
+
+
+_USERINFO = re.compile(r"(://)[^/\s'\"]*@")  # up to the last "@" before the path: a password may hold "@"
 
 
 def _check_directions(name: str, value: object) -> dict[str, str | None]:

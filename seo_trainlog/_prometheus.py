@@ -5,6 +5,7 @@ prometheus-client is optional: it is imported only when a Prometheus setting is 
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from time import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from ._config import LogConfig
+from ._anomaly import rank_sample
+from ._config import LogConfig, redacted_url, split_credentials
 from ._rank import ProcessRole
 
 LABELS = ("run_id", "rank", "local_rank", "node", "host")  # plus "trial" in a hyperparameter search
@@ -50,8 +51,12 @@ METRICS = (
            "Mean wall time of this rank's optimizer steps over the last logging interval."),
     Metric("seo_trainlog_data_wait_ratio", "gauge", "data_wait_pct",
            "Share (0-1) of this rank's step and wait time spent waiting for data.", scale=0.01),
+    Metric("seo_trainlog_data_time_seconds", "gauge", None,
+           "This rank's own data time per optimizer step over the last logging interval: its TimedDataCollator "
+           "time per step when it has one, else its data wait per step (the straggler detector's data time; "
+           "its pace is this plus the shortest step time of the run's ranks)."),
     Metric("seo_trainlog_last_step_timestamp_seconds", "gauge", None,
-           "Unix time of this rank's last logging step."),
+           "Unix time of this rank's last logging step; before the first one, of the run's start."),
     Metric("seo_trainlog_resident_memory_bytes", "gauge", "rss_mb", "Resident memory of the process.", scale=MB),
     Metric("seo_trainlog_gpu_memory_used_bytes", "gauge", "gpu{gpu}_mem_used_mb",
            "GPU memory in use (NVML), per visible GPU.", scale=MB, labels=("gpu",)),
@@ -135,13 +140,18 @@ class PrometheusExporter:
             self._metrics[metric.name] = kind(metric.name, metric.help, labelnames=(*labels, *metric.labels),
                                               registry=self.registry)
         child = self._child
-        self._global_step = child("seo_trainlog_global_step")
-        self._epoch = child("seo_trainlog_epoch")
-        self._train_loss = child("seo_trainlog_train_loss")
-        self._eval_loss = child("seo_trainlog_eval_loss")
+        # a gauge's series is created by its first value (a scrape never shows a 0 nobody measured)
+        self._global_step = _Lazy(child, "seo_trainlog_global_step")
+        self._epoch = _Lazy(child, "seo_trainlog_epoch")
+        self._train_loss = _Lazy(child, "seo_trainlog_train_loss")
+        self._eval_loss = _Lazy(child, "seo_trainlog_eval_loss")
+        self._data_time = _Lazy(child, "seo_trainlog_data_time_seconds")
+        self._step_gauges = tuple((metric.key, _Lazy(child, metric.name), metric.scale) for metric in _STEP_GAUGES)
+        # the run's start until the first logging step: a run that hangs before it still alerts
         self._last_step = child("seo_trainlog_last_step_timestamp_seconds")
-        self._step_gauges = tuple((metric.key, child(metric.name), metric.scale) for metric in _STEP_GAUGES)
-        self._errors = child("seo_trainlog_errors_total")  # exposed from the start, at 0
+        self._last_step.set(time())
+        # the counters are exposed from the start, at 0: increase() sees their first increment
+        self._errors = child("seo_trainlog_errors_total")
         self._anomalies = {kind: child("seo_trainlog_anomalies_total", kind) for kind in anomaly_kinds}
         self._devices: dict[str, tuple[Any, float] | None] = {}  # resource key -> (child, scale), or None
         self._status = "running"
@@ -223,12 +233,18 @@ class PrometheusExporter:
         if self.pushgateway_url is None:
             return
         try:
-            self._client.push_to_gateway(self.pushgateway_url, job=PUSH_JOB, registry=self.registry,
+            url, username, password = split_credentials(self.pushgateway_url)
+            options: dict[str, Any] = {}
+            if username is not None:  # user:password@ of the URL: HTTP basic auth, never in the URL sent
+                from prometheus_client.exposition import basic_auth_handler
+
+                options["handler"] = functools.partial(_basic_auth, basic_auth_handler, username, password or "")
+            self._client.push_to_gateway(url, job=PUSH_JOB, registry=self.registry,
                                          grouping_key={"run_id": self.run_id, "rank": str(self.rank)},
-                                         timeout=timeout_s)
+                                         timeout=timeout_s, **options)
         except Exception as exc:
-            self._once("push", f"Prometheus: pushing to the Pushgateway {_without_credentials(self.pushgateway_url)} "
-                               f"failed: {type(exc).__name__}: {_without_credentials(str(exc))}; "
+            self._once("push", f"Prometheus: pushing to the Pushgateway {redacted_url(self.pushgateway_url)} "
+                               f"failed: {type(exc).__name__}: {redacted_url(str(exc))}; "
                                "the run's final values were not pushed")
 
     def finish(self, status: str) -> None:
@@ -264,10 +280,14 @@ class PrometheusExporter:
     # ------------------------------------------------------------------ values (the training thread)
 
     def observe_train(self, global_step: int, epoch: Any, logs: Mapping[str, Any], loss_key: str,
-                      timing: Mapping[str, Any], resources: Mapping[str, Any]) -> None:
+                      timing: Mapping[str, Any], resources: Mapping[str, Any],
+                      collate: Mapping[str, Any] | None = None) -> None:
         """A training logging step: ``logs`` as the Trainer logged them (``loss_key`` names the
-        loss), ``timing`` the interval's (``step_time_s``, ``data_wait_pct``, ``samples_per_second``),
-        ``resources`` the readings (``rss_mb``, ``gpu<i>_*``, ``cuda<i>_*``). Only ``Gauge.set``."""
+        loss), ``timing`` the interval's (``steps``, ``step_time_s``, ``data_wait_s``,
+        ``data_wait_pct``, ``samples_per_second``), ``resources`` the readings (``rss_mb``,
+        ``gpu<i>_*``, ``cuda<i>_*``), ``collate`` the interval's TimedDataCollator sums
+        (``collate_time_s``...). The data time is :func:`seo_trainlog._anomaly.rank_sample`'s
+        ``own_data_s``, the straggler detector's. Only ``Gauge.set``."""
         self._global_step.set(global_step)
         _set(self._epoch, logs.get("epoch", epoch), 1.0)
         _set(self._train_loss, logs.get(loss_key), 1.0)
@@ -279,6 +299,9 @@ class PrometheusExporter:
                     value = resources.get(key)
             if value is not None:
                 _set(child, value, scale)
+        sample = rank_sample({**timing, **collate} if collate else timing)
+        if sample is not None:
+            _set(self._data_time, sample["own_data_s"], 1.0)
         if resources:
             devices = self._devices
             for key, value in resources.items():
@@ -308,6 +331,22 @@ class PrometheusExporter:
         if child is None:
             child = self._anomalies[kind] = self._child("seo_trainlog_anomalies_total", str(kind))
         child.inc()
+
+
+class _Lazy:
+    """A labelled series created on its first :meth:`set` (prometheus-client exposes a child at 0 from
+    its creation on)."""
+
+    __slots__ = ("_make", "_name", "_child")
+
+    def __init__(self, make: Callable[[str], Any], name: str) -> None:
+        self._make, self._name, self._child = make, name, None
+
+    def set(self, value: float) -> None:
+        child = self._child
+        if child is None:
+            child = self._child = self._make(self._name)
+        child.set(value)
 
 
 def _set(child: Any, value: Any, scale: float) -> None:
@@ -383,13 +422,7 @@ def textfile_path(path: Path, role: ProcessRole) -> Path:
     return path.with_name(f"{path.stem}_rank{role.rank}{path.suffix}")
 
 
-def _without_credentials(text: str) -> str:
-    """A URL (or a message quoting one) without the ``user:password@`` part."""
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    if parts.password is None and parts.username is None:
-        return re.sub(r"//[^/@\s]+@", "//<redacted>@", text)
-    return urlunsplit(parts._replace(netloc=f"<redacted>@{parts.hostname or ''}"
-                                            f"{':' + str(parts.port) if parts.port else ''}"))
+def _basic_auth(handler: Callable[..., Callable[[], None]], username: str, password: str, url: str, method: str,
+                timeout: float | None, headers: list[tuple[str, str]], data: bytes) -> Callable[[], None]:
+    """prometheus-client's push handler with HTTP basic auth (``basic_auth_handler``)."""
+    return handler(url, method, timeout, headers, data, username, password)

@@ -4,6 +4,7 @@ real Prometheus server scraping an exposition with those names and labels."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import math
@@ -21,7 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seo_trainlog._prometheus import LABELS, METRICS, NAMES
+from seo_trainlog import LogConfig
+from seo_trainlog._anomaly import KINDS
+from seo_trainlog._prometheus import LABELS, METRICS, NAMES, open_exporter, stop_servers
+from seo_trainlog._rank import ProcessRole
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "contrib" / "prometheus" / "alerts.yml"
@@ -85,7 +89,8 @@ def test_alert_rules_unit_tests_pass():
 @needs_promtool
 @pytest.mark.parametrize(("original", "changed"), [
     ("> 600)", "> 6000)"),  # a stall threshold the test data never reaches
-    ("(1.5 * quantile", "(1.0 * quantile"),  # r3's slightly slower rank would count as a straggler
+    ("1.2 * quantile", "1.0 * quantile"),  # r3's slightly slower balanced rank would count as a straggler
+    ("> 0.005", "> 0.001"),  # r6's paces, 3.5 ms apart, would count as a straggler
     ('and on (run_id, rank, trial)\n          (seo_trainlog_run_info{status="running"} == 1)\n        for: 2m',
      "for: 2m"),  # a finished run would page as stalled
 ])
@@ -173,7 +178,7 @@ def test_dashboard_panels_titles_ids_datasource_units():
     assert units == {
         "Run info / status": "none", "Global step": "none", "Training loss": "none", "Eval loss": "none",
         "Learning rate": "none", "Grad norm": "none", "Throughput (samples/s) per rank": "suffix: samples/s",
-        "Step time per rank": "s", "Data wait ratio per rank": "percentunit",
+        "Step time and data time per rank": "s", "Data wait ratio per rank": "percentunit",
         "Time since last logging step": "s", "Memory": "bytes", "GPU utilisation": "percentunit",
         "Anomalies by kind": "none", "Errors": "none"}
     ids = [panel["id"] for panel in panels]
@@ -197,7 +202,7 @@ def test_dashboard_queries_use_exported_names_and_the_template_variables():
     board = dashboard()
     defined = {variable["name"] for variable in board["templating"]["list"]}
     exprs = dashboard_exprs()
-    assert len(exprs) == 16
+    assert len(exprs) == 17
     used_names = set()
     for title, expr in exprs:
         selectors = SELECTOR.findall(expr)
@@ -213,7 +218,8 @@ def test_dashboard_queries_use_exported_names_and_the_template_variables():
     assert used_names == {
         "seo_trainlog_run_info", "seo_trainlog_global_step", "seo_trainlog_train_loss", "seo_trainlog_eval_loss",
         "seo_trainlog_learning_rate", "seo_trainlog_grad_norm", "seo_trainlog_samples_per_second",
-        "seo_trainlog_step_time_seconds", "seo_trainlog_data_wait_ratio", "seo_trainlog_last_step_timestamp_seconds",
+        "seo_trainlog_step_time_seconds", "seo_trainlog_data_wait_ratio", "seo_trainlog_data_time_seconds",
+        "seo_trainlog_last_step_timestamp_seconds",
         "seo_trainlog_resident_memory_bytes", "seo_trainlog_gpu_memory_used_bytes",
         "seo_trainlog_cuda_memory_allocated_bytes", "seo_trainlog_gpu_utilization_ratio",
         "seo_trainlog_anomalies_total", "seo_trainlog_errors_total"}
@@ -243,10 +249,12 @@ RANKS = ({"run_id": "r1", "rank": "0", "local_rank": "0", "node": "0", "host": "
 
 
 def exposition(stalled_since: float) -> str:
-    """Text exposition of a 2-rank run, one sample per name of the table: rank 1 is slowed (data wait 0.5
-    against 0.05), its loss is NaN, both ranks last logged at ``stalled_since`` and the run is running."""
+    """Text exposition of a 2-rank run, one sample per name of the table: rank 1 is slowed (data time 0.16 s
+    a step against 0.0005 s, while both wait for data about the same share, 0.876 and 0.894, as measured
+    with transformers 5), its loss is NaN, both ranks last logged at ``stalled_since`` and the run is running."""
     extra = {"gpu": "0", "kind": "straggler", "status": "running"}
-    values = {"seo_trainlog_train_loss": (1.5, math.nan), "seo_trainlog_data_wait_ratio": (0.05, 0.5),
+    values = {"seo_trainlog_train_loss": (1.5, math.nan), "seo_trainlog_data_wait_ratio": (0.876, 0.894),
+              "seo_trainlog_data_time_seconds": (0.0005, 0.16), "seo_trainlog_step_time_seconds": (0.013, 0.014),
               "seo_trainlog_last_step_timestamp_seconds": (stalled_since, stalled_since)}
     lines = []
     for metric in METRICS:
@@ -283,24 +291,34 @@ def prometheus_server(tmp_path):
 
     target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
     threading.Thread(target=target.serve_forever, daemon=True).start()
+    try:
+        with running_prometheus(tmp_path, target.server_port) as base:
+            yield base, tmp_path / "prometheus.log"
+    finally:
+        target.shutdown()
+        target.server_close()
+
+
+@contextlib.contextmanager
+def running_prometheus(tmp_path: Path, target_port: int):
+    """A real Prometheus on a free loopback port (1 s scrape and rule evaluation, alerts.yml loaded)
+    scraping 127.0.0.1:``target_port``; yields its base URL."""
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
         "scrape_configs": [{"job_name": "seo_trainlog",
-                            "static_configs": [{"targets": [f"127.0.0.1:{target.server_port}"]}]}]}))
+                            "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}]}))
     port = free_port()
     log = (tmp_path / "prometheus.log").open("w")
     server = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
                                f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        yield f"http://127.0.0.1:{port}", tmp_path / "prometheus.log"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
-        target.shutdown()
-        target.server_close()
 
 
 def api(base: str, path: str, **params: str):
@@ -349,7 +367,7 @@ def test_real_prometheus_runs_the_dashboard_queries_and_the_alerts(prometheus_se
     assert {rule["health"] for rule in rules} == {"ok"}, [(rule["name"], rule.get("lastError")) for rule in rules]
     expected = {("SeoTrainlogJobStalled", "0", "pending"), ("SeoTrainlogJobStalled", "1", "pending"),
                 ("SeoTrainlogTrainLossNotFinite", "1", "firing"), ("SeoTrainlogStragglerDataWait", "1", "pending"),
-                ("SeoTrainlogDataWaitBound", "1", "pending")}
+                ("SeoTrainlogDataWaitBound", "0", "pending"), ("SeoTrainlogDataWaitBound", "1", "pending")}
 
     def alerts():
         found = {(alert["labels"]["alertname"], alert["labels"]["rank"], alert["state"])
@@ -364,3 +382,39 @@ def test_real_prometheus_runs_the_dashboard_queries_and_the_alerts(prometheus_se
                if alert["labels"]["alertname"] == "SeoTrainlogJobStalled"]
     assert {alert["annotations"]["summary"] for alert in stalled} == {
         "Run r1 rank 0 on h0 has stalled", "Run r1 rank 1 on h1 has stalled"}
+
+
+@needs_prometheus
+def test_real_prometheus_does_not_page_a_run_before_its_first_logging_step(tmp_path):
+    """A run that has started but not logged yet (the first logging step can be minutes away with
+    logging_steps=500): the exporter's timestamp is the run's start, not 0, so the stalled-job alert stays
+    inactive; the gauges without a value yet have no series, the counters are at 0."""
+    port = free_port()
+    role = ProcessRole(rank=0, local_rank=0, world_size=1, node_rank=0, host="h0")
+    config = LogConfig(log_dir=tmp_path / "logs", prometheus_port=port, prometheus_addr="127.0.0.1")
+    warnings: list[str] = []
+    started = time.time()
+    exporter = open_exporter(config, role, "r1", None, warnings.append, anomaly_kinds=KINDS)
+    try:
+        with running_prometheus(tmp_path, port) as base:
+            scraped = wait_for(lambda: api(base, "query", query="count_over_time(seo_trainlog_run_info[1m]) >= 3")
+                               ["result"])
+            assert scraped, (tmp_path / "prometheus.log").read_text()[-3000:]
+            time.sleep(2.5)  # rules are evaluated every second: at least two evaluations on those samples
+            rules = {rule["name"]: rule for group in api(base, "rules")["groups"] for rule in group["rules"]}
+            assert rules["SeoTrainlogJobStalled"]["health"] == "ok"
+            assert rules["SeoTrainlogJobStalled"]["state"] == "inactive"
+            assert api(base, "alerts")["alerts"] == []
+            stamp = api(base, "query", query="seo_trainlog_last_step_timestamp_seconds")["result"]
+            assert len(stamp) == 1 and started <= float(stamp[0]["value"][1]) <= time.time()
+            for name in ("seo_trainlog_global_step", "seo_trainlog_train_loss", "seo_trainlog_eval_loss",
+                         "seo_trainlog_step_time_seconds", "seo_trainlog_data_time_seconds"):
+                assert api(base, "query", query=name)["result"] == [], name
+            assert api(base, "query", query="seo_trainlog_errors_total")["result"][0]["value"][1] == "0"
+            anomalies = api(base, "query", query="seo_trainlog_anomalies_total")["result"]
+            assert sorted(series["metric"]["kind"] for series in anomalies) == sorted(KINDS)
+            assert {series["value"][1] for series in anomalies} == {"0"}
+    finally:
+        exporter.finish("completed")
+        stop_servers()
+    assert warnings == []

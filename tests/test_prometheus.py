@@ -4,6 +4,7 @@ missing."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import math
@@ -25,7 +26,7 @@ import pytest
 from conftest import LINE, RunFiles, all_text, quiet, tiny_model
 from transformers import TrainerCallback
 
-from seo_trainlog import LogConfig, TrainLogCallback
+from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback
 from seo_trainlog._anomaly import KINDS
 from seo_trainlog._prometheus import LABELS, MB, METRICS, NAMES, open_exporter, stop_servers, textfile_path
 from seo_trainlog._rank import ProcessRole
@@ -231,8 +232,9 @@ def test_textfile_holds_the_runs_values_and_is_replaced_atomically(make_trainer,
     assert value(text, "seo_trainlog_run_info", status="completed", **labels) == 1
     assert "running" not in text
     assert value(text, "seo_trainlog_errors_total", **labels) == 0
-    for kind in KINDS:
-        assert value(text, "seo_trainlog_anomalies_total", kind=kind, **labels) == 0
+    for kind in KINDS:  # as many as the run recorded (a loaded machine may see a throughput_drop)
+        assert value(text, "seo_trainlog_anomalies_total", kind=kind, **labels) == \
+            sum(record["kind"] == kind for record in run.records("anomaly"))
     # the labels are exactly the run's: no trial outside a hyperparameter search
     sample = families(text)["seo_trainlog_global_step"][0]
     assert sample.labels == labels
@@ -426,7 +428,8 @@ def test_linger_stops_the_server_after_the_run(make_trainer, log_dir):
 
 def test_every_rank_of_a_torchrun_launch_exports_its_own_series(log_dir, tmp_path):
     """Rank 1 writes no train records, yet exports its own step time and memory with its labels, on
-    port + local_rank, to its own textfile."""
+    port + local_rank, to its own textfile; its collator sleeps 0.15 s a batch, and its data time (the
+    straggler detector's: TimedDataCollator time per step) shows it."""
     from test_scale import failure_text, launch
 
     port = free_port()
@@ -442,6 +445,11 @@ def test_every_rank_of_a_torchrun_launch_exports_its_own_series(log_dir, tmp_pat
     assert result.returncode == 0, failure_text(result)
     run = RunFiles(log_dir)
     assert sorted(os.listdir(tmp_path)) == ["logs", "seo_rank0.prom", "seo_rank1.prom"]
+    rank1_file, = log_dir.glob("performance_metrics_rank1_*.log")
+    last = {0: run.records("train")[-1],
+            1: [record for record in map(json.loads, rank1_file.read_text().splitlines())
+                if record["event"] == "rank_step"][-1]}
+    assert last[0]["global_step"] == last[1]["global_step"] == 4
     for rank in (0, 1):
         labels = {**run_labels(run.run_id), "rank": str(rank), "local_rank": str(rank)}
         textfile = (tmp_path / f"seo_rank{rank}.prom").read_text(encoding="utf-8")
@@ -453,6 +461,10 @@ def test_every_rank_of_a_torchrun_launch_exports_its_own_series(log_dir, tmp_pat
             assert value(text, "seo_trainlog_resident_memory_bytes", **labels) > 10 * MB
             assert value(text, "seo_trainlog_run_info", status="completed", **labels) == 1
             assert {sample.labels["rank"] for sample in families(text)["seo_trainlog_global_step"]} == {str(rank)}
+            # the straggler detector's own data time: the last interval's collate time per step
+            assert value(text, "seo_trainlog_data_time_seconds", **labels) == \
+                last[rank]["collate_time_s"] / last[rank]["steps"]
+    assert last[1]["collate_time_s"] / last[1]["steps"] >= 0.15 / 2  # at least one slept batch in 2 steps
     assert run.records("summary")[0]["status"] == "completed"
 
 
@@ -483,12 +495,14 @@ class FakePushgateway(http.server.ThreadingHTTPServer):
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, str, str]] = []
+        self.authorizations: list[str | None] = []  # the Authorization header of each request
         gateway = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_PUT(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"])).decode("utf-8")
                 gateway.requests.append((self.command, self.path, self.headers["Content-Type"], body))
+                gateway.authorizations.append(self.headers["Authorization"])
                 self.send_response(200)
                 self.end_headers()
 
@@ -618,3 +632,117 @@ def test_prometheus_settings_from_the_environment():
         with pytest.raises(ValueError, match=re.escape(f"{variable}={raw!r} is not valid; accepted values: {accepted}")):
             LogConfig.from_env({variable: raw})
     assert math.isclose(LogConfig(prometheus_linger_s=0).prometheus_linger_s, 0.0)
+
+
+# ---------------------------------------------------------------- series only with values; credentials
+
+
+def test_before_the_first_logging_step_only_measured_series_and_the_start_time(make_trainer, log_dir, tmp_path):
+    """Before the first logging step: no gauge at a 0 nobody measured, the counters at 0 (increase() needs
+    them), the last-step timestamp at the run's start (the stalled-job alert counts from there); a run
+    that never evaluates never exports an eval loss."""
+    port = free_port()
+    path = tmp_path / "seo.prom"
+    seen: dict[str, str] = {}
+
+    class ScrapeAtTrainBegin(TrainerCallback):  # after ours in the list: our exporter is open
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["text"] = get(f"http://127.0.0.1:{port}/metrics")
+            seen["time"] = time.time()
+
+    started = time.time()
+    trainer = make_trainer(max_steps=4, logging_steps=2)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, prometheus_port=port, prometheus_addr="127.0.0.1",
+                                                prometheus_textfile=path)))
+    trainer.add_callback(ScrapeAtTrainBegin())
+    trainer.train()
+    run = RunFiles(log_dir)
+    labels = run_labels(run.run_id)
+    begin = families(seen["text"])
+    unmeasured = ("seo_trainlog_global_step", "seo_trainlog_epoch", "seo_trainlog_train_loss",
+                  "seo_trainlog_eval_loss", "seo_trainlog_learning_rate", "seo_trainlog_grad_norm",
+                  "seo_trainlog_samples_per_second", "seo_trainlog_step_time_seconds",
+                  "seo_trainlog_data_wait_ratio", "seo_trainlog_data_time_seconds")
+    for name in unmeasured:
+        assert begin.get(name, []) == [], name
+    assert started <= value(seen["text"], "seo_trainlog_last_step_timestamp_seconds", **labels) <= seen["time"]
+    assert value(seen["text"], "seo_trainlog_errors_total", **labels) == 0
+    assert sorted(sample.labels["kind"] for sample in begin["seo_trainlog_anomalies"]
+                  if sample.name == "seo_trainlog_anomalies_total") == sorted(KINDS)
+    assert {sample.value for sample in begin["seo_trainlog_anomalies"] if sample.name.endswith("_total")} == {0.0}
+    assert value(seen["text"], "seo_trainlog_run_info", status="running", **labels) == 1
+    end = path.read_text(encoding="utf-8")
+    assert families(end).get("seo_trainlog_eval_loss", []) == []  # never evaluated: no eval loss at all
+    assert value(end, "seo_trainlog_train_loss", **labels) == run.records("train")[-1]["loss"]
+    assert value(end, "seo_trainlog_global_step", **labels) == 4
+
+
+@pytest.mark.parametrize("timed", [True, False])
+def test_data_time_is_the_straggler_detectors_own_data_time(make_trainer, log_dir, tmp_path, tokenizer, timed):
+    """seo_trainlog_data_time_seconds: the TimedDataCollator's time per step when there is one, else the
+    data wait per step, as in the run's records (what the straggler detector compares)."""
+    from transformers import DataCollatorWithPadding
+
+    path = tmp_path / "seo.prom"
+    collator = DataCollatorWithPadding(tokenizer)
+    trainer = make_trainer(max_steps=4, logging_steps=2,
+                           data_collator=TimedDataCollator(collator) if timed else collator)
+    trainer.add_callback(TrainLogCallback(quiet(log_dir, prometheus_textfile=path)))
+    trainer.train()
+    run = RunFiles(log_dir)
+    last = run.records("train")[-1]
+    text = path.read_text(encoding="utf-8")
+    expected = last["collate_time_s"] / 2 if timed else last["data_wait_s"]
+    assert "collate_time_s" in last if timed else "collate_time_s" not in last
+    assert value(text, "seo_trainlog_data_time_seconds", **run_labels(run.run_id)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_pushgateway_without_scheme_keeps_its_password_out_of_every_log(make_trainer, log_dir):
+    port = free_port()  # nothing listens there
+    config = LogConfig.from_env({"SEO_TRAINLOG_DIR": str(log_dir), "SEO_TRAINLOG_CONSOLE": "0",
+                                 "SEO_TRAINLOG_PUSHGATEWAY": f"user:secretpw@127.0.0.1:{port}"})
+    assert config.pushgateway_url == f"http://user:secretpw@127.0.0.1:{port}"  # http, not a scheme "user"
+    assert "secretpw" not in repr(config) and "secretpw" not in str(config)
+    assert f"pushgateway_url='http://<redacted>@127.0.0.1:{port}'" in repr(config)
+    trainer = make_trainer(max_steps=2)
+    trainer.add_callback(TrainLogCallback(config))
+    trainer.train()
+    run = RunFiles(log_dir)
+    warnings = warnings_of(run)
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"Prometheus: pushing to the Pushgateway http://<redacted>@127.0.0.1:{port} "
+                                  "failed: URLError:")
+    assert [record["message"] for record in run.records("warning")] == warnings
+    assert "secretpw" not in all_text(log_dir)
+
+
+def test_config_repr_and_errors_never_show_the_pushgateway_password():
+    config = LogConfig(pushgateway_url="http://u:secretpw@h")
+    assert "secretpw" not in repr(config)
+    assert "pushgateway_url='http://<redacted>@h'" in repr(config)
+    assert config.pushgateway_url == "http://u:secretpw@h"
+    for bad in ("ftp://u:secretpw@h", "http://u:secretpw@h:99999", "u:secretpw@h:port"):
+        with pytest.raises(ValueError) as error:
+            LogConfig(pushgateway_url=bad)
+        assert "secretpw" not in str(error.value)
+        assert str(error.value).startswith("pushgateway_url='")
+        assert "<redacted>@h" in str(error.value)
+
+
+def test_pushgateway_credentials_are_sent_as_basic_auth(make_trainer, log_dir):
+    gateway = FakePushgateway()
+    try:
+        trainer = make_trainer(max_steps=2)
+        url = f"http://ops:s3cr3t@pw@127.0.0.1:{gateway.server_port}"  # a password holding "@"
+        trainer.add_callback(TrainLogCallback(quiet(log_dir, pushgateway_url=url)))
+        trainer.train()
+    finally:
+        gateway.shutdown()
+        gateway.server_close()
+    run = RunFiles(log_dir)
+    assert warnings_of(run) == []
+    assert [(method, path) for method, path, _, _ in gateway.requests] == [
+        ("PUT", f"/metrics/job/seo_trainlog/rank/0/run_id/{run.run_id}")]
+    assert gateway.authorizations == ["Basic " + base64.b64encode(b"ops:s3cr3t@pw").decode("ascii")]
+    assert value(gateway.requests[0][3], "seo_trainlog_global_step", **run_labels(run.run_id)) == 2
+    assert "s3cr3t@pw" not in all_text(log_dir)
