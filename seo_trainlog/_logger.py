@@ -363,8 +363,9 @@ class TrainLogger:
         """Write one JSON line ``{"time", "run_id", "event", "global_step", "epoch", **values}`` to
         ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known, or the
         optimizer step ``global_step`` the event belongs to when given, e.g. an anomaly found later
-        than the step it is about; ``time``: when the event happened, default now). On a rank without a file set of its own only the
-        events of :data:`PER_RANK_EVENTS` are written (to ``performance_metrics_rank<N>_<stamp>.log``).
+        than the step it is about; ``time``: when the event happened, default now). On a rank without a
+        file set of its own only the events of :data:`PER_RANK_EVENTS` are written (to
+        ``performance_metrics_rank<N>_<stamp>.log``).
 
         Returns:
             the line written (without its newline), or None where nothing was written.

@@ -284,9 +284,9 @@ class TelemetryExchange:
     Every rank :meth:`post`\\ s its numbers at each of its logging steps: the last :data:`KEEP` intervals
     ``{"node_rank", "host", "recent": [[global_step, sample], ...]}`` as one JSON value under
     ``<run key>/rank/<rank>``, overwritten (one ``set``); :attr:`identities` holds each rank's
-    ``{"node_rank", "host"}`` (its own from the start, the others' once collected). Global rank 0 :meth:`collect`\\ s the others' at its own logging steps: a
-    non-blocking ``check`` for ranks not seen yet, then one ``multi_get`` of those that posted. A store
-    failure is reported once through ``warn`` and switches the exchange off; training goes on.
+    ``{"node_rank", "host"}`` (its own from the start, the others' once collected). Global rank 0
+    :meth:`collect`\\ s the others' at its own logging steps: a non-blocking ``check`` for ranks not
+    seen yet, then one ``multi_get`` of those that posted. A store failure is reported once through ``warn`` and switches the exchange off; training goes on.
     """
 
     KEEP = 16
