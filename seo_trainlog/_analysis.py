@@ -587,14 +587,25 @@ class RankAnalysis:
         self._identity: dict[int, dict[str, Any]] = {}
         self._samples: dict[int, dict[int, dict[str, float]]] = {}  # global_step -> rank -> rank_sample
         self.logged: list[dict[str, Any]] = []  # straggler anomalies the run wrote during training
+        self.world_size: int | None = None  # the largest any record of the run names
 
     def add(self, record: Mapping[str, Any]) -> None:
         rank, event = record.get("rank"), record.get("event")
         if type(rank) is not int:
             return
-        if event == "anomaly":  # its rank is the straggler's, its node and host the writer's
+        world_size = record.get("world_size")
+        if type(world_size) is int and world_size > (self.world_size or 0):
+            self.world_size = world_size
+        if event == "anomaly":  # rank, node_rank, host: the writer's; the slow rank's are straggler_*
             if record.get("kind") == "straggler":
-                self.logged.append(dict(record))
+                logged = dict(record)
+                if "straggler_rank" not in logged:  # an older file: its rank was the slow one
+                    logged["straggler_rank"] = rank
+                    for key in ("node_rank", "host", "user_global_step"):
+                        logged.pop(key, None)
+                    if type(record.get("user_global_step")) is int:
+                        logged["global_step"] = record["user_global_step"]
+                self.logged.append(logged)
             return
         identity = self._identity.setdefault(rank, {"rank": rank, "node_rank": None, "host": None})
         for key in ("node_rank", "host"):
@@ -615,8 +626,11 @@ class RankAnalysis:
         ``host``, ``records`` (logging steps it recorded), the means over them of ``step_time_s``,
         ``data_wait_s``, ``data_wait_pct``, ``own_data_s`` (collate time per step, else data wait), the
         mean ``pace_s`` over the compared steps (see :func:`~seo_trainlog._anomaly.pace_times`),
-        ``compared_steps`` and ``straggler`` (true when found here or logged during training); and the
-        ``straggler`` anomalies found here (those logged during training when none is found here).
+        ``compared_steps`` and ``straggler`` (true when found here or logged during training); the
+        ``straggler`` anomalies found here (those logged during training when none is found here), each
+        naming the slow rank as ``straggler_rank`` (``straggler_node_rank``, ``straggler_host``); and
+        ``world_size`` with ``ranks_without_records``: the ranks of ``range(world_size)`` that recorded
+        no logging step in the files read (no file, or a process that ended before its first one).
         """
         detector = StragglerDetector(self.config.straggler_pct, self.config.straggler_window)
         ranks = self.ranks
@@ -628,9 +642,9 @@ class RankAnalysis:
                 continue
             for rank, pace in pace_times(samples).items():
                 paces[rank].append(pace)
-            found += [anomaly.to_dict() for anomaly in detector.update(step, samples)]
+            found += [anomaly.to_dict() for anomaly in detector.update(step, samples, self._identity)]
         stragglers = found or self.logged
-        slow = {anomaly.get("rank") for anomaly in stragglers}
+        slow = {anomaly.get("straggler_rank") for anomaly in stragglers}
         rows = []
         for rank in ranks:
             series = [samples[rank] for samples in self._samples.values() if rank in samples]
@@ -641,4 +655,7 @@ class RankAnalysis:
             row["compared_steps"] = len(paces[rank])
             row["straggler"] = rank in slow
             rows.append(row)
-        return {"ranks": rows, "stragglers": stragglers}
+        recorded = {row["rank"] for row in rows if row["records"]}
+        missing = [rank for rank in range(self.world_size or 0) if rank not in recorded]
+        return {"ranks": rows, "stragglers": stragglers, "world_size": self.world_size,
+                "ranks_without_records": missing}

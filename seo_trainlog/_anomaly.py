@@ -30,7 +30,8 @@ class Anomaly:
     """One anomaly: ``kind`` (one of :data:`KINDS`), the ``global_step`` of the record that showed it,
     a one-line human ``message``, the measured ``value`` and the ``threshold`` it crossed, both in
     the unit of the detector (see :class:`AnomalyDetector`; ``None`` where there is none); ``details``:
-    further values of the kind (a ``straggler``'s ``rank``, ``pace_s``... see :class:`StragglerDetector`)."""
+    further values of the kind (a ``straggler``'s ``straggler_rank``, ``pace_s``... see
+    :class:`StragglerDetector`)."""
 
     kind: str
     global_step: int | None
@@ -399,9 +400,11 @@ class StragglerDetector:
     on global rank 0 during training, ``seo-trainlog summarize`` afterwards from the per-rank files).
     A rank whose pace (:func:`pace_times`) is above ``median * (1 + straggler_pct / 100)`` and more
     than 5 ms above the median of the ranks' paces at ``window`` compared logging steps in a row is a
-    ``straggler`` anomaly (value: its pace in seconds, threshold: that bound; details: ``rank``,
-    ``pace_s``, ``median_pace_s``, ``share_pct`` (how far above the median, percent),
-    ``straggler_pct``, ``straggler_window``), once per episode: it re-arms once the rank's pace has
+    ``straggler`` anomaly (value: its pace in seconds, threshold: that bound; ``global_step``: the
+    step the ranks were compared at; details: ``straggler_rank``, ``straggler_node_rank`` and
+    ``straggler_host`` when known, ``pace_s``, ``median_pace_s``, ``share_pct`` (how far above the
+    median, percent), ``straggler_pct``, ``straggler_window``; never ``rank``, ``node_rank`` or
+    ``host``: those name the process that writes the record), once per episode: it re-arms once the rank's pace has
     been at or below the bound for ``window`` compared steps in a row (a single normal step, such as
     the first of an epoch, does not end the episode).
 
@@ -419,12 +422,15 @@ class StragglerDetector:
         self._below: dict[int, int] = {}  # consecutive steps at or below it, per rank that fired
         self._fired: set[int] = set()
 
-    def update(self, global_step: int | None, samples: Mapping[int, Mapping[str, float]]) -> list[Anomaly]:
+    def update(self, global_step: int | None, samples: Mapping[int, Mapping[str, float]],
+               identities: Mapping[int, Mapping[str, Any]] | None = None) -> list[Anomaly]:
         """The ``straggler`` anomalies at this logging step (usually ``[]``).
 
         Args:
             global_step: the optimizer step every sample was taken at.
             samples: ``{rank: rank_sample(record)}``; fewer than two ranks compare nothing.
+            identities: ``{rank: {"node_rank": int, "host": str}}`` where known: a straggler's are
+                given as ``straggler_node_rank`` and ``straggler_host``.
         """
         if len(samples) < 2:
             return []
@@ -445,11 +451,14 @@ class StragglerDetector:
             if count >= self.window and rank not in self._fired:
                 self._fired.add(rank)
                 share = 100.0 * (pace / median - 1) if median > 0 else math.inf
+                who = (identities or {}).get(rank) or {}
+                where = {f"straggler_{key}": who[key] for key in ("node_rank", "host") if who.get(key) is not None}
                 found.append(Anomaly(
                     "straggler", global_step,
                     f"Straggler at global_step {global_step}: rank {rank}'s pace {pace:.4f}s per step is "
                     f"{share:.0f}% above the median {median:.4f}s of {len(paces)} ranks for {count} logging "
                     f"steps (threshold {self.straggler_pct:g}% over {self.window}); every rank waits for it",
-                    pace, bound, {"rank": rank, "pace_s": pace, "median_pace_s": median, "share_pct": share,
-                                  "straggler_pct": self.straggler_pct, "straggler_window": self.window}))
+                    pace, bound, {"straggler_rank": rank, **where, "pace_s": pace, "median_pace_s": median,
+                                  "share_pct": share, "straggler_pct": self.straggler_pct,
+                                  "straggler_window": self.window}))
         return found

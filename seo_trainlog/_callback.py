@@ -671,7 +671,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             if step <= run.compared_through or not all(step in series for series in others.values()):
                 continue
             run.compared_through = step
-            found += run.straggler.update(step, {0: own, **{rank: series[step] for rank, series in others.items()}})
+            found += run.straggler.update(step, {0: own, **{rank: series[step] for rank, series in others.items()}},
+                                          run.exchange.identities)
         if found:
             run.logger.defer("straggler", functools.partial(TrainLogCallback._report, run, found))
 
@@ -763,7 +764,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         for anomaly in anomalies:
             if anomaly.kind != "non_finite":  # already a WARNING per non-finite value
                 run.logger._write("errors", "WARNING", [f"Anomaly: {anomaly.message}"])
-            run.logger.log_metrics("anomaly", anomaly.to_dict())
+            # at the step it is about (a straggler is found at a later logging step than it was compared at)
+            run.logger.log_metrics("anomaly", anomaly.to_dict(), global_step=anomaly.global_step)
             if run.exporter is not None:
                 run.exporter.count_anomaly(anomaly.kind)
             if run.alerts is not None:

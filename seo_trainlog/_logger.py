@@ -144,7 +144,8 @@ class TrainLogger:
         REDACTOR.add_environment(os.environ)
         self.log_dir = prepare_log_dir(self.config.log_dir)
         self.agreement = agree_on_run_id(self.log_dir, lambda: claim_stamp(self.log_dir, CATEGORIES[0].prefix),
-                                         self.role, given=run_id)
+                                         self.role, given=run_id,
+                                         notice=_stderr_notice if self.config.console else None)
         self.run_id = self.agreement.stamp
         # a run continued in a directory that has none of its files yet starts them with run_start
         fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id, self.tag).exists())
@@ -172,6 +173,10 @@ class TrainLogger:
                                            **({"run_id_source": self.agreement.source}
                                               if self.role.world_size > 1 else {})})
             self._console(f"run {self.run_id} started, logs in {self.log_dir}")
+        if self.agreement.source == "own":
+            self._own_stamp_warning()
+        if not self.writes:  # a rank that dies early still leaves its run_start (the rest: every flush_interval_s)
+            self._sinks.flush()
 
     # ------------------------------------------------------------------ the spec's six methods
 
@@ -353,11 +358,14 @@ class TrainLogger:
         return line
 
     @never_raises
-    def log_metrics(self, event: str, values: Mapping[str, Any], *, time: datetime | None = None) -> str | None:
+    def log_metrics(self, event: str, values: Mapping[str, Any], *, time: datetime | None = None,
+                    global_step: int | None = None) -> str | None:
         """Write one JSON line ``{"time", "run_id", "event", "global_step", "epoch", **values}`` to
-        ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known; ``time``:
-        when the event happened, default now). On a rank without a file set of its own only the
-        events of :data:`PER_RANK_EVENTS` are written (to ``performance_metrics_rank<N>_<stamp>.log``).
+        ``performance_metrics_<stamp>.log`` (``global_step``/``epoch``: the latest known, or the
+        optimizer step ``global_step`` the event belongs to when given, e.g. an anomaly found later
+        than the step it is about; ``time``: when the event happened, default now). On a rank without a
+        file set of its own only the events of :data:`PER_RANK_EVENTS` are written (to
+        ``performance_metrics_rank<N>_<stamp>.log``).
 
         Returns:
             the line written (without its newline), or None where nothing was written.
@@ -371,12 +379,13 @@ class TrainLogger:
             self._settle()
         values = self._mapping("values", values)
         at = time or self._when()
-        line = _format.json_line(_format.safe_str(event), self.run_id, self.global_step, self.epoch,
+        step = global_step if type(global_step) is int else self.global_step
+        line = _format.json_line(_format.safe_str(event), self.run_id, step, self.epoch,
                                  {**self._identity, **values}, at)
         self._log["metrics"].info(line)
         if self.manifest is not None and event in MANIFEST_EVENTS:
             # the record as the file has it (secrets masked): the manifest must hold no more than the logs
-            self.manifest.note(event, orjson.loads(REDACTOR(line)), self.global_step, at)
+            self.manifest.note(event, orjson.loads(REDACTOR(line)), step, at)
             self._manifest_due()
         return line
 
@@ -592,6 +601,15 @@ class TrainLogger:
         if self.config.console:
             self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
         return line
+
+    def _own_stamp_warning(self) -> None:
+        """Say (WARNING in the files, the console's stderr when on) why this rank uses a stamp of its own."""
+        message = (f"Run id: rank {self.role.rank} of {self.role.world_size} uses a stamp of its own, {self.run_id}: "
+                   f"{self.agreement.reason or 'rank 0 was not heard from'}. Its files will not share rank 0's run "
+                   "id: gather them by directory and time, not by run id")
+        self._warn(message, run_id_source="own")
+        if self.config.console:
+            _stderr_notice(message)
 
     def _warn(self, message: str, **values: Any) -> None:
         """A WARNING in the error logs (and the general log) plus a JSON ``warning`` event."""

@@ -302,3 +302,10 @@ def rank_table(ranks: Sequence[Mapping[str, Any]]) -> Table:
                                   _unit(row["data_wait_pct"], "%", 3), _unit(row["own_data_s"], "s", 4),
                                   _unit(row["pace_s"], "s", 4), "STRAGGLER" if row["straggler"] else "")))
     return table
+
+
+def missing_ranks_line(ranks: Sequence[int], world_size: int | None) -> str:
+    """``ranks without records: 1, 3 (of world_size 4): ...``: the ranks whose files were not read or
+    hold no logging step."""
+    return (f"ranks without records: {', '.join(map(str, ranks))} (of world_size {world_size}): no metrics file "
+            "with a logging step of theirs in the directories read (not gathered, or the process ended early)")

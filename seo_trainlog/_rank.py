@@ -100,11 +100,13 @@ class RunAgreement:
     """The run stamp and how it was agreed: ``source`` is ``single`` (one process), ``store`` (the
     launcher's rendezvous store), ``file`` (the pointer file in a shared log directory) or ``own``
     (nothing from rank 0 within 30 s: a stamp of this process's own second). ``key`` names the run's
-    entries in the store (the per-rank telemetry goes under it); ``None`` without a store."""
+    entries in the store (the per-rank telemetry goes under it); ``None`` without a store. ``reason``:
+    with ``own``, why rank 0's stamp was not learnt (which store, which pointer file, how long waited)."""
 
     stamp: str
     source: str
     key: str | None = None
+    reason: str | None = None
 
 
 def launch_id() -> str:
@@ -117,7 +119,7 @@ def launch_id() -> str:
 
 
 def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole,
-                    given: str | None = None) -> RunAgreement:
+                    given: str | None = None, notice: Callable[[str], None] | None = None) -> RunAgreement:
     """The run stamp, the same on every rank of one launch, without any collective operation (so a
     TrainLogger made on the main process only can never hang the others).
 
@@ -133,6 +135,9 @@ def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole,
     ``given``: the run id is known already (a resumed run, every rank reads it from the checkpoint):
     nothing is agreed (``source == "given"``), but the run's store key is still made, in the same
     order on every rank, for the per-rank telemetry.
+
+    ``notice``: told (one line) before a non-zero rank starts waiting for a pointer file, since that
+    wait is the one that can take 30 s (e.g. the console's stderr). With ``own``, ``reason`` says why.
     """
     if role.world_size < 2:
         return RunAgreement(given, "given") if given is not None else RunAgreement(claim(), "single")
@@ -141,10 +146,16 @@ def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole,
     store = launch_store()
     if given is not None:
         return RunAgreement(given, "given", key if store is not None else None)
+    endpoint = _endpoint()
     if store is not None:
         agreed = _agree_through_store(store, key, claim, role)
-        if agreed is not None:
+        if isinstance(agreed, RunAgreement):
             return agreed
+        no_store = f"the launcher's store at {endpoint} failed ({agreed})"
+    elif not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        no_store = "no store to ask (MASTER_ADDR/MASTER_PORT not set)"
+    else:
+        no_store = f"no store reachable at MASTER_ADDR:MASTER_PORT {endpoint}"
     pointer = log_dir / f".seo_trainlog-run-{launch}-{number}"
     if role.is_world_process_zero:
         stamp = claim()
@@ -152,6 +163,9 @@ def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole,
         temporary.write_text(stamp, encoding="utf-8")
         os.replace(temporary, pointer)
         return RunAgreement(stamp, "file")
+    if notice is not None:
+        notice(f"rank {role.rank}: {no_store}; waiting up to {POINTER_WAIT_S:g} s for rank 0's run id in the "
+               f"pointer file {pointer} (found only when the log directory is shared with rank 0)")
     not_before = psutil.Process().create_time() - POINTER_WAIT_S
     deadline = time.monotonic() + POINTER_WAIT_S
     while time.monotonic() < deadline:
@@ -161,11 +175,18 @@ def agree_on_run_id(log_dir: Path, claim: Callable[[], str], role: ProcessRole,
         except FileNotFoundError:
             pass
         time.sleep(0.05)
-    return RunAgreement(time.strftime("%Y%m%d_%H%M%S"), "own")
+    return RunAgreement(time.strftime("%Y%m%d_%H%M%S"), "own",
+                        reason=f"{no_store}, and rank 0's pointer file {pointer} was not found within "
+                               f"{POINTER_WAIT_S:g} s (the log directory is not shared with rank 0, or rank 0 "
+                               "opened no TrainLogger)")
 
 
-def _agree_through_store(store: Any, key: str, claim: Callable[[], str], role: ProcessRole) -> RunAgreement | None:
-    """Rank 0 sets, the others wait (bounded); None when the store fails (the file fallback then).
+def _endpoint() -> str:
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+
+
+def _agree_through_store(store: Any, key: str, claim: Callable[[], str], role: ProcessRole) -> RunAgreement | str:
+    """Rank 0 sets, the others wait (bounded); when the store fails, what it raised (the file fallback then).
     A store that answers but gets no stamp within the wait means rank 0 opened no TrainLogger (or
     has not yet): the rank goes on with its own stamp at once (rank 0 would have used the same store)."""
     started = time.monotonic()
@@ -176,10 +197,13 @@ def _agree_through_store(store: Any, key: str, claim: Callable[[], str], role: P
             return RunAgreement(stamp, "store", key)
         store.wait([f"{key}/run_id"], timedelta(seconds=POINTER_WAIT_S))
         return RunAgreement(store.get(f"{key}/run_id").decode("utf-8"), "store", key)
-    except Exception:
+    except Exception as exc:
         if time.monotonic() - started >= POINTER_WAIT_S:  # waited in vain, not a failure of the store
-            return RunAgreement(time.strftime("%Y%m%d_%H%M%S"), "own", key)
-        return None  # unreachable now: the shared-file pointer
+            return RunAgreement(time.strftime("%Y%m%d_%H%M%S"), "own", key,
+                                reason=f"rank 0's run id never arrived through the launcher's store at "
+                                       f"{_endpoint()} within {POINTER_WAIT_S:g} s (rank 0 opened no "
+                                       "TrainLogger, or not yet)")
+        return f"{type(exc).__name__}: {exc}"  # unreachable now: the shared-file pointer
 
 
 _STORE_LOCK = threading.Lock()
@@ -258,10 +282,11 @@ class TelemetryExchange:
     :func:`launch_store`) without a collective operation: nothing here waits for another rank.
 
     Every rank :meth:`post`\\ s its numbers at each of its logging steps: the last :data:`KEEP` intervals
-    ``[[global_step, sample], ...]`` as one JSON value under ``<run key>/rank/<rank>``, overwritten
-    (one ``set``). Global rank 0 :meth:`collect`\\ s the others' at its own logging steps: a
-    non-blocking ``check`` for ranks not seen yet, then one ``multi_get`` of those that posted. A store
-    failure is reported once through ``warn`` and switches the exchange off; training goes on.
+    ``{"node_rank", "host", "recent": [[global_step, sample], ...]}`` as one JSON value under
+    ``<run key>/rank/<rank>``, overwritten (one ``set``); :attr:`identities` holds each rank's
+    ``{"node_rank", "host"}`` (its own from the start, the others' once collected). Global rank 0
+    :meth:`collect`\\ s the others' at its own logging steps: a non-blocking ``check`` for ranks not
+    seen yet, then one ``multi_get`` of those that posted. A store failure is reported once through ``warn`` and switches the exchange off; training goes on.
     """
 
     KEEP = 16
@@ -270,6 +295,7 @@ class TelemetryExchange:
         self._store, self._key, self._role, self._warn = store, key, role, warn
         self.recent: deque[tuple[int, dict[str, float]]] = deque(maxlen=self.KEEP)  # this rank's
         self._seen: list[int] = []
+        self.identities: dict[int, dict[str, Any]] = {role.rank: {"node_rank": role.node_rank, "host": role.host}}
         self.enabled = True
 
     def _rank_key(self, rank: int) -> str:
@@ -282,7 +308,8 @@ class TelemetryExchange:
         if not self.enabled or self._role.is_world_process_zero:
             return
         try:
-            self._store.set(self._rank_key(self._role.rank), orjson.dumps(list(self.recent)))
+            self._store.set(self._rank_key(self._role.rank), orjson.dumps(
+                {**self.identities[self._role.rank], "recent": list(self.recent)}))
         except Exception as exc:
             self._fail(exc)
 
@@ -304,8 +331,12 @@ class TelemetryExchange:
         collected = {}
         for rank, value in zip(self._seen, values):
             try:
-                collected[rank] = {int(step): sample for step, sample in orjson.loads(value)}
-            except (orjson.JSONDecodeError, TypeError, ValueError):
+                posted = orjson.loads(value)
+                if isinstance(posted, dict):  # {"node_rank", "host", "recent"}; a bare list before that
+                    self.identities[rank] = {"node_rank": posted.get("node_rank"), "host": posted.get("host")}
+                    posted = posted["recent"]
+                collected[rank] = {int(step): sample for step, sample in posted}
+            except (orjson.JSONDecodeError, TypeError, ValueError, KeyError):
                 continue
         return collected
 

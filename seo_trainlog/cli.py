@@ -132,6 +132,9 @@ def _summarize(args: argparse.Namespace) -> int:
         console.print(_present.anomaly_table(summary["anomalies"]))
     if "ranks" in summary:
         console.print(_present.rank_table(summary["ranks"]))
+        if summary.get("ranks_without_records"):
+            console.print(_present.missing_ranks_line(summary["ranks_without_records"], summary["world_size"]),
+                          markup=False, highlight=False)
         for anomaly in summary["stragglers"]:
             console.print(str(anomaly.get("message")), markup=False, highlight=False)
     return 0

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import RunFiles, quiet
+from conftest import LINE, RunFiles, quiet
 from test_scale import HERE, failure_text, free_port, launch
 
 from seo_trainlog import TrainLogger, _rank
@@ -25,6 +27,12 @@ CATEGORY_PREFIXES = ("seo_engine", "training_progress", "training_detailed", "mo
 
 def metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def rank_messages(log_dir: Path, run_id: str, rank: int) -> list[str]:
+    """The message of every record in a rank's ``errors_rank<N>_<stamp>.log``."""
+    lines = (log_dir / f"errors_rank{rank}_{run_id}.log").read_text(encoding="utf-8").splitlines()
+    return [m.group(4) for m in map(LINE.match, lines) if m]
 
 
 def summarize_json(capsys, *argv: str) -> dict:
@@ -105,8 +113,17 @@ def test_a_rank_slowed_in_its_collator_is_the_straggler(log_dir, capsys, monkeyp
     assert sum(row.get("collate_calls", 0) for row in rank_steps) >= 15
     assert all(row["collate_time_s"] >= 0.15 * row["collate_calls"] for row in rank_steps if "collate_calls" in row)
     stragglers = [row for row in run.records("anomaly") if row["kind"] == "straggler"]
-    assert stragglers and {row["rank"] for row in stragglers} == {1}
+    host = socket.gethostname()
+    # the record is rank 0's (its writer's identity); the slow rank is named in straggler_* fields
+    assert stragglers and {(row["rank"], row["local_rank"], row["node_rank"], row["host"]) for row in stragglers} == {
+        (0, 0, 0, host)}
+    assert {(row["straggler_rank"], row["straggler_node_rank"], row["straggler_host"]) for row in stragglers} == {
+        (1, 0, host)}
     first = stragglers[0]
+    # its global_step is the step the ranks were compared at (the one its message names), not a later one
+    assert "user_global_step" not in first
+    assert first["message"].startswith(f"Straggler at global_step {first['global_step']}: rank 1's pace ")
+    assert first["global_step"] in [row["global_step"] for row in rank_steps]
     assert first["global_step"] >= 3 and first["straggler_window"] == 3 and first["straggler_pct"] == 20.0
     assert first["pace_s"] == first["value"] > first["threshold"] >= 1.2 * first["median_pace_s"]
     assert first["share_pct"] == pytest.approx(100 * (first["pace_s"] / first["median_pace_s"] - 1))
@@ -131,7 +148,9 @@ def test_a_rank_slowed_in_its_collator_is_the_straggler(log_dir, capsys, monkeyp
     summary = summarize_json(capsys, str(log_dir))
     ranks = {row["rank"]: row for row in summary["ranks"]}
     assert [ranks[0]["straggler"], ranks[1]["straggler"]] == [False, True]
-    assert {row["rank"] for row in summary["stragglers"]} == {1}
+    assert {(row["straggler_rank"], row["straggler_node_rank"], row["straggler_host"])
+            for row in summary["stragglers"]} == {(1, 0, host)}
+    assert (summary["world_size"], summary["ranks_without_records"]) == (2, [])
     assert ranks[1]["own_data_s"] >= 0.15 > 0.075 > ranks[0]["own_data_s"]
     assert ranks[1]["pace_s"] > ranks[0]["pace_s"]
     print(json.dumps(summary["ranks"]), file=sys.__stderr__)  # the measured numbers, for the record
@@ -163,9 +182,12 @@ def test_the_ddp_pattern_names_the_rank_slow_in_its_data_not_the_one_with_long_s
     assert pace_times(samples) == {0: pytest.approx(0.03), 1: pytest.approx(0.18)}
     assert detector.update(1, samples) == []
     assert detector.update(2, samples) == []
-    [anomaly] = detector.update(3, samples)
+    [anomaly] = detector.update(3, samples, {0: {"node_rank": 0, "host": "a"}, 1: {"node_rank": 1, "host": "b"}})
     record = anomaly.to_dict()
-    assert (record["kind"], record["global_step"], record["rank"], record["straggler_window"]) == ("straggler", 3, 1, 3)
+    assert (record["kind"], record["global_step"], record["straggler_rank"], record["straggler_node_rank"],
+            record["straggler_host"], record["straggler_window"]) == ("straggler", 3, 1, 1, "b", 3)
+    # rank, node_rank, host are the identity of the process that writes the record, never the slow rank's
+    assert not {"rank", "node_rank", "host"} & record.keys()
     assert record["pace_s"] == record["value"] == pytest.approx(0.18)
     assert record["median_pace_s"] == pytest.approx(0.105)
     assert record["threshold"] == pytest.approx(0.126)  # median x 1.2
@@ -193,7 +215,7 @@ def test_collate_time_tells_the_straggler_when_everyone_waits_for_data():
     detector = StragglerDetector(straggler_pct=20.0, window=2)
     assert detector.update(10, samples) == []
     [anomaly] = detector.update(11, samples)
-    assert anomaly.details["rank"] == 1
+    assert anomaly.details["straggler_rank"] == 1 and "straggler_host" not in anomaly.details  # not known
     assert anomaly.details["median_pace_s"] == pytest.approx((0.0154 + 0.0155) / 2)
 
 
@@ -302,6 +324,8 @@ def test_ranks_agree_through_the_store_and_exchange_their_intervals(tcp_store, t
     assert sorted(collected) == [1]
     assert sorted(collected[1]) == list(range(19 - _rank.TelemetryExchange.KEEP + 1, 20))  # the last KEEP
     assert collected[1][19] == {"step_time_s": 0.19, "own_data_s": 0.5}
+    # each rank's node and host come with its numbers (a straggler is named with them)
+    assert reader.identities == {0: {"node_rank": 0, "host": "h"}, 1: {"node_rank": 0, "host": "h"}}
     assert warnings == []
 
 
@@ -314,6 +338,107 @@ def test_a_rank_that_hears_nothing_goes_on_with_its_own_stamp(tcp_store, tmp_pat
     assert lonely.agreement.source == "own" and len(lonely.run_id) == 15
     assert time.monotonic() - started < 10  # one bounded wait in the store, no second one for a pointer file
     assert not list(tmp_path.glob(".seo_trainlog-run-*"))
+    port = os.environ["MASTER_PORT"]
+    expected = (f"Run id: rank 1 of 2 uses a stamp of its own, {lonely.run_id}: rank 0's run id never arrived "
+                f"through the launcher's store at 127.0.0.1:{port} within 0.5 s (rank 0 opened no TrainLogger, or "
+                "not yet). Its files will not share rank 0's run id: gather them by directory and time, not by run id")
+    assert rank_messages(tmp_path, lonely.run_id, 1) == [expected]
+    rows = metrics(tmp_path / f"performance_metrics_rank1_{lonely.run_id}.log")
+    assert [(row["event"], row.get("run_id_source"), row.get("message")) for row in rows] == [
+        ("run_start", "own", None), ("warning", "own", expected)]
+
+
+def test_a_rank_without_a_store_says_why_it_waits_and_why_its_stamp_is_its_own(tmp_path, monkeypatch, capfd):
+    # RANK/WORLD_SIZE set by hand, MASTER_PORT where nothing listens, a log directory rank 0 does not share
+    monkeypatch.setattr(_rank, "POINTER_WAIT_S", 0.5)
+    monkeypatch.setattr(_rank, "_STORES", {})
+    monkeypatch.setattr(_rank, "_SEQUENCE", __import__("itertools").count())
+    for name in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    port = free_port()
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    capfd.readouterr()
+    with TrainLogger(quiet(tmp_path, console=True)) as lonely:
+        pass
+    assert lonely.agreement.source == "own"
+    pointer = tmp_path / f".seo_trainlog-run-{_rank.launch_id()}-0"
+    expected = (f"Run id: rank 1 of 2 uses a stamp of its own, {lonely.run_id}: no store reachable at "
+                f"MASTER_ADDR:MASTER_PORT 127.0.0.1:{port}, and rank 0's pointer file {pointer} was not found within "
+                "0.5 s (the log directory is not shared with rank 0, or rank 0 opened no TrainLogger). Its files "
+                "will not share rank 0's run id: gather them by directory and time, not by run id")
+    assert rank_messages(tmp_path, lonely.run_id, 1) == [expected]
+    # on the console: why it waits, before the wait, then the warning
+    assert capfd.readouterr().err.splitlines() == [
+        f"seo_trainlog: rank 1: no store reachable at MASTER_ADDR:MASTER_PORT 127.0.0.1:{port}; waiting up to 0.5 s "
+        f"for rank 0's run id in the pointer file {pointer} (found only when the log directory is shared with "
+        "rank 0)", f"seo_trainlog: {expected}"]
+
+
+def test_log_metrics_takes_the_step_an_event_belongs_to(tmp_path):
+    with TrainLogger(quiet(tmp_path)) as tlog:
+        tlog.mark(12, 1.5)
+        tlog.log_metrics("anomaly", {"kind": "straggler"}, global_step=10)
+        tlog.log_metrics("warning", {"message": "later"})
+    rows = RunFiles(tmp_path).records()
+    assert [(row["event"], row["global_step"], row["epoch"], "user_global_step" in row) for row in rows[-2:]] == [
+        ("anomaly", 10, 1.5, False), ("warning", 12, 1.5, False)]
+
+
+DIE_EARLY = """
+import os, sys
+from seo_trainlog import LogConfig, TrainLogger
+tlog = TrainLogger(LogConfig(log_dir=sys.argv[1], console=False))
+print(tlog.run_id, tlog.agreement.source, flush=True)
+os._exit(3)  # dies before any flush interval: its buffered records would be lost
+"""
+
+
+def test_a_rank_that_dies_early_leaves_its_run_start_and_summarize_names_the_missing_ranks(tmp_path, capsys,
+                                                                                           monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_rank, "_SEQUENCE", __import__("itertools").count())  # the first TrainLogger, as in rank 1
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3"}.items():
+        monkeypatch.setenv(name, value)
+    # rank 0 of 3 (no store: the stamp through the pointer file of the shared directory), two logging steps
+    with TrainLogger(quiet(tmp_path)) as leader:
+        for step in (1, 2):
+            leader.log_training_progress(0.5, step, 0.25, 1e-3, metrics={"step_time_s": 0.1, "data_wait_s": 0.01})
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "PYTHONPATH": str(HERE.parent)}
+    died = subprocess.run([sys.executable, "-c", DIE_EARLY, str(tmp_path)], env=env, capture_output=True, timeout=120)
+    assert died.returncode == 3, died.stderr.decode()
+    assert died.stdout.decode().split() == [leader.run_id, "file"]
+    rows = metrics(tmp_path / f"performance_metrics_rank1_{leader.run_id}.log")
+    assert [(row["event"], row["rank"], row["world_size"], row["run_id"]) for row in rows] == [
+        ("run_start", 1, 3, leader.run_id)]
+    summary = summarize_json(capsys, str(tmp_path))
+    assert [(row["rank"], row["records"]) for row in summary["ranks"]] == [(0, 2), (1, 0)]
+    assert (summary["world_size"], summary["ranks_without_records"]) == (3, [1, 2])
+    assert cli_main(["summarize", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert ("ranks without records: 1, 2 (of world_size 3): no metrics file with a logging step of theirs in the "
+            "directories read (not gathered, or the process ended early)") in " ".join(text.split())
+
+
+def test_summarize_reads_straggler_records_of_both_layouts():
+    from seo_trainlog._analysis import RankAnalysis
+
+    base = {"event": "anomaly", "kind": "straggler", "world_size": 2, "message": "m"}
+    old = {**base, "global_step": 12, "user_global_step": 10, "rank": 1, "local_rank": 0, "node_rank": 0,
+           "host": "writer"}
+    new = {**base, "global_step": 10, "rank": 0, "local_rank": 0, "node_rank": 0, "host": "writer",
+           "straggler_rank": 1, "straggler_node_rank": 1, "straggler_host": "slow"}
+    for record, expected in ((old, (10, 1, None, None)), (new, (10, 1, 1, "slow"))):
+        ranks = RankAnalysis()
+        ranks.add({"event": "train", "rank": 0, "world_size": 2, "global_step": 10})
+        ranks.add({"event": "rank_step", "rank": 1, "world_size": 2, "global_step": 10})
+        ranks.add(record)
+        summary = ranks.summary()
+        [logged] = summary["stragglers"]
+        assert (logged["global_step"], logged["straggler_rank"], logged.get("straggler_node_rank"),
+                logged.get("straggler_host")) == expected
+        assert [row["straggler"] for row in summary["ranks"]] == [False, True]
 
 
 def test_a_store_that_fails_switches_the_exchange_off_with_one_warning():
