@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,35 @@ from ._format import flatten
 RUN_ID = re.compile(r"\d{8}_\d{6}(?:_\d+)?\Z")  # a run stamp: YYYYMMDD_HHMMSS[_n]
 
 
-def compare(analyses: Sequence[RunAnalysis], log_dirs: Sequence[str] | None = None) -> dict[str, Any]:
-    """The comparison of ``analyses`` (in that order; the first is the baseline of the gate):
+class FinalValues:
+    """The last value each key of a run's ``train`` and ``eval`` records was logged with, fed the
+    records in order (:meth:`add`): a ``null`` (the writer's NaN or infinity) included, where the
+    run's summary statistics skip it. :func:`compare` takes a run's final value from here, so that a
+    loss that ended as NaN is not reported as its last finite value."""
+
+    def __init__(self) -> None:
+        self.train: dict[str, Any] = {}
+        self.eval: dict[str, Any] = {}
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        event = record.get("event")
+        if event == "train":
+            self.train.update(record)
+        elif event == "eval":
+            self.eval.update(record)
+
+    def tee(self, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """``records``, each also :meth:`add`-ed here."""
+        for record in records:
+            self.add(record)
+            yield record
+
+
+def compare(analyses: Sequence[RunAnalysis], log_dirs: Sequence[str] | None = None,
+            finals: Sequence[FinalValues | None] | None = None) -> dict[str, Any]:
+    """The comparison of ``analyses`` (in that order; the first is the baseline of the gate, the
+    last its candidate). ``finals`` (one per run, from the same records): the last logged values,
+    NaN included; without them a metric's final value is its last finite one.
 
     ``runs``: per run ``{"run_id", "log_dir", "status", "started", "global_step", "epoch",
     "duration_s"`` (training, else first to last record), ``"samples_per_second", "steps_per_second",
@@ -27,7 +54,9 @@ def compare(analyses: Sequence[RunAnalysis], log_dirs: Sequence[str] | None = No
     ``training_args.learning_rate``; ``metrics``: ``{name: {"direction": "min"|"max"|None,
     "final": [value per run], "best": [value per run]}}`` (``best`` only with a direction) for the
     training ``loss``, the ``eval_*`` metrics, the train records' other metrics and the last values
-    of other prefixes (``test_*``: no best). ``None`` where a run did not log the metric.
+    of other prefixes (``test_*``: no best). ``None`` where a run did not log the metric; NaN (``null``
+    in JSON) where its last logged value was not finite, and then the entry also has
+    ``"final_non_finite": [bool per run]``.
     """
     summaries = [analysis.summary() for analysis in analyses]
     dirs = list(log_dirs) if log_dirs is not None else [None] * len(analyses)
@@ -40,7 +69,7 @@ def compare(analyses: Sequence[RunAnalysis], log_dirs: Sequence[str] | None = No
              "errors": s["errors"], "warnings": s["warnings"], "anomaly_count": s["anomaly_count"]}
             for s, directory in zip(summaries, dirs)]
     return {"runs": runs, "differences": differences([a.hyperparameters for a in analyses]),
-            "metrics": _metrics(analyses, summaries)}
+            "metrics": _metrics(analyses, summaries, finals or [None] * len(analyses))}
 
 
 def differences(hyperparameters: Sequence[Mapping[str, Any] | None]) -> dict[str, list[Any]]:
@@ -59,7 +88,8 @@ def differences(hyperparameters: Sequence[Mapping[str, Any] | None]) -> dict[str
     return out
 
 
-def _metrics(analyses: Sequence[RunAnalysis], summaries: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def _metrics(analyses: Sequence[RunAnalysis], summaries: Sequence[Mapping[str, Any]],
+             finals: Sequence[FinalValues | None]) -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
     count = len(analyses)
 
@@ -90,14 +120,22 @@ def _metrics(analyses: Sequence[RunAnalysis], summaries: Sequence[Mapping[str, A
                     row = entry(name, analysis.directions.of(name, prefix))
                     if row["final"][index] is None:
                         row["final"][index] = value
+        last = finals[index]
+        if last is not None:  # the last value logged, when it was not finite (null in the file)
+            for name, row in table.items():
+                logged = last.eval if name in last.eval else last.train  # eval names have their prefix
+                if name in logged and not _finite(logged[name]) and not isinstance(logged[name], (str, bool)):
+                    row["final"][index] = math.nan
+                    row.setdefault("final_non_finite", [False] * count)[index] = True
     return table
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One ``--fail-if`` condition: ``metric`` (``eval_loss``), ``above`` (``>``: fails when the
-    last run's value rose by more than ``threshold``; else ``<``: fell by more), ``threshold``
-    (signed, in the metric's units or in percent of the first run's value when ``relative``)."""
+    """One ``--fail-if`` condition: ``metric`` (``eval_loss``), ``above`` (``>+N``: fails when the
+    candidate's value rose by more than ``threshold``; else ``<-N``: fell by more), ``threshold``
+    (signed: >= 0 for ``>``, <= 0 for ``<``; in the metric's units, or in percent of the baseline's
+    value when ``relative``)."""
 
     text: str
     metric: str
@@ -106,72 +144,122 @@ class Condition:
     relative: bool
 
 
-_CONDITION = re.compile(r"\s*(?P<metric>.+?)\s*(?P<op>[<>])\s*(?P<value>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+_NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_CONDITION = re.compile(rf"\s*(?P<metric>[^<>=!\s]+)\s*(?:(?P<rise>>\s*\+)|(?P<fall><\s*-))\s*(?P<value>{_NUMBER})"
                         r"\s*(?P<pct>%)?\s*\Z")
+GRAMMAR = ("METRIC>+N (fails when the candidate's value rose by more than N), METRIC<-N (fell by more than N), "
+           "N a number, with % for percent of the baseline's value: e.g. 'eval_loss>+2%', 'eval_accuracy<-1%', "
+           "'loss>+0.05'")
 
 
-def parse_conditions(text: str) -> list[Condition]:
-    """``'eval_loss>+2%,eval_accuracy<-1%,loss>+0.05'`` -> conditions (comma-separated).
+def parse_conditions(texts: str | Sequence[str]) -> list[Condition]:
+    """``'eval_loss>+2%,eval_accuracy<-1%,loss>+0.05'`` (or several such texts, one per
+    ``--fail-if``) -> every condition, in order. The sign is part of the syntax: ``>`` with ``+``
+    (a rise), ``<`` with ``-`` (a fall); ``eval_loss<+2%``, ``eval_loss>-2%`` or an unsigned
+    ``eval_loss>2%`` would read the other way round than they look, so they are refused.
 
     Raises:
-        ValueError: a condition that does not read ``METRIC>+N[%]`` or ``METRIC<-N[%]``.
+        ValueError: a condition that does not read ``METRIC>+N[%]`` or ``METRIC<-N[%]`` (the message
+            shows the accepted forms), or no condition at all.
     """
     conditions = []
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        match = _CONDITION.match(part)
-        if match is None:
-            raise ValueError(f"--fail-if {part.strip()!r}: expected METRIC>+N, METRIC>+N%, METRIC<-N or "
-                             "METRIC<-N% (e.g. 'eval_loss>+2%', 'eval_accuracy<-1%', 'eval_loss>+0.05')")
-        conditions.append(Condition(part.strip(), match["metric"], match["op"] == ">", float(match["value"]),
-                                    match["pct"] is not None))
+    for text in [texts] if isinstance(texts, str) else texts:
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            match = _CONDITION.match(part)
+            if match is None:
+                raise ValueError(f"--fail-if {part.strip()!r}: not a condition; accepted: {GRAMMAR}")
+            value = float(match["value"])
+            conditions.append(Condition(part.strip(), match["metric"], match["rise"] is not None,
+                                        value if match["rise"] else -value, match["pct"] is not None))
     if not conditions:
-        raise ValueError(f"--fail-if {text!r}: no condition given")
+        raise ValueError(f"--fail-if {', '.join(map(repr, [texts] if isinstance(texts, str) else texts))}: "
+                         f"no condition given; accepted: {GRAMMAR}")
     return conditions
 
 
-def check(result: Mapping[str, Any], conditions: Sequence[Condition]) -> list[dict[str, Any]]:
-    """Each condition on the final values of the first and the last run of ``result``
-    (:func:`compare`): ``{"condition", "metric", "first", "last", "change", "change_pct", "failed"}``;
-    ``change`` is ``last - first``, ``change_pct`` that in percent of ``|first|`` (``None`` when
-    ``first`` is 0). A condition fails when the change (relative for ``%`` thresholds) is above
-    the threshold for ``>``, below it for ``<``.
+def direction_warnings(result: Mapping[str, Any], conditions: Sequence[Condition]) -> list[str]:
+    """One line per condition that watches the way a metric improves (``eval_accuracy>+1%`` on a
+    higher-is-better metric, ``eval_loss<-1%`` on a lower-is-better one): legal, but likely meant
+    the other way."""
+    out = []
+    for condition in conditions:
+        direction = (result["metrics"].get(condition.metric) or {}).get("direction")
+        if (direction, condition.above) in (("max", True), ("min", False)):
+            better = "higher" if direction == "max" else "lower"
+            meant = f"{condition.metric}<-N" if direction == "max" else f"{condition.metric}>+N"
+            out.append(f"--fail-if {condition.text!r}: {condition.metric} is {better}-is-better, so this fails "
+                       f"when it improves (a regression reads {meant!r})")
+    return out
+
+
+COMPLETED = "completed"
+
+
+def check(result: Mapping[str, Any], conditions: Sequence[Condition],
+          allow_incomplete: bool = False) -> list[dict[str, Any]]:
+    """Each condition on the final values of the first (baseline) and the last (candidate) run of
+    ``result`` (:func:`compare`): ``{"condition", "metric", "first", "last", "change", "change_pct",
+    "failed"}``; ``change`` is ``last - first``, ``change_pct`` that in percent of ``|first|``
+    (``None`` when ``first`` is 0). A condition fails when the change (relative for ``%``
+    thresholds) is above the threshold for ``>``, below it for ``<``, and when the candidate's final
+    value is not finite (NaN: ``change`` is then NaN). Before them, when the candidate's status is
+    not ``completed`` (``failed``, ``no_summary``...): ``{"condition": "status", "metric": "status",
+    "first": baseline status, "last": candidate status, "change": None, "change_pct": None,
+    "failed": not allow_incomplete}``.
 
     Raises:
-        ValueError: fewer than two runs; a metric that the first or the last run did not log (the
-            message names the run and the metrics there are); a relative threshold on a first
-            value of 0.
+        ValueError: fewer than two runs; a metric that the baseline or the candidate did not log
+            (the message names the run and the metrics there are); a baseline value that is not
+            finite; a relative threshold on a baseline value of 0.
     """
     runs = result["runs"]
     if len(runs) < 2:
         raise ValueError(f"--fail-if needs two runs or more to compare, got {len(runs)}")
     outcomes = []
+    if runs[-1]["status"] != COMPLETED:
+        outcomes.append({"condition": "status", "metric": "status", "first": runs[0]["status"],
+                         "last": runs[-1]["status"], "change": None, "change_pct": None,
+                         "failed": not allow_incomplete})
     for condition in conditions:
         row = result["metrics"].get(condition.metric)
         values = row["final"] if row else [None] * len(runs)
         for index in (0, -1):
-            if not _finite(values[index]):
+            if values[index] is None:
                 logged = sorted(name for name, entry in result["metrics"].items() if _finite(entry["final"][index]))
                 raise ValueError(f"--fail-if {condition.text!r}: run {runs[index]['run_id']} has no "
                                  f"{condition.metric} (its metrics: {', '.join(logged) or 'none'})")
         first, last = values[0], values[-1]
+        if not _finite(first):
+            raise ValueError(f"--fail-if {condition.text!r}: the baseline run {runs[0]['run_id']} ended with a "
+                             f"{condition.metric} that is not a finite number ({first}): nothing to compare with")
         change = last - first
         change_pct = 100 * change / abs(first) if first else None
         if condition.relative and change_pct is None:
             raise ValueError(f"--fail-if {condition.text!r}: {condition.metric} is 0 in run {runs[0]['run_id']}: "
                              "a change in percent of it is undefined; give an absolute threshold")
         measured = change_pct if condition.relative else change
-        failed = measured > condition.threshold if condition.above else measured < condition.threshold
+        failed = not math.isfinite(change) or (measured > condition.threshold if condition.above
+                                               else measured < condition.threshold)
         outcomes.append({"condition": condition.text, "metric": condition.metric, "first": first, "last": last,
                          "change": change, "change_pct": change_pct, "failed": failed})
     return outcomes
 
 
 def outcome_text(outcome: Mapping[str, Any], first_run: str, last_run: str) -> str:
-    """``eval_loss: 0.5 (20261201_120000) -> 0.53 (20261202_120000), +0.03 (+6%): fails 'eval_loss>+2%'``."""
-    pct = f" ({outcome['change_pct']:+.4g}%)" if outcome["change_pct"] is not None else ""
+    """``eval_loss: 0.5 (20261201_120000) -> 0.53 (20261202_120000), +0.03 (+6%): FAILS 'eval_loss>+2%'``;
+    ``eval_loss: 0.5 (...) -> nan (...), not finite: FAILS ...``; ``status: completed (...) -> failed
+    (...), not completed: FAILS (--allow-incomplete to compare it anyway)``."""
     verdict = "FAILS" if outcome["failed"] else "passes"
+    if outcome["metric"] == "status" and outcome["condition"] == "status":
+        advice = "--allow-incomplete to compare it anyway" if outcome["failed"] else "--allow-incomplete"
+        return (f"status: {outcome['first']} ({first_run}) -> {outcome['last']} ({last_run}), the candidate did not "
+                f"complete: {verdict} ({advice})")
+    if not _finite(outcome["last"]):
+        return (f"{outcome['metric']}: {outcome['first']:.6g} ({first_run}) -> nan ({last_run}), not finite: "
+                f"{verdict} {outcome['condition']!r}")
+    pct = f" ({outcome['change_pct']:+.4g}%)" if outcome["change_pct"] is not None else ""
     return (f"{outcome['metric']}: {outcome['first']:.6g} ({first_run}) -> {outcome['last']:.6g} ({last_run}), "
             f"{outcome['change']:+.4g}{pct}: {verdict} {outcome['condition']!r}")
 
@@ -186,11 +274,38 @@ def run_labels(result: Mapping[str, Any]) -> list[str]:
             for run in result["runs"]]
 
 
-def tables(result: Mapping[str, Any], number, duration, status_text) -> list[tuple[str, list[str], list[list[str]]]]:
+def letters(count: int) -> list[str]:
+    """Short column labels of ``count`` runs: ``A`` ... ``Z``, then ``AA``, ``AB`` ..."""
+    out = []
+    for index in range(count):
+        label, index = "", index + 1
+        while index:
+            index, rest = divmod(index - 1, 26)
+            label = chr(ord("A") + rest) + label
+        out.append(label)
+    return out
+
+
+def legend(result: Mapping[str, Any]) -> list[str]:
+    """``A = 20261201_120000 (logs)`` per run, then which run is the baseline and which the
+    candidate of ``--fail-if``: the lines that name the short labels of :func:`tables`."""
+    runs = result["runs"]
+    labels = letters(len(runs))
+    lines = [f"{label} = {run['run_id']}" + (f" ({run['log_dir']})" if run["log_dir"] is not None else "")
+             for label, run in zip(labels, runs)]
+    if len(runs) > 1:
+        lines.append(f"baseline {labels[0]}, candidate {labels[-1]} (--fail-if compares {labels[-1]} with "
+                     f"{labels[0]})")
+    return lines
+
+
+def tables(result: Mapping[str, Any], number, duration, status_text,
+           labels: Sequence[str] | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
     """``(title, headers, rows)`` of the comparison as text, shared by the terminal and the report:
     runs, hyperparameter differences, metrics (``final`` and, with a direction, ``best``).
-    ``number``, ``duration``, ``status_text`` format cells (:mod:`~seo_trainlog._present`)."""
-    labels = run_labels(result)
+    ``number``, ``duration``, ``status_text`` format cells (:mod:`~seo_trainlog._present`);
+    ``labels`` name the runs (default :func:`run_labels`; the terminal gives :func:`letters`)."""
+    labels = list(labels) if labels is not None else run_labels(result)
     # tokens/s and MFU only when some run has them (no empty columns in an 80-column table)
     optional = [(key, header, digits) for key, header, digits in (("tokens_per_second", "tokens/s", 4),
                                                                   ("mfu_pct", "MFU %", 3))

@@ -269,11 +269,20 @@ def comparison_table(summaries: Sequence[Mapping[str, Any]], title: str) -> Tabl
     return table
 
 
+def short_status(status: str) -> str:
+    """A run's status in one short word or two (``completed``, ``failed``, ``no summary``, ``eval only``)."""
+    return "no summary" if status == NO_SUMMARY else "eval only" if status == NO_TRAINING else str(status)
+
+
 def text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    """A rich table of plain-text cells (``seo-trainlog compare``)."""
+    """A rich table of plain-text cells (``seo-trainlog compare``) that loses no character at any
+    width: the first column (run label, hyperparameter or metric name), ``status`` and ``value`` are
+    never wrapped, the others fold onto more lines rather than end in an ellipsis."""
     table = Table(title=title, title_justify="left")
     for index, header in enumerate(headers):
-        table.add_column(header, no_wrap=index == 0)
+        whole = index == 0 or header in ("status", "value")
+        width = max([len(header), *(len(row[index]) for row in rows)]) if whole else None
+        table.add_column(header, no_wrap=whole, min_width=width, overflow="fold")
     for row in rows:
         table.add_row(*map(Text, row))
     return table

@@ -4,7 +4,7 @@ Commands (``seo-trainlog COMMAND --help`` for each)::
 
     seo-trainlog summarize LOG_DIR [LOG_DIR ...] [--run RUN_ID] [--list] [--json]
     seo-trainlog plot LOG_DIR -o FILE.png [--run RUN_ID] [--metrics 'rewards/*,mean_token_accuracy']
-    seo-trainlog compare LOG_DIR [LOG_DIR ...] [RUN_ID ...] [--json] [--fail-if 'eval_loss>+2%']
+    seo-trainlog compare LOG_DIR [LOG_DIR ...] [RUN_ID ...] [--run RUN_ID ...] [--json] [--fail-if 'eval_loss>+2%']
     seo-trainlog report LOG_DIR -o FILE.html [--run RUN_ID]
     seo-trainlog watch LOG_DIR [--run RUN_ID] [--interval S] [--timeout S]
 
@@ -13,8 +13,9 @@ empty directory, an unknown run, a broken line, metrics of a newer schema: one l
 never a traceback). Without ``--run``, a run that cannot be read is skipped with a warning on stderr
 naming its file, and the others are listed and reported (status 0 when at least one was read).
 ``watch`` waits for a missing directory or a first run, and exits 1 when ``--timeout`` ends it
-before the run's summary, 130 on Ctrl-C. ``compare --fail-if`` exits 1 when the last run regresses
-against the first by more than a condition allows.
+before the run's summary, 130 on Ctrl-C. ``compare --fail-if`` exits 1 when the last run (the
+candidate) regresses against the first (the baseline) by more than a condition allows, ended with a
+NaN value of a metric it checks, or did not complete (unless ``--allow-incomplete``).
 Anomaly thresholds come from the ``SEO_TRAINLOG_*`` variables (:meth:`LogConfig.from_env`).
 
 ``summarize`` of a distributed run, or with several directories (e.g. the log directories gathered
@@ -34,12 +35,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from . import _present
 from ._analysis import RankAnalysis, RunAnalysis
 from ._config import LogConfig
 from ._format import to_jsonable
 from ._reader import LogReadError, MetricsRun, find_process_files, find_runs, load_manifest, read_records, select_run
+from ._reader import _stamp_order as stamp_order
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,15 +90,25 @@ def _parser() -> argparse.ArgumentParser:
         "compare", help="runs side by side: differing hyperparameters, final/best metrics, throughput, status",
         description="Runs side by side: the hyperparameters that differ, the final and best value of each "
                     "metric with its direction, throughput, duration, status and anomalies. Positional "
-                    "arguments are log directories and run ids (YYYYMMDD_HHMMSS[_n]); without run ids, "
-                    "every run of the directories, oldest first.")
+                    "arguments are log directories and run ids (YYYYMMDD_HHMMSS[_n]); run ids are compared "
+                    "in the order given, without them every run of the directories, oldest first (by stamp, "
+                    "across the directories). A directory named twice is read once; a run in several "
+                    "directories is one run (the copy with global rank 0's files, else the first "
+                    "directory's). The first run is the baseline of --fail-if, the last the candidate.")
     compare.add_argument("paths", nargs="+", metavar="LOG_DIR_OR_RUN_ID", help="log directories, then run ids")
-    compare.add_argument("--run", action="append", default=[], metavar="RUN_ID", help="a run to compare "
-                         "(repeatable; the order given is the order compared: the first is the baseline)")
+    compare.add_argument("--run", action="extend", nargs="+", default=[], metavar="RUN_ID",
+                         help="runs to compare (after the log directories; '--run A B' or '--run A --run B'; "
+                              "the order given is the order compared: the first is the baseline, the last "
+                              "the candidate)")
     compare.add_argument("--json", action="store_true", help='print {"runs", "differences", "metrics"} as JSON')
-    compare.add_argument("--fail-if", metavar="CONDITIONS", help="exit 1 when the last run regresses against "
-                         "the first: comma-separated 'eval_loss>+2%%', 'eval_accuracy<-1%%', 'eval_loss>+0.05' "
-                         "(final values; %% relative to the first run's)")
+    compare.add_argument("--fail-if", action="append", default=[], metavar="CONDITIONS",
+                         help="exit 1 when the candidate (last run) regresses against the baseline (first): "
+                              "METRIC>+N (rose by more than N) or METRIC<-N (fell by more than N), N with %% "
+                              "for percent of the baseline's value, e.g. 'eval_loss>+2%%', 'eval_accuracy<-1%%', "
+                              "'loss>+0.05'; comma-separated or repeated, every one is checked; also exit 1 "
+                              "when the candidate did not complete or its final value is NaN")
+    compare.add_argument("--allow-incomplete", action="store_true",
+                         help="let --fail-if pass a candidate whose status is not completed (failed, no summary)")
     compare.set_defaults(handler=_compare)
     watch = command("watch", _watch, "follow a run live as training writes it (Ctrl-C to stop)")
     watch.add_argument("--interval", type=_positive, default=1.0, metavar="S", help="seconds between refreshes")
@@ -182,38 +195,60 @@ def _plot(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from . import _compare as comparing
 
-    directories = [Path(p) for p in args.paths if Path(p).is_dir()]
-    run_ids = [p for p in args.paths if not Path(p).is_dir()] + list(args.run)
+    directories: dict[Path, Path] = {}  # resolved path -> as given: a directory named twice is read once
+    for text in args.paths:
+        if Path(text).is_dir():
+            directories.setdefault(Path(text).resolve(), Path(text))
+    for text in args.run:
+        if not comparing.RUN_ID.match(text):
+            raise LogReadError(f"--run {text!r} is not a run id (YYYYMMDD_HHMMSS[_n]); give the log directories "
+                               "before --run")
+    run_ids = list(dict.fromkeys([p for p in args.paths if not Path(p).is_dir()] + list(args.run)))
     for text in run_ids:
         if not comparing.RUN_ID.match(text):
             raise LogReadError(f"{text!r} is neither a log directory nor a run id (YYYYMMDD_HHMMSS[_n])")
     if not directories:
         raise LogReadError(f"no log directory among {' '.join(args.paths)}")
     try:
-        conditions = comparing.parse_conditions(args.fail_if) if args.fail_if is not None else []
+        conditions = comparing.parse_conditions(args.fail_if) if args.fail_if else []
     except ValueError as exc:
         raise LogReadError(str(exc)) from None
     config = _config()
-    found = [(directory, find_runs(directory)) for directory in directories]
-    chosen = []  # (directory, analysis): the runs named must be read; of all runs, the unreadable are skipped
+    copies: dict[str, tuple[Path, MetricsRun]] = {}  # run id -> the copy read: rank 0's files, else a node's
+    for directory in directories.values():
+        for run in find_runs(directory):
+            if run.run_id not in copies or (copies[run.run_id][1].tag and not run.tag):
+                copies[run.run_id] = (directory, run)
     for run_id in run_ids:
-        matches = [(directory, run) for directory, runs in found for run in runs if run.run_id == run_id]
-        if not matches:
-            raise LogReadError(f"no run {run_id!r} in {', '.join(map(str, directories))}")
-        chosen += [(directory, _analyse(run, config)) for directory, run in matches]
-    if not run_ids:
-        chosen = [(directory, analysis) for directory, runs in found for analysis in _analyse_all(runs, config)]
-    result = comparing.compare([analysis for _, analysis in chosen], [str(directory) for directory, _ in chosen])
+        if run_id not in copies:
+            raise LogReadError(f"no run {run_id!r} in {', '.join(map(str, directories.values()))}")
+    chosen = []  # (directory, analysis, final values): the runs named must be read; of all, unreadable ones skipped
+    for run_id in run_ids or sorted(copies, key=stamp_order):
+        directory, run = copies[run_id]
+        finals = comparing.FinalValues()
+        try:
+            chosen.append((directory, _analyse(run, config, finals.tee), finals))
+        except LogReadError as exc:
+            if run_ids or (not chosen and run_id == max(copies, key=stamp_order)):
+                raise
+            _warn(f"run {run_id} skipped: {exc}")
+    result = comparing.compare([analysis for _, analysis, _ in chosen], [str(d) for d, _, _ in chosen],
+                               [finals for _, _, finals in chosen])
     try:
-        outcomes = comparing.check(result, conditions) if conditions else []
+        outcomes = comparing.check(result, conditions, args.allow_incomplete) if conditions else []
     except ValueError as exc:
         raise LogReadError(str(exc)) from None
+    for line in comparing.direction_warnings(result, conditions):
+        _warn(line)
     if args.json:
         _print_json({**result, **({"fail_if": outcomes} if conditions else {})})
     else:
         console = Console()
+        for line in comparing.legend(result):
+            console.print(Text(line), soft_wrap=True)  # a long directory is not broken up
+        labels = comparing.letters(len(result["runs"]))
         for title, headers, rows in comparing.tables(result, _present.number, _present.duration,
-                                                     _present.status_text):
+                                                     _present.short_status, labels):
             console.print(_present.text_table(title, headers, rows) if rows else f"{title}: none")
     first, last = result["runs"][0]["run_id"], result["runs"][-1]["run_id"]
     for outcome in outcomes:
@@ -239,11 +274,13 @@ def _watch(args: argparse.Namespace) -> int:
     return watch(args.log_dir, args.run, _config(), Console(), interval_s=args.interval, timeout_s=args.timeout)
 
 
-def _analyse(run: MetricsRun, config: LogConfig) -> RunAnalysis:
+def _analyse(run: MetricsRun, config: LogConfig, tee=None) -> RunAnalysis:
+    """``run`` read; ``tee`` (``records -> records``) also sees every record (``compare``'s final values)."""
     manifest, problem = load_manifest(run, _warn)
     analysis = RunAnalysis(run.run_id, config, manifest=manifest, rotated=len(run.paths) > 1,
                            manifest_problem=problem)
-    analysis.add_all(read_records(run, _warn))
+    records = read_records(run, _warn)
+    analysis.add_all(tee(records) if tee is not None else records)
     if analysis.head_deleted and analysis.manifest is None:
         missing = f"{run.manifest_path.name} could not be used ({problem})" if problem else \
             f"there is no {run.manifest_path.name}"

@@ -405,7 +405,7 @@ def test_fail_if_on_a_metric_a_run_lacks_or_a_bad_condition_exits_2(gate_dir, ca
     assert capsys.readouterr().err == ("seo-trainlog: error: --fail-if 'eval_f1<-1%': run 20261201_120000 has no "
                                        "eval_f1 (its metrics: eval_accuracy, eval_loss, loss)\n")
     assert main(["compare", str(gate_dir), "--fail-if", "eval_loss rises"]) == 2
-    assert "expected METRIC>+N, METRIC>+N%" in capsys.readouterr().err
+    assert "'eval_loss rises': not a condition; accepted: METRIC>+N (fails when" in capsys.readouterr().err
     assert main(["compare", str(gate_dir), "20261201_120000", "--fail-if", "eval_loss>+2%"]) == 2
     assert capsys.readouterr().err == "seo-trainlog: error: --fail-if needs two runs or more to compare, got 1\n"
     assert main(["compare", str(gate_dir), "20991231_000000"]) == 2
