@@ -274,15 +274,20 @@ def short_status(status: str) -> str:
     return "no summary" if status == NO_SUMMARY else "eval only" if status == NO_TRAINING else str(status)
 
 
-def text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
+def text_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None) -> Table:
     """A rich table of plain-text cells (``seo-trainlog compare``) that loses no character at any
-    width: the first column (run label, hyperparameter or metric name), ``status`` and ``value`` are
-    never wrapped, the others fold onto more lines rather than end in an ellipsis."""
+    width: ``run``, ``status`` and ``value`` are never wrapped; a name keeps 24 characters on a line
+    and a value 12 when the table still fits ``width`` (the terminal's columns) so, and what does not
+    fit folds onto more lines rather than end in an ellipsis."""
+    longest = [max([len(header), *(len(row[index]) for row in rows)]) for index, header in enumerate(headers)]
+    whole = [header in ("run", "status", "value") for header in headers]
+    least = [size if keep else min(size, 24 if index == 0 else 12)
+             for index, (size, keep) in enumerate(zip(longest, whole))]
+    if width is not None and sum(least) + 3 * len(headers) + 1 > width:
+        least = [size if keep else None for size, keep in zip(least, whole)]
     table = Table(title=title, title_justify="left")
-    for index, header in enumerate(headers):
-        whole = index == 0 or header in ("status", "value")
-        width = max([len(header), *(len(row[index]) for row in rows)]) if whole else None
-        table.add_column(header, no_wrap=whole, min_width=width, overflow="fold")
+    for header, keep, size in zip(headers, whole, least):
+        table.add_column(header, no_wrap=keep, min_width=size, overflow="fold")
     for row in rows:
         table.add_row(*map(Text, row))
     return table

@@ -249,7 +249,7 @@ def _compare(args: argparse.Namespace) -> int:
         labels = comparing.letters(len(result["runs"]))
         for title, headers, rows in comparing.tables(result, _present.number, _present.duration,
                                                      _present.short_status, labels):
-            console.print(_present.text_table(title, headers, rows) if rows else f"{title}: none")
+            console.print(_present.text_table(title, headers, rows, console.width) if rows else f"{title}: none")
     first, last = result["runs"][0]["run_id"], result["runs"][-1]["run_id"]
     for outcome in outcomes:
         print(f"seo-trainlog: {comparing.outcome_text(outcome, first, last)}", file=sys.stderr)

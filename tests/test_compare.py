@@ -232,3 +232,27 @@ def test_a_nan_final_value_is_shown_and_fails_the_gate(tmp_path, capsys, monkeyp
     assert status == 2
     assert err == ["seo-trainlog: error: --fail-if 'loss>+1%': the baseline run 20261202_120000 ended with a loss "
                    "that is not a finite number (nan): nothing to compare with"]
+
+
+def test_eight_runs_at_80_columns_fold_instead_of_cutting(tmp_path, capsys, monkeypatch):
+    log_dir = tmp_path / "logs"
+    ids = [f"2026120{day}_120000" for day in range(1, 9)]
+    for index, run_id in enumerate(ids):
+        write_run(log_dir, run_id, {"eval_loss": 0.5 - index / 1000, "eval_mean_token_accuracy": 0.123456 + index},
+                  status="failed" if index % 2 else None, learning_rate=(index + 1) * 1.2345e-4)
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    assert main(["compare", str(log_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 80 for line in lines[9:]) and "…" not in "".join(lines)
+    assert lines[:9] == [f"{label} = {run_id} ({log_dir})" for label, run_id in zip("ABCDEFGH", ids)] + \
+        ["baseline A, candidate H (--fail-if compares H with A)"]
+    runs = [[cell.strip() for cell in line.split("│")[1:3]] for line in lines if line.startswith("│ ")][:8]
+    assert runs == [[label, "failed" if index % 2 else "no summary"] for index, label in enumerate("ABCDEFGH")]
+    # a value folds onto a second line of its cell rather than lose its digits
+    table = "\n".join(lines)
+    rates = table[table.index("Hyperparameters that differ"):table.index("Metrics")]
+    cells = ["".join(parts) for parts in zip(*[[cell.strip() for cell in line.split("│")[1:-1]]
+                                                for line in rates.splitlines() if line.startswith("│ ")])]
+    assert cells[0] == "training_args.learning_rate"
+    assert cells[1:] == [f"{(index + 1) * 1.2345e-4:.6g}" for index in range(8)]
