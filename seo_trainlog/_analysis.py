@@ -270,6 +270,7 @@ class RunAnalysis:
                 sums[3] += interval
         self._token_last = {"tokens_per_second": rate, "mfu_pct": mfu if _is_number(mfu) else None,
                             "num_input_tokens_seen": record.get("num_input_tokens_seen"),
+                            "tokens_counted_from_global_step": record.get("tokens_counted_from_global_step"),
                             "global_step": record.get("global_step")}
         self.tokens.offer(record)
 
@@ -277,7 +278,8 @@ class RunAnalysis:
         """Over the train records with ``tokens_per_second`` (None when there is none):
         ``tokens_per_second`` (all tokens over all their intervals' time), ``last_tokens_per_second``,
         ``num_input_tokens_seen`` (the last record's), ``mfu_pct`` (time-weighted mean of the records
-        with one; None when none has) and ``last_mfu_pct``."""
+        with one; None when none has), ``last_mfu_pct`` and ``tokens_counted_from_global_step`` (the
+        last record's: a resumed run whose count restarted at that step, None when counted from the start)."""
         if not self._token_last:
             return None
         tokens, seconds, mfu, mfu_seconds = self._token_sums
@@ -286,7 +288,8 @@ class RunAnalysis:
                 "last_tokens_per_second": last["tokens_per_second"],
                 "num_input_tokens_seen": last["num_input_tokens_seen"],
                 "mfu_pct": mfu / mfu_seconds if mfu_seconds else None, "last_mfu_pct": last["mfu_pct"],
-                "last_global_step": last["global_step"]}
+                "last_global_step": last["global_step"],
+                "tokens_counted_from_global_step": last["tokens_counted_from_global_step"]}
 
     def _train_row(self, record: dict[str, Any]) -> tuple[Any, ...]:
         """``global_step``, ``epoch``, then :data:`TRAIN_COLUMNS`: ``gpu_util_pct`` is the mean over the
