@@ -127,6 +127,20 @@ def test_the_table_of_directions():
     assert (table.of("dev_accuracy", "dev"), table.of("holdout_loss", "holdout")) == ("max", "min")
 
 
+def test_a_spread_has_no_direction_and_acc_norm_is_higher_is_better():
+    # a name ending in std/stderr is a spread of a metric, whatever the words before it; lm-eval-harness's
+    # acc_norm is an accuracy (its norm is the length normalisation, not a gradient norm)
+    table = directions()
+    expected = {
+        "rewards/margins_std": None, "rewards/accuracies_std": None, "eval_rewards/margins_std": None,
+        "acc_stderr": None, "eval_acc_norm_stderr": None, "loss_std": None, "mean_token_accuracy_std": None,
+        "eval_acc_norm": "max", "acc_norm": "max", "eval_acc": "max",
+        "rewards/margins": "max", "grad_norm": None, "eval_loss": "min",
+    }
+    assert {name: table.of(name) for name in expected} == expected
+    assert Directions({"*_std": "min"}).of("rewards/margins_std") == "min"  # the user's entry still wins
+
+
 def test_users_extend_the_table_in_logconfig_and_the_environment():
     config = LogConfig(metric_directions={"eval_my_score": "MAX", "*_count": "min", "rewards/*": None})
     assert config.metric_directions == {"eval_my_score": "max", "*_count": "min", "rewards/*": None}
