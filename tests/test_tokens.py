@@ -330,3 +330,23 @@ def test_mfu_unknown_says_where_the_peak_is_set(make_trainer, log_dir, monkeypat
     assert cli_main(["summarize", str(log_dir)]) == 0
     assert ("n/a (peak FLOPs unknown: set LogConfig.peak_tflops or SEO_TRAINLOG_PEAK_TFLOPS (the variable is read "
             "only by a callback without a config))") in capsys.readouterr().out
+
+
+# what seo_trainlog itself adds to a train record in a distributed run, after a resume, or on a GPU
+OWN_FIELDS_NOT_IN_ONE_CPU_PROCESS = ("rank_input_tokens", "rank_num_input_tokens_seen",
+                                     "tokens_counted_from_global_step", "gpu0_util_pct", "gpu0_mem_used_mb",
+                                     "gpu0_power_w", "gpu0_temp_c", "cuda0_allocated_mb", "cuda0_max_allocated_mb")
+
+
+def test_seo_trainlogs_own_fields_are_never_shown_as_trainer_metrics(make_trainer, log_dir, capsys):
+    run(make_trainer, log_dir, max_steps=3, logging_steps=1, config=quiet(log_dir, sample_interval_s=0.01))
+    records = RunFiles(log_dir).records()
+    train = [row for row in records if row["event"] == "train"]
+    ours = set().union(*(row.keys() for row in train)) - {"loss", "grad_norm", "learning_rate"}  # the Trainer's
+    assert {"num_input_tokens_seen", "tokens_per_second", "mfu_pct", "collate_time_s", "rss_mb", "interval_s",
+            "data_wait_pct", "cpu_pct"} <= ours
+    for row in train:  # as a distributed, resumed run on a GPU writes them
+        row.update({key: 7 for key in OWN_FIELDS_NOT_IN_ONE_CPU_PROCESS})
+    analysis = RunAnalysis(RunFiles(log_dir).run_id).add_all(records)
+    assert analysis.summary()["train_metrics"] == {}
+    assert analysis.train_metrics.names() == []
