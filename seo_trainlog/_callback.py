@@ -705,9 +705,10 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if stats.untokenised and not meter.untokenised_noted:
             meter.untokenised_noted = True
             run.logger.defer("tokens", functools.partial(
-                run.logger.log_message, "TimedDataCollator: a batch had neither a 2-D attention_mask nor an "
-                "input_ids array, so its tokens are not counted (num_input_tokens_seen, tokens_per_second and "
-                "mfu_pct come only from batches that have them)", category="data"))
+                run.logger.log_message, "TimedDataCollator: a batch had no 2-D array (tensor or NumPy) under a "
+                "key ending in attention_mask and none under a key ending in input_ids (it was not a mapping, or "
+                "held lists or only inputs_embeds), so its tokens are not counted (num_input_tokens_seen, "
+                "tokens_per_second and mfu_pct come only from batches that have them)", category="data"))
         tokens = meter.take(stats, timing["steps"])
         if tokens is not None:
             run.token_step = run.state.global_step

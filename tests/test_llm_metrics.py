@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import WORDS, RunFiles, quiet
 
-from seo_trainlog import LogConfig, TrainLogCallback
+from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback
 from seo_trainlog._analysis import RunAnalysis
 from seo_trainlog._directions import Directions, directions
 from seo_trainlog._format import json_line
@@ -290,7 +290,7 @@ def test_compare_two_real_runs_shows_only_what_differs(sft_dir, capsys, tmp_path
     assert "<tr><td>training_args.learning_rate</td><td>0.001</td><td>0.002</td></tr>" in html
 
 
-def test_sentence_transformers_evaluator_metrics_are_higher_is_better(tmp_path, capsys):
+def test_sentence_transformers_tokens_and_evaluator_metrics(tmp_path, capsys):
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses)
@@ -308,9 +308,27 @@ def test_sentence_transformers_evaluator_metrics_are_higher_is_better(tmp_path, 
     log_dir = tmp_path / "logs"
     args = SentenceTransformerTrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=1e-2,
                                                 **{**TRAIN_ARGS, "max_steps": 4})
-    SentenceTransformerTrainer(model=model, args=args, train_dataset=pairs, eval_dataset=pairs.select(range(8)),
-                               loss=losses.MultipleNegativesRankingLoss(model), evaluator=evaluator,
-                               callbacks=[TrainLogCallback(quiet(log_dir))]).train()
+    # attention_mask.sum() of the features of every training forward of the model's Transformer module (anchor,
+    # then positive; it calls the BERT's forward method directly, so the hook is on the module that gets them)
+    received: list[int] = []
+
+    def keep_mask(module, args):
+        if module.training:
+            received.append(int(args[0]["attention_mask"].sum()))
+
+    model[0].register_forward_pre_hook(keep_mask)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=pairs,
+                                         eval_dataset=pairs.select(range(8)),
+                                         loss=losses.MultipleNegativesRankingLoss(model), evaluator=evaluator,
+                                         callbacks=[TrainLogCallback(quiet(log_dir))])
+    trainer.data_collator = TimedDataCollator(trainer.data_collator)
+    trainer.train()
+    # its collator's keys are prefixed (anchor_input_ids, anchor_attention_mask, positive_*): both masks counted,
+    # equal to what the model received (two forwards a step)
+    assert len(received) == 8
+    assert [row["num_input_tokens_seen"] for row in RunFiles(log_dir).records("train")] == [
+        sum(received[:2 * step]) for step in (1, 2, 3, 4)]
+    assert not [m for m in RunFiles(log_dir).messages("data_loading") if "tokens are not counted" in m]
     evals = RunFiles(log_dir).records("eval")
     assert len(evals) == 2
     out = cli_json(capsys, "summarize", str(log_dir))

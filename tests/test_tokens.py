@@ -273,6 +273,11 @@ def test_count_tokens_of_a_batch():
     assert count_tokens({"input_ids": ids}) == (8, 4)  # no mask: every element
     assert count_tokens({"input_ids": np.ones((3, 5))}) == (15, 5)
     assert count_tokens({"input_ids": ids, "attention_mask": torch.ones(2, 1, 4, 4)}) == (8, 4)  # 4-D: not a count
+    # prefixed keys (sentence-transformers' anchor_*/positive_*): every mask, else every input_ids array
+    other = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    assert count_tokens({"anchor_input_ids": ids, "anchor_attention_mask": mask,
+                         "positive_input_ids": torch.ones(2, 6), "positive_attention_mask": other}) == (14, 5)
+    assert count_tokens({"anchor_input_ids": ids, "positive_input_ids": torch.ones(2, 6)}) == (20, 5)
     assert count_tokens({"input_ids": [[1, 2], [3, 4]]}) == (None, 0)
     assert count_tokens([ids]) == (None, 0)
 
