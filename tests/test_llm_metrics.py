@@ -506,3 +506,48 @@ def test_a_train_metric_first_logged_as_nan_is_still_summarised(tmp_path, capsys
     assert out["train_metrics"] == {"mean_token_accuracy": {
         "last": 0.375, "last_global_step": 4, "min": 0.25, "max": 0.5, "direction": "max",
         "best": {"value": 0.5, "global_step": 3}}}
+
+
+def write_records(log_dir: Path, run_id: str, rows: list[tuple[str, int, dict]]) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"performance_metrics_{run_id}.log", "w", encoding="utf-8") as out:
+        for index, (event, step, values) in enumerate(rows):
+            out.write(json_line(event, run_id, step, step / 10, values, time=START + timedelta(seconds=index)) + "\n")
+
+
+def test_plot_metrics_says_which_metrics_it_left_out(tmp_path, capsys):
+    from PIL import Image
+
+    log_dir = tmp_path / "logs"
+    names = [f"m{index:02d}" for index in range(30)]
+    write_records(log_dir, "20261201_120000", [("run_start", 0, {})] + [
+        ("train", step, {"loss": 1.0 / step, "learning_rate": 1e-3, **{name: step * 0.5 for name in names}})
+        for step in (1, 2, 3)])
+    capsys.readouterr()
+    assert main(["plot", str(log_dir), "-o", str(tmp_path / "many.png"), "--metrics", "m*"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"wrote {tmp_path / 'many.png'} ({', '.join(names[:24])})\n"
+    assert err == ("seo-trainlog: warning: plot --metrics: 30 metrics matched, the figure shows the first 24 (at most "
+                   "24 panels); left out: m24, m25, m26, m27, m28, m29. Narrow the globs, or plot the rest in another "
+                   "figure: --metrics 'm24,m25,m26,m27,m28,m29'\n")
+    assert Image.open(tmp_path / "many.png").size == (1410, 2780)  # 3 columns x 8 rows
+    assert main(["plot", str(log_dir), "-o", str(tmp_path / "few.png"), "--metrics", "m0*"]) == 0
+    assert capsys.readouterr().err == ""  # all drawn: nothing to say
+
+
+def test_a_one_panel_metrics_figure_keeps_its_titles_inside(tmp_path):
+    log_dir = tmp_path / "logs"
+    write_records(log_dir, "20261201_120000", [("run_start", 0, {})] + [
+        ("train", step, {"loss": 1.0 / step, "learning_rate": 1e-3, "mean_token_accuracy": step * 0.1})
+        for step in (1, 2, 3)] + [("summary", 3, {"status": "completed"})])
+    analysis = RunAnalysis("20261201_120000", LogConfig()).add_all(read_records(find_runs(log_dir)[0]))
+    figure = build_metrics_figure(analysis, ["mean_token_accuracy"])
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    box = figure.bbox
+    texts = [figure._suptitle, *(axes.title for axes in figure.axes), *(axes._left_title for axes in figure.axes)]
+    for text in texts:
+        if text.get_text():
+            extent = text.get_window_extent(renderer)
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and extent.y1 <= box.y1, text.get_text()
+    assert figure._suptitle.get_text() == "Run 20261201_120000\ncompleted, global_step 3, epoch 0.3"
