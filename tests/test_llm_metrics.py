@@ -50,13 +50,13 @@ def tiny_llama():
         eos_token_id=3))
 
 
-def run_sft(log_dir: Path, output_dir: Path, learning_rate: float) -> None:
+def run_sft(log_dir: Path, output_dir: Path, learning_rate: float, **config) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     data = Dataset.from_dict({"text": TEXTS})
     SFTTrainer(model=tiny_llama(), processing_class=word_tokenizer(), train_dataset=data,
-               eval_dataset=data.select(range(8)), callbacks=[TrainLogCallback(quiet(log_dir))],
+               eval_dataset=data.select(range(8)), callbacks=[TrainLogCallback(quiet(log_dir, **config))],
                args=SFTConfig(output_dir=str(output_dir), learning_rate=learning_rate, max_length=16,
                               **TRAIN_ARGS)).train()
 
@@ -476,11 +476,29 @@ def test_the_manifest_and_summarize_follow_the_users_directions(make_trainer, ti
     manifest = json.loads(next(log_dir.glob("run_manifest_*.json")).read_text())
     assert manifest["eval"]["best"] == {"eval_loss": best_of(column(evals, "eval_loss"), "min"),
                                         "eval_my_score": lowest}  # no best for eval_num_items (a count)
-    out = cli_json(capsys, "summarize", str(log_dir))  # the table alone: my_score has no direction
-    assert set(out["best_eval"]) == {"eval_loss"} and out["eval_metrics"]["eval_my_score"]["direction"] is None
-    monkeypatch.setenv("SEO_TRAINLOG_METRIC_DIRECTIONS", '{"eval_my_score": "min"}')
+    # the run recorded its directions: summarize picks the manifest's best without being told again
+    assert RunFiles(log_dir).records("run_start")[0]["metric_directions"] == {"eval_my_score": "min"}
     out = cli_json(capsys, "summarize", str(log_dir))
-    assert out["best_eval"]["eval_my_score"] == lowest
+    assert out["best_eval"] == manifest["eval"]["best"]
+    # the reader's own setting wins over the run's
+    monkeypatch.setenv("SEO_TRAINLOG_METRIC_DIRECTIONS", '{"eval_my_score": "max"}')
+    out = cli_json(capsys, "summarize", str(log_dir))
+    assert out["best_eval"]["eval_my_score"] == best_of(column(evals, "eval_my_score"), "max")
+
+
+def test_summarize_and_compare_use_the_directions_the_sft_run_was_configured_with(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    run_sft(log_dir, tmp_path / "out", 5e-2, metric_directions={"eval_mean_token_accuracy": "min"})
+    evals = RunFiles(log_dir).records("eval")
+    lowest = best_of(column(evals, "eval_mean_token_accuracy"), "min")
+    assert lowest != best_of(column(evals, "eval_mean_token_accuracy"), "max")
+    manifest = json.loads(next(log_dir.glob("run_manifest_*.json")).read_text())
+    assert manifest["eval"]["best"]["eval_mean_token_accuracy"] == lowest
+    out = cli_json(capsys, "summarize", str(log_dir))
+    assert out["best_eval"] == manifest["eval"]["best"]
+    assert out["eval_metrics"]["eval_mean_token_accuracy"]["direction"] == "min"
+    metrics = cli_json(capsys, "compare", str(log_dir))["metrics"]
+    assert metrics["eval_mean_token_accuracy"]["direction"] == "min"
 
 
 def test_compare_skips_a_run_it_cannot_read_and_says_so(gate_dir, capsys):
