@@ -140,6 +140,7 @@ def left_out_text(left_out: Sequence[str], drawn: int) -> str:
     rest in a second figure, e.g. --metrics 'm24,m25')``."""
     shown = ", ".join(left_out[:10]) + (f" and {len(left_out) - 10} more" if len(left_out) > 10 else "")
     rest = ",".join(left_out[:MAX_PANELS])
+    which = "the rest" if len(left_out) <= MAX_PANELS else f"the next {MAX_PANELS}"
     return (f"plot --metrics: {drawn + len(left_out)} metrics matched, the figure shows the first {drawn} "
-            f"(at most {MAX_PANELS} panels); left out: {shown}. Narrow the globs, or plot the rest in another "
+            f"(at most {MAX_PANELS} panels); left out: {shown}. Narrow the globs, or plot {which} in another "
             f"figure: --metrics '{rest}'")
