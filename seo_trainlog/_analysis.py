@@ -12,7 +12,7 @@ from typing import Any
 
 from ._anomaly import AnomalyDetector, StragglerDetector, eval_prefix, pace_times, rank_sample, settings_of
 from ._config import LogConfig
-from ._directions import Directions, better, directions
+from ._directions import Directions, better, check_overrides, directions
 from ._metric_stats import MetricStats, is_train_metric
 
 MAX_POINTS = 2000  # per plotted series (a run with more train records keeps every k-th)
@@ -173,6 +173,8 @@ class RunAnalysis:
                 duration = record.get("training_duration_s")
                 segment.update(status=self._status, training_duration_s=duration if _is_number(duration) else None)
         elif event in ("run_start", "segment_start"):
+            if isinstance(record.get("metric_directions"), Mapping):
+                self._use_run_directions(record["metric_directions"])
             number = record.get("segment") if event == "segment_start" else 1
             self._segment = number if type(number) is int else self._segment + 1
             self._status = None  # the run goes on
@@ -208,6 +210,20 @@ class RunAnalysis:
             # the run already fed every record to the same detector with these settings: its anomaly
             # records are what detection here would find, so they are used as they are
             self.detector = None
+
+    def _use_run_directions(self, recorded: Mapping[str, Any]) -> None:
+        """The run's own ``LogConfig.metric_directions`` (its ``run_start``/``segment_start`` record),
+        under this reader's (``config.metric_directions``, e.g. from SEO_TRAINLOG_METRIC_DIRECTIONS),
+        which win; over the table. Metrics already followed keep the direction they had. A bad record
+        is left out, with a warning."""
+        try:
+            merged = {**check_overrides(recorded, "metric_directions of the run"),
+                      **(self.config.metric_directions or {})}
+        except ValueError as exc:
+            if len(self.warnings) < MAX_KEPT:
+                self.warnings.append(f"{exc}: not used")
+            return
+        self.directions = self.train_metrics.directions = self.eval_metrics.directions = directions(merged)
 
     def _segment_entry(self, number: int) -> dict[str, Any] | None:
         segment = self._segments.get(number)
@@ -270,6 +286,7 @@ class RunAnalysis:
                 sums[3] += interval
         self._token_last = {"tokens_per_second": rate, "mfu_pct": mfu if _is_number(mfu) else None,
                             "num_input_tokens_seen": record.get("num_input_tokens_seen"),
+                            "tokens_counted_from_global_step": record.get("tokens_counted_from_global_step"),
                             "global_step": record.get("global_step")}
         self.tokens.offer(record)
 
@@ -277,7 +294,8 @@ class RunAnalysis:
         """Over the train records with ``tokens_per_second`` (None when there is none):
         ``tokens_per_second`` (all tokens over all their intervals' time), ``last_tokens_per_second``,
         ``num_input_tokens_seen`` (the last record's), ``mfu_pct`` (time-weighted mean of the records
-        with one; None when none has) and ``last_mfu_pct``."""
+        with one; None when none has), ``last_mfu_pct`` and ``tokens_counted_from_global_step`` (the
+        last record's: a resumed run whose count restarted at that step, None when counted from the start)."""
         if not self._token_last:
             return None
         tokens, seconds, mfu, mfu_seconds = self._token_sums
@@ -286,7 +304,8 @@ class RunAnalysis:
                 "last_tokens_per_second": last["tokens_per_second"],
                 "num_input_tokens_seen": last["num_input_tokens_seen"],
                 "mfu_pct": mfu / mfu_seconds if mfu_seconds else None, "last_mfu_pct": last["mfu_pct"],
-                "last_global_step": last["global_step"]}
+                "last_global_step": last["global_step"],
+                "tokens_counted_from_global_step": last["tokens_counted_from_global_step"]}
 
     def _train_row(self, record: dict[str, Any]) -> tuple[Any, ...]:
         """``global_step``, ``epoch``, then :data:`TRAIN_COLUMNS`: ``gpu_util_pct`` is the mean over the

@@ -185,8 +185,15 @@ class TrainLogCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         """Saved by the Trainer in each checkpoint's ``trainer_state.json``: the run id, so that
-        ``train(resume_from_checkpoint=...)`` continues the same run (see :meth:`on_train_begin`)."""
-        return {"args": {"restored": True}, "attributes": {"run_id": self.run_id}}
+        ``train(resume_from_checkpoint=...)`` continues the same run (see :meth:`on_train_begin`), and
+        in one process ``tokens_seen_at_save`` (``[global_step, num_input_tokens_seen]``) when the
+        checkpoint is saved at a logging step, so that a resumed run's token count goes on from it."""
+        attributes: dict[str, Any] = {"run_id": self.run_id}
+        run = self._run
+        if run is not None and run.logger.role.world_size == 1 and run.token_step is not None \
+                and run.token_step == run.state.global_step:  # saved at a logging step: the count is exact
+            attributes["tokens_seen_at_save"] = [run.token_step, run.meter.seen]
+        return {"args": {"restored": True}, "attributes": attributes}
 
     def __copy__(self) -> TrainLogCallback:
         return TrainLogCallback(self.config, self.alert_hooks)
@@ -301,6 +308,13 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if model is not None:
             meter.trainable_parameters, meter.num_layers, meter.hidden_size = model_shape(model)
         meter.trainer_seen = getattr(state, "num_input_tokens_seen", None) or 0
+        if state.global_step and not _trainer_counts(args):
+            # resumed without the Trainer's count: go on from the checkpoint's count, else say where ours began
+            saved = _saved_tokens(state)
+            if saved is not None and saved[0] == state.global_step and tlog.role.world_size == 1:
+                meter.seen = saved[1]
+            else:
+                meter.counted_from = state.global_step
         peak = tlog.config.peak_tflops
         device = getattr(getattr(args, "device", None), "type", None)
         if peak is None and device == "cuda":
@@ -431,6 +445,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             seen = self._tokens_at_end(run)
             if seen is not None:
                 extra["num_input_tokens_seen"] = seen
+                if run.meter.counted_from is not None and not _trainer_counts(run.args):
+                    extra["tokens_counted_from_global_step"] = run.meter.counted_from
             tlog.mark(state.global_step, state.epoch)
             if run.step_times:
                 steps, run.step_times = run.step_times, []
@@ -689,9 +705,10 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if stats.untokenised and not meter.untokenised_noted:
             meter.untokenised_noted = True
             run.logger.defer("tokens", functools.partial(
-                run.logger.log_message, "TimedDataCollator: a batch had neither a 2-D attention_mask nor an "
-                "input_ids array, so its tokens are not counted (num_input_tokens_seen, tokens_per_second and "
-                "mfu_pct come only from batches that have them)", category="data"))
+                run.logger.log_message, "TimedDataCollator: a batch had no 2-D array (tensor or NumPy) under a "
+                "key ending in attention_mask and none under a key ending in input_ids (it was not a mapping, or "
+                "held lists or only inputs_embeds), so its tokens are not counted (num_input_tokens_seen, "
+                "tokens_per_second and mfu_pct come only from batches that have them)", category="data"))
         tokens = meter.take(stats, timing["steps"])
         if tokens is not None:
             run.token_step = run.state.global_step
@@ -737,7 +754,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         """For the summary: the Trainer's ``num_input_tokens_seen`` when it counts, else (one process)
         ours, with the batches of the steps after the last logging step."""
         state = run.state
-        if getattr(run.args, "include_num_input_tokens_seen", "no") not in ("no", False, None):
+        if _trainer_counts(run.args):
             return state.num_input_tokens_seen
         if run.collator is None or run.logger.role.world_size > 1:
             return None
@@ -1027,6 +1044,23 @@ def _training_loss_key(logs: Mapping[Any, Any]) -> str | None:
         return None
     return next((key for key in logs if isinstance(key, str) and key.endswith("loss")
                  and not key.startswith(_NOT_TRAINING_PREFIXES)), None)
+
+
+def _trainer_counts(args) -> bool:
+    """The Trainer counts ``num_input_tokens_seen`` itself (``include_num_input_tokens_seen``)."""
+    return getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None)
+
+
+def _saved_tokens(state) -> tuple[int, int] | None:
+    """``(global_step, num_input_tokens_seen)`` our state in the resumed checkpoint holds
+    (:meth:`TrainLogCallback.state`), None when it holds none."""
+    stored = (state.stateful_callbacks or {}).get(_STATE_NAME) if isinstance(state.stateful_callbacks, dict) \
+        else None
+    for entry in stored if isinstance(stored, list) else [stored]:
+        saved = (entry.get("attributes") or {}).get("tokens_seen_at_save") if isinstance(entry, dict) else None
+        if isinstance(saved, list) and len(saved) == 2 and all(type(v) is int for v in saved):
+            return saved[0], saved[1]
+    return None
 
 
 def _resumed_from(state) -> str | None:

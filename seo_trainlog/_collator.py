@@ -27,10 +27,12 @@ class TimedDataCollator:
     ``collate_mean_ms``, ``collate_max_ms``, ``collate_samples``); batches collated while the Trainer
     evaluates are counted in the evaluation's record, never in a training interval.
 
-    Tokens: each returned batch's tokens are counted with one tensor sum: the non-padding tokens
-    (``attention_mask.sum()``) when the batch has a 2-D ``attention_mask``, else every element of
-    ``input_ids`` (``numel()``); its padded length is the last dimension. A batch with neither (not a
-    mapping, or plain lists) is not counted (said once in ``data_loading_<stamp>.log``). The callback
+    Tokens: each returned batch's tokens are counted with one tensor sum per array: the non-padding
+    tokens (``.sum()``) of every 2-D array whose key ends in ``attention_mask`` (``attention_mask``,
+    sentence-transformers' ``anchor_attention_mask`` and ``positive_attention_mask``...), else every
+    element (``numel()``) of each array whose key ends in ``input_ids``; its padded length is the last
+    dimension (:func:`count_tokens`). A batch with no such array (not a mapping, plain lists) is not
+    counted (said once in ``data_loading_<stamp>.log``). The callback
     hands the counts to the optimizer step that trained on those batches (in the order the batches
     were collated; see the README's "Tokens and MFU" for the train records' ``num_input_tokens_seen``,
     ``tokens_per_second`` and ``mfu_pct``).
@@ -185,18 +187,32 @@ class TimedDataCollator:
 
 
 def count_tokens(batch: Any) -> tuple[int | None, int]:
-    """``(tokens, padded length)`` of a collated batch: ``attention_mask.sum()`` for a 2-D mask, else
-    ``input_ids.numel()``; ``(None, 0)`` when the batch has neither as an array."""
+    """``(tokens, padded length)`` of a collated batch (a mapping): the non-padding tokens of every 2-D
+    array whose key ends in ``attention_mask`` (``attention_mask``; sentence-transformers'
+    ``anchor_attention_mask``, ``positive_attention_mask``...), one tensor sum each; when there is none,
+    every element of each array whose key ends in ``input_ids`` (``numel()``). The padded length is
+    the arrays' last dimension, weighted by their tokens when there are several. ``(None, 0)`` when
+    the batch has no such array (not a mapping, plain lists, ``inputs_embeds`` only) or one cannot be
+    counted. Raises nothing."""
     if not isinstance(batch, Mapping):
         return None, 0
     try:  # never the user's training stopped by a count: an odd array is not counted
-        mask = batch.get("attention_mask")
-        if getattr(mask, "ndim", None) == 2:
-            return int(mask.sum()), int(mask.shape[-1])
-        ids = batch.get("input_ids")
-        shape = getattr(ids, "shape", None)
-        if shape is not None and len(shape) > 0:
-            return int(ids.size if not callable(getattr(ids, "numel", None)) else ids.numel()), int(shape[-1])
+        arrays = [value for key, value in batch.items()
+                  if isinstance(key, str) and key.endswith("attention_mask") and getattr(value, "ndim", None) == 2]
+        if arrays:
+            counts = [(int(mask.sum()), int(mask.shape[-1])) for mask in arrays]
+        else:
+            arrays = [value for key, value in batch.items() if isinstance(key, str) and key.endswith("input_ids")
+                      and len(getattr(value, "shape", None) or ()) > 0]
+            counts = [(int(ids.numel() if callable(getattr(ids, "numel", None)) else ids.size), int(ids.shape[-1]))
+                      for ids in arrays]
+        if counts:
+            tokens = sum(count for count, _ in counts)
+            if len(counts) == 1:
+                return tokens, counts[0][1]
+            length = round(sum(count * width for count, width in counts) / tokens) if tokens else \
+                max(width for _, width in counts)
+            return tokens, length
     except Exception:
         pass
     return None, 0

@@ -52,7 +52,11 @@ RULES: tuple[tuple[tuple[str, ...], Direction], ...] = (
     (("steps", "per", "second"), NONE),
     (("tokens", "per", "second"), NONE),
     (("model", "preparation", "time"), NONE),
+    (("acc", "norm"), HIGHER),  # lm-evaluation-harness: length-normalised accuracy
 )
+# a name ending in one of these words is a spread or an error bar of a metric, never better one way:
+# ``rewards/margins_std``, ``acc_stderr`` (whatever rule the words before it match)
+SPREAD_WORDS = frozenset({"std", "stderr", "stddev", "var", "variance", "sem"})
 PREFIXES = ("eval", "test", "train", "predict", "val", "validation")  # Trainer's and the common metric_key_prefix
 _WORDS = re.compile(r"[_/@\-.\s]+")
 _VALUES = {"min": LOWER, "max": HIGHER, None: NONE}
@@ -93,6 +97,8 @@ class Directions:
             if fnmatch.fnmatchcase(metric, pattern) or fnmatch.fnmatchcase(base, pattern):
                 return self.overrides[pattern]
         words = [word for word in _WORDS.split(base.lower()) if word]
+        if words and words[-1] in SPREAD_WORDS:
+            return NONE
         for length in self._lengths:
             matches = [(end, self._rules[tuple(words[end - length:end])]) for end in range(length, len(words) + 1)
                        if tuple(words[end - length:end]) in self._rules]

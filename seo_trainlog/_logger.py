@@ -170,6 +170,7 @@ class TrainLogger:
             self.log_metrics("run_start", {"log_dir": str(self.log_dir), "schema_version": SCHEMA_VERSION,
                                            "seo_trainlog_version": _version(),
                                            **({"resumed": True} if run_id is not None else {}),
+                                           **self._directions_field(),
                                            **({"run_id_source": self.agreement.source}
                                               if self.role.world_size > 1 else {})})
             self._console(f"run {self.run_id} started, logs in {self.log_dir}")
@@ -437,9 +438,16 @@ class TrainLogger:
             self.log_message(f"Run {self.run_id} continues{source} at global_step {start_global_step} "
                              f"(segment {number})")
             self.log_metrics("segment_start", {"segment": number, "start_global_step": start_global_step,
-                                               "resumed_from_checkpoint": resumed_from_checkpoint})
+                                               "resumed_from_checkpoint": resumed_from_checkpoint,
+                                               **self._directions_field()})
         self._write_manifest(force=True)
         return number
+
+    def _directions_field(self) -> dict[str, Any]:
+        """``{"metric_directions": {name-or-glob: "min"|"max"|None}}`` when the config has some (the
+        readers then pick "best" as this run did), else nothing."""
+        chosen = self.config.metric_directions
+        return {"metric_directions": dict(chosen)} if chosen else {}
 
     def claim_training(self) -> bool:
         """A callback joins this run for a ``train()`` in the calling thread: False while a Trainer in

@@ -44,7 +44,7 @@ def metric_panels(analysis: RunAnalysis, patterns: Sequence[str]) -> list[dict[s
     ``{"title", "direction", "lines": [(label, global_steps, values)]}``. A pattern is matched
     against the train records' metrics (``mean_token_accuracy``), whose panel also holds the
     ``eval_<name>`` values when evaluated, then against the evaluation metrics (``eval_rewards/*``).
-    At most :data:`MAX_PANELS`.
+    Every panel matched (the figure draws the first :data:`MAX_PANELS`).
 
     Raises:
         NoMetricMatched: a pattern matched no metric (every pattern is checked).
@@ -76,24 +76,31 @@ def metric_panels(analysis: RunAnalysis, patterns: Sequence[str]) -> list[dict[s
         else:
             panels.append({"title": name, "direction": evals.directions.of(name),
                            "lines": [("eval", *evals.series(name))]})
-    return panels[:MAX_PANELS]
+    return panels
 
 
-def build_metrics_figure(analysis: RunAnalysis, patterns: Sequence[str]) -> Figure:
-    """One panel per metric of :func:`metric_panels` (3 columns, 4.7 x 3.4 inches each) against
-    global_step, titled with the metric's name, anomalies marked.
+def build_metrics_figure(analysis: RunAnalysis, patterns: Sequence[str],
+                         panels: list[dict[str, Any]] | None = None) -> Figure:
+    """One panel per metric of :func:`metric_panels` (``panels`` when given), the first
+    :data:`MAX_PANELS` of them (3 columns, 4.7 x 3.4 inches each), against global_step, titled with
+    the metric's name, anomalies marked. The run's line above them is on two lines when the figure
+    has fewer than 3 columns, so that it fits.
 
     Raises:
         NoMetricMatched: a pattern matched no metric.
     """
-    panels = metric_panels(analysis, patterns)
+    if panels is None:
+        panels = metric_panels(analysis, patterns)
+    panels = panels[:MAX_PANELS]
     summary = analysis.summary()
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(4.7 * columns, 3.4 * rows + 0.6), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    figure.suptitle(f"Run {analysis.run_id}: {status_text(summary['status'])}, global_step "
-                    f"{summary['global_step']}, epoch {fmt_epoch(summary['epoch'])}", fontsize=12)
+    state = (f"{status_text(summary['status'])}, global_step {summary['global_step']}, "
+             f"epoch {fmt_epoch(summary['epoch'])}")
+    figure.suptitle(f"Run {analysis.run_id}" + (": " if columns >= 3 else "\n") + state, fontsize=12,
+                    wrap=True)
     grid = figure.subplots(rows, columns, squeeze=False).flat
     anomalies = [a for a in summary["anomalies"] if isinstance(a["global_step"], (int, float))]
     for panel, axes in zip(panels, grid):
@@ -108,16 +115,32 @@ def build_metrics_figure(analysis: RunAnalysis, patterns: Sequence[str]) -> Figu
     return figure
 
 
-def save_metrics_figure(analysis: RunAnalysis, patterns: Sequence[str], path: str | os.PathLike[str]) -> list[str]:
-    """Write :func:`build_metrics_figure` to ``path`` as PNG; returns the panels' titles.
+def save_metrics_figure(analysis: RunAnalysis, patterns: Sequence[str],
+                        path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """Write :func:`build_metrics_figure` to ``path`` as PNG; returns ``(drawn, left_out)``: the
+    titles of the panels drawn and the metrics matched but left out (beyond :data:`MAX_PANELS`).
 
     Raises:
         NoMetricMatched: a pattern matched no metric (nothing is written).
         OSError: the file cannot be written.
     """
-    figure = build_metrics_figure(analysis, patterns)
+    panels = metric_panels(analysis, patterns)
+    figure = build_metrics_figure(analysis, patterns, panels)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     with open(path, "wb") as out:
         out.write(buffer.getvalue())
-    return [axes.get_title(loc="left") for axes in figure.axes if axes.get_visible()]
+    return ([axes.get_title(loc="left") for axes in figure.axes if axes.get_visible()],
+            [panel["title"] for panel in panels[MAX_PANELS:]])
+
+
+def left_out_text(left_out: Sequence[str], drawn: int) -> str:
+    """The stderr line of ``plot --metrics`` when metrics were left out, e.g. ``plot --metrics: 26
+    metrics matched, the figure shows the first 24; left out: m24, m25. Narrow the globs (or plot the
+    rest in a second figure, e.g. --metrics 'm24,m25')``."""
+    shown = ", ".join(left_out[:10]) + (f" and {len(left_out) - 10} more" if len(left_out) > 10 else "")
+    rest = ",".join(left_out[:MAX_PANELS])
+    which = "the rest" if len(left_out) <= MAX_PANELS else f"the next {MAX_PANELS}"
+    return (f"plot --metrics: {drawn + len(left_out)} metrics matched, the figure shows the first {drawn} "
+            f"(at most {MAX_PANELS} panels); left out: {shown}. Narrow the globs, or plot {which} in another "
+            f"figure: --metrics '{rest}'")

@@ -13,12 +13,14 @@ from ._directions import Directions, better
 
 MAX_METRICS = 200  # metrics followed per run (more are counted in ``dropped`` and left out)
 # keys of a train record that are not the trainer's metrics: the record's own fields, the loss,
-# learning rate and gradient norm (shown apart), and seo_trainlog's timings and resource readings
+# learning rate and gradient norm (shown apart), and seo_trainlog's own readings: timings, token counts
+# (``rank_*``: one rank's own counts in a distributed run), MFU; resource and collation readings: _READINGS
 NOT_METRICS = frozenset({
     "time", "run_id", "event", "global_step", "epoch", "rank", "local_rank", "world_size", "host", "node_rank",
     "segment", "loss", "loss_name", "learning_rate", "grad_norm", "validation_loss", "steps", "step_time_s",
     "data_wait_s", "data_wait_pct", "samples_per_second", "interval_s", "tokens_per_second", "mfu_pct",
-    "num_input_tokens_seen"})
+    "num_input_tokens_seen", "rank_input_tokens", "rank_num_input_tokens_seen",
+    "tokens_counted_from_global_step"})
 _READINGS = re.compile(r"(?:(?:rss_mb|cpu_pct)(?:_min|_max)?|sys_mem_\w+|gpu\d+_\w+|cuda\d+_\w+|collate_\w+)\Z")
 
 

@@ -154,13 +154,18 @@ def _token_rows(tokens: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """``tokens/s`` and ``MFU`` rows when the run counted tokens (``RunAnalysis.token_summary``)."""
     if not tokens:
         return []
-    seen = tokens["num_input_tokens_seen"]
+    seen, since = tokens["num_input_tokens_seen"], tokens.get("tokens_counted_from_global_step")
+    seen_text = ""
+    if isinstance(seen, int):
+        seen_text = f"; {seen} tokens seen" + (
+            f" since global_step {since} (resumed run: the steps before were not counted)" if since else "")
     rows = [("tokens/s", f"{number(tokens['tokens_per_second'])} mean, {number(tokens['last_tokens_per_second'])} "
-                         f"last" + (f"; {seen} tokens seen" if isinstance(seen, int) else ""))]
+                         f"last{seen_text}")]
     if tokens["mfu_pct"] is not None or tokens["last_mfu_pct"] is not None:
         rows.append(("MFU", f"{_unit(tokens['mfu_pct'], '%', 3)} mean, {_unit(tokens['last_mfu_pct'], '%', 3)} last"))
     else:
-        rows.append(("MFU", "n/a (peak FLOPs unknown: set SEO_TRAINLOG_PEAK_TFLOPS)"))
+        rows.append(("MFU", "n/a (peak FLOPs unknown: set LogConfig.peak_tflops or SEO_TRAINLOG_PEAK_TFLOPS "
+                             "(the variable is read only by a callback without a config))"))
     return rows
 
 

@@ -123,7 +123,8 @@ class TokenMeter:
     process yet (DataLoader workers), taken next time; ``epoch_batches``: batches of this epoch taken;
     ``carry``: ``(tokens, padded length sum, batches)`` of the previous epoch's last batches, taken
     when the epoch began and credited to the next logging step (``credit_steps`` of its steps);
-    ``trainer_seen``: the Trainer's own ``num_input_tokens_seen`` at the previous logging step.
+    ``trainer_seen``: the Trainer's own ``num_input_tokens_seen`` at the previous logging step;
+    ``counted_from``: the global_step a resumed run's count began at, when the checkpoint held no count.
     """
 
     trainable_parameters: int | None = None
@@ -140,6 +141,7 @@ class TokenMeter:
     counted_any: bool = False
     trainer_seen: int | None = None
     untokenised_noted: bool = False
+    counted_from: int | None = None  # a resumed run without a saved count: the global_step ours began at
 
     def wanted(self, steps: int) -> int:
         """Batches used and not yet taken, after ``steps`` optimizer steps since the last take."""
@@ -194,6 +196,8 @@ class TokenMeter:
             length = sum(int(part.get("seq_len_sum", 0)) for part in parts)
             batches = sum(int(part.get("seq_batches", 0)) for part in parts)
             out["num_input_tokens_seen"] = seen
+            if self.counted_from is not None:
+                out["tokens_counted_from_global_step"] = self.counted_from
         if interval is None or not interval_s:
             return out
         rate = interval / interval_s

@@ -179,13 +179,15 @@ def _plot(args: argparse.Namespace) -> int:
         raise LogReadError(f"{args.output}: the figure is written as PNG; give a file name ending in .png")
     analysis = _analyse_chosen(find_runs(args.log_dir), args.run, _config())
     if args.metrics is not None:
-        from ._metric_plots import NoMetricMatched, parse_patterns, save_metrics_figure
+        from ._metric_plots import NoMetricMatched, left_out_text, parse_patterns, save_metrics_figure
 
         try:
-            titles = save_metrics_figure(analysis, parse_patterns(args.metrics), args.output)
+            titles, left_out = save_metrics_figure(analysis, parse_patterns(args.metrics), args.output)
         except (NoMetricMatched, ValueError) as exc:
             raise LogReadError(str(exc)) from None
         print(f"wrote {args.output} ({', '.join(titles)})")
+        if left_out:
+            _warn(left_out_text(left_out, len(titles)))
         return 0
     save_figure(analysis, args.output)
     print(f"wrote {args.output}")

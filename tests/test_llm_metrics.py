@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import WORDS, RunFiles, quiet
 
-from seo_trainlog import LogConfig, TrainLogCallback
+from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback
 from seo_trainlog._analysis import RunAnalysis
 from seo_trainlog._directions import Directions, directions
 from seo_trainlog._format import json_line
@@ -50,13 +50,13 @@ def tiny_llama():
         eos_token_id=3))
 
 
-def run_sft(log_dir: Path, output_dir: Path, learning_rate: float) -> None:
+def run_sft(log_dir: Path, output_dir: Path, learning_rate: float, **config) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     data = Dataset.from_dict({"text": TEXTS})
     SFTTrainer(model=tiny_llama(), processing_class=word_tokenizer(), train_dataset=data,
-               eval_dataset=data.select(range(8)), callbacks=[TrainLogCallback(quiet(log_dir))],
+               eval_dataset=data.select(range(8)), callbacks=[TrainLogCallback(quiet(log_dir, **config))],
                args=SFTConfig(output_dir=str(output_dir), learning_rate=learning_rate, max_length=16,
                               **TRAIN_ARGS)).train()
 
@@ -125,6 +125,20 @@ def test_the_table_of_directions():
     }
     assert {name: table.of(name) for name in expected} == expected
     assert (table.of("dev_accuracy", "dev"), table.of("holdout_loss", "holdout")) == ("max", "min")
+
+
+def test_a_spread_has_no_direction_and_acc_norm_is_higher_is_better():
+    # a name ending in std/stderr is a spread of a metric, whatever the words before it; lm-eval-harness's
+    # acc_norm is an accuracy (its norm is the length normalisation, not a gradient norm)
+    table = directions()
+    expected = {
+        "rewards/margins_std": None, "rewards/accuracies_std": None, "eval_rewards/margins_std": None,
+        "acc_stderr": None, "eval_acc_norm_stderr": None, "loss_std": None, "mean_token_accuracy_std": None,
+        "eval_acc_norm": "max", "acc_norm": "max", "eval_acc": "max",
+        "rewards/margins": "max", "grad_norm": None, "eval_loss": "min",
+    }
+    assert {name: table.of(name) for name in expected} == expected
+    assert Directions({"*_std": "min"}).of("rewards/margins_std") == "min"  # the user's entry still wins
 
 
 def test_users_extend_the_table_in_logconfig_and_the_environment():
@@ -276,7 +290,7 @@ def test_compare_two_real_runs_shows_only_what_differs(sft_dir, capsys, tmp_path
     assert "<tr><td>training_args.learning_rate</td><td>0.001</td><td>0.002</td></tr>" in html
 
 
-def test_sentence_transformers_evaluator_metrics_are_higher_is_better(tmp_path, capsys):
+def test_sentence_transformers_tokens_and_evaluator_metrics(tmp_path, capsys):
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments, losses)
@@ -294,9 +308,27 @@ def test_sentence_transformers_evaluator_metrics_are_higher_is_better(tmp_path, 
     log_dir = tmp_path / "logs"
     args = SentenceTransformerTrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=1e-2,
                                                 **{**TRAIN_ARGS, "max_steps": 4})
-    SentenceTransformerTrainer(model=model, args=args, train_dataset=pairs, eval_dataset=pairs.select(range(8)),
-                               loss=losses.MultipleNegativesRankingLoss(model), evaluator=evaluator,
-                               callbacks=[TrainLogCallback(quiet(log_dir))]).train()
+    # attention_mask.sum() of the features of every training forward of the model's Transformer module (anchor,
+    # then positive; it calls the BERT's forward method directly, so the hook is on the module that gets them)
+    received: list[int] = []
+
+    def keep_mask(module, args):
+        if module.training:
+            received.append(int(args[0]["attention_mask"].sum()))
+
+    model[0].register_forward_pre_hook(keep_mask)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=pairs,
+                                         eval_dataset=pairs.select(range(8)),
+                                         loss=losses.MultipleNegativesRankingLoss(model), evaluator=evaluator,
+                                         callbacks=[TrainLogCallback(quiet(log_dir))])
+    trainer.data_collator = TimedDataCollator(trainer.data_collator)
+    trainer.train()
+    # its collator's keys are prefixed (anchor_input_ids, anchor_attention_mask, positive_*): both masks counted,
+    # equal to what the model received (two forwards a step)
+    assert len(received) == 8
+    assert [row["num_input_tokens_seen"] for row in RunFiles(log_dir).records("train")] == [
+        sum(received[:2 * step]) for step in (1, 2, 3, 4)]
+    assert not [m for m in RunFiles(log_dir).messages("data_loading") if "tokens are not counted" in m]
     evals = RunFiles(log_dir).records("eval")
     assert len(evals) == 2
     out = cli_json(capsys, "summarize", str(log_dir))
@@ -444,11 +476,29 @@ def test_the_manifest_and_summarize_follow_the_users_directions(make_trainer, ti
     manifest = json.loads(next(log_dir.glob("run_manifest_*.json")).read_text())
     assert manifest["eval"]["best"] == {"eval_loss": best_of(column(evals, "eval_loss"), "min"),
                                         "eval_my_score": lowest}  # no best for eval_num_items (a count)
-    out = cli_json(capsys, "summarize", str(log_dir))  # the table alone: my_score has no direction
-    assert set(out["best_eval"]) == {"eval_loss"} and out["eval_metrics"]["eval_my_score"]["direction"] is None
-    monkeypatch.setenv("SEO_TRAINLOG_METRIC_DIRECTIONS", '{"eval_my_score": "min"}')
+    # the run recorded its directions: summarize picks the manifest's best without being told again
+    assert RunFiles(log_dir).records("run_start")[0]["metric_directions"] == {"eval_my_score": "min"}
     out = cli_json(capsys, "summarize", str(log_dir))
-    assert out["best_eval"]["eval_my_score"] == lowest
+    assert out["best_eval"] == manifest["eval"]["best"]
+    # the reader's own setting wins over the run's
+    monkeypatch.setenv("SEO_TRAINLOG_METRIC_DIRECTIONS", '{"eval_my_score": "max"}')
+    out = cli_json(capsys, "summarize", str(log_dir))
+    assert out["best_eval"]["eval_my_score"] == best_of(column(evals, "eval_my_score"), "max")
+
+
+def test_summarize_and_compare_use_the_directions_the_sft_run_was_configured_with(tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    run_sft(log_dir, tmp_path / "out", 5e-2, metric_directions={"eval_mean_token_accuracy": "min"})
+    evals = RunFiles(log_dir).records("eval")
+    lowest = best_of(column(evals, "eval_mean_token_accuracy"), "min")
+    assert lowest != best_of(column(evals, "eval_mean_token_accuracy"), "max")
+    manifest = json.loads(next(log_dir.glob("run_manifest_*.json")).read_text())
+    assert manifest["eval"]["best"]["eval_mean_token_accuracy"] == lowest
+    out = cli_json(capsys, "summarize", str(log_dir))
+    assert out["best_eval"] == manifest["eval"]["best"]
+    assert out["eval_metrics"]["eval_mean_token_accuracy"]["direction"] == "min"
+    metrics = cli_json(capsys, "compare", str(log_dir))["metrics"]
+    assert metrics["eval_mean_token_accuracy"]["direction"] == "min"
 
 
 def test_compare_skips_a_run_it_cannot_read_and_says_so(gate_dir, capsys):
@@ -474,3 +524,48 @@ def test_a_train_metric_first_logged_as_nan_is_still_summarised(tmp_path, capsys
     assert out["train_metrics"] == {"mean_token_accuracy": {
         "last": 0.375, "last_global_step": 4, "min": 0.25, "max": 0.5, "direction": "max",
         "best": {"value": 0.5, "global_step": 3}}}
+
+
+def write_records(log_dir: Path, run_id: str, rows: list[tuple[str, int, dict]]) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"performance_metrics_{run_id}.log", "w", encoding="utf-8") as out:
+        for index, (event, step, values) in enumerate(rows):
+            out.write(json_line(event, run_id, step, step / 10, values, time=START + timedelta(seconds=index)) + "\n")
+
+
+def test_plot_metrics_says_which_metrics_it_left_out(tmp_path, capsys):
+    from PIL import Image
+
+    log_dir = tmp_path / "logs"
+    names = [f"m{index:02d}" for index in range(30)]
+    write_records(log_dir, "20261201_120000", [("run_start", 0, {})] + [
+        ("train", step, {"loss": 1.0 / step, "learning_rate": 1e-3, **{name: step * 0.5 for name in names}})
+        for step in (1, 2, 3)])
+    capsys.readouterr()
+    assert main(["plot", str(log_dir), "-o", str(tmp_path / "many.png"), "--metrics", "m*"]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"wrote {tmp_path / 'many.png'} ({', '.join(names[:24])})\n"
+    assert err == ("seo-trainlog: warning: plot --metrics: 30 metrics matched, the figure shows the first 24 (at most "
+                   "24 panels); left out: m24, m25, m26, m27, m28, m29. Narrow the globs, or plot the rest in another "
+                   "figure: --metrics 'm24,m25,m26,m27,m28,m29'\n")
+    assert Image.open(tmp_path / "many.png").size == (1410, 2780)  # 3 columns x 8 rows
+    assert main(["plot", str(log_dir), "-o", str(tmp_path / "few.png"), "--metrics", "m0*"]) == 0
+    assert capsys.readouterr().err == ""  # all drawn: nothing to say
+
+
+def test_a_one_panel_metrics_figure_keeps_its_titles_inside(tmp_path):
+    log_dir = tmp_path / "logs"
+    write_records(log_dir, "20261201_120000", [("run_start", 0, {})] + [
+        ("train", step, {"loss": 1.0 / step, "learning_rate": 1e-3, "mean_token_accuracy": step * 0.1})
+        for step in (1, 2, 3)] + [("summary", 3, {"status": "completed"})])
+    analysis = RunAnalysis("20261201_120000", LogConfig()).add_all(read_records(find_runs(log_dir)[0]))
+    figure = build_metrics_figure(analysis, ["mean_token_accuracy"])
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    box = figure.bbox
+    texts = [figure._suptitle, *(axes.title for axes in figure.axes), *(axes._left_title for axes in figure.axes)]
+    for text in texts:
+        if text.get_text():
+            extent = text.get_window_extent(renderer)
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and extent.y1 <= box.y1, text.get_text()
+    assert figure._suptitle.get_text() == "Run 20261201_120000\ncompleted, global_step 3, epoch 0.3"

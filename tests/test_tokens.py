@@ -273,6 +273,11 @@ def test_count_tokens_of_a_batch():
     assert count_tokens({"input_ids": ids}) == (8, 4)  # no mask: every element
     assert count_tokens({"input_ids": np.ones((3, 5))}) == (15, 5)
     assert count_tokens({"input_ids": ids, "attention_mask": torch.ones(2, 1, 4, 4)}) == (8, 4)  # 4-D: not a count
+    # prefixed keys (sentence-transformers' anchor_*/positive_*): every mask, else every input_ids array
+    other = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    assert count_tokens({"anchor_input_ids": ids, "anchor_attention_mask": mask,
+                         "positive_input_ids": torch.ones(2, 6), "positive_attention_mask": other}) == (14, 5)
+    assert count_tokens({"anchor_input_ids": ids, "positive_input_ids": torch.ones(2, 6)}) == (20, 5)
     assert count_tokens({"input_ids": [[1, 2], [3, 4]]}) == (None, 0)
     assert count_tokens([ids]) == (None, 0)
 
@@ -283,3 +288,70 @@ def test_count_tokens_of_a_batch():
             raise RuntimeError("no sum here")
 
     assert count_tokens({"attention_mask": Odd()}) == (None, 0)
+
+
+def test_a_resumed_run_goes_on_counting_or_says_where_its_count_began(make_trainer, log_dir, capsys, monkeypatch):
+    # checkpoints at steps 2, 4, 6, 8; logging steps 3, 6, 9: checkpoint-6 holds the exact count (a
+    # logging step), checkpoint-4 does not (the tokens of steps 4-5 are not known at a logging step)
+    settings = dict(max_steps=9, logging_steps=3, save_strategy="steps", save_steps=2)
+    first, trainer = run(make_trainer, log_dir, **settings)
+    assert len(first.tokens) == 9
+    output = trainer.args.output_dir
+    for checkpoint in (6, 4):
+        model = tiny_model()
+        inputs = ModelInputs(model)
+        resumed = make_trainer(model=model, callbacks=[TrainLogCallback(quiet(log_dir))], **settings)
+        resumed.data_collator = TimedDataCollator(resumed.data_collator)
+        resumed.train(resume_from_checkpoint=f"{output}/checkpoint-{checkpoint}")
+        assert inputs.tokens == first.tokens[checkpoint:]  # the same batches as the first run's
+    records = train_records(log_dir)
+    assert len({row["run_id"] for row in records}) == 1  # one run, three segments
+    assert [row["global_step"] for row in records] == [3, 6, 9, 9, 6, 9]
+    assert [row["num_input_tokens_seen"] for row in records] == [
+        sum(first.tokens[:3]), sum(first.tokens[:6]), sum(first.tokens),  # the first segment
+        sum(first.tokens),  # from checkpoint-6: goes on from the count saved with it
+        sum(first.tokens[4:6]), sum(first.tokens[4:])]  # from checkpoint-4: counted from step 4, and says so
+    assert [row.get("tokens_counted_from_global_step") for row in records] == [None] * 4 + [4, 4]
+    summaries = RunFiles(log_dir).records("summary")
+    assert [(s["num_input_tokens_seen"], s.get("tokens_counted_from_global_step")) for s in summaries] == [
+        (sum(first.tokens), None), (sum(first.tokens), None), (sum(first.tokens[4:]), 4)]
+    capsys.readouterr()
+    assert cli_main(["summarize", str(log_dir), "--json"]) == 0
+    tokens = json.loads(capsys.readouterr().out)["tokens"]
+    assert (tokens["num_input_tokens_seen"], tokens["tokens_counted_from_global_step"]) == (sum(first.tokens[4:]), 4)
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: every cell whole
+    assert cli_main(["summarize", str(log_dir)]) == 0
+    assert (f"{sum(first.tokens[4:])} tokens seen since global_step 4 (resumed run: the steps before were not "
+            "counted)") in capsys.readouterr().out
+
+
+def test_mfu_unknown_says_where_the_peak_is_set(make_trainer, log_dir, monkeypatch, capsys):
+    # the variable configures only a callback without a config: this one has a LogConfig
+    monkeypatch.setenv("SEO_TRAINLOG_PEAK_TFLOPS", "0.001")
+    run(make_trainer, log_dir, max_steps=2, logging_steps=1)
+    assert [row["mfu_pct"] for row in train_records(log_dir)] == [None, None]
+    monkeypatch.setenv("COLUMNS", "250")
+    capsys.readouterr()
+    assert cli_main(["summarize", str(log_dir)]) == 0
+    assert ("n/a (peak FLOPs unknown: set LogConfig.peak_tflops or SEO_TRAINLOG_PEAK_TFLOPS (the variable is read "
+            "only by a callback without a config))") in capsys.readouterr().out
+
+
+# what seo_trainlog itself adds to a train record in a distributed run, after a resume, or on a GPU
+OWN_FIELDS_NOT_IN_ONE_CPU_PROCESS = ("rank_input_tokens", "rank_num_input_tokens_seen",
+                                     "tokens_counted_from_global_step", "gpu0_util_pct", "gpu0_mem_used_mb",
+                                     "gpu0_power_w", "gpu0_temp_c", "cuda0_allocated_mb", "cuda0_max_allocated_mb")
+
+
+def test_seo_trainlogs_own_fields_are_never_shown_as_trainer_metrics(make_trainer, log_dir, capsys):
+    run(make_trainer, log_dir, max_steps=3, logging_steps=1, config=quiet(log_dir, sample_interval_s=0.01))
+    records = RunFiles(log_dir).records()
+    train = [row for row in records if row["event"] == "train"]
+    ours = set().union(*(row.keys() for row in train)) - {"loss", "grad_norm", "learning_rate"}  # the Trainer's
+    assert {"num_input_tokens_seen", "tokens_per_second", "mfu_pct", "collate_time_s", "rss_mb", "interval_s",
+            "data_wait_pct", "cpu_pct"} <= ours
+    for row in train:  # as a distributed, resumed run on a GPU writes them
+        row.update({key: 7 for key in OWN_FIELDS_NOT_IN_ONE_CPU_PROCESS})
+    analysis = RunAnalysis(RunFiles(log_dir).run_id).add_all(records)
+    assert analysis.summary()["train_metrics"] == {}
+    assert analysis.train_metrics.names() == []
