@@ -115,6 +115,7 @@ class RunAnalysis:
         self.warnings: list[str] = []
         self.anomalies: list[dict[str, Any]] = []
         self.records = 0
+        self.final_values = None  # the last logged values (_compare.FinalValues), when a reader keeps them
         self._first_time: str | None = None
         self._last_time: str | None = None
         self._global_step: int = -1

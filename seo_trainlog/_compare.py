@@ -43,8 +43,9 @@ class FinalValues:
 def compare(analyses: Sequence[RunAnalysis], log_dirs: Sequence[str] | None = None,
             finals: Sequence[FinalValues | None] | None = None) -> dict[str, Any]:
     """The comparison of ``analyses`` (in that order; the first is the baseline of the gate, the
-    last its candidate). ``finals`` (one per run, from the same records): the last logged values,
-    NaN included; without them a metric's final value is its last finite one.
+    last its candidate). ``finals`` (one per run, from the same records; default: each analysis's
+    ``final_values``): the last logged values, NaN included; without them a metric's final value is
+    its last finite one.
 
     ``runs``: per run ``{"run_id", "log_dir", "status", "started", "global_step", "epoch",
     "duration_s"`` (training, else first to last record), ``"samples_per_second", "steps_per_second",
@@ -69,7 +70,7 @@ def compare(analyses: Sequence[RunAnalysis], log_dirs: Sequence[str] | None = No
              "errors": s["errors"], "warnings": s["warnings"], "anomaly_count": s["anomaly_count"]}
             for s, directory in zip(summaries, dirs)]
     return {"runs": runs, "differences": differences([a.hyperparameters for a in analyses]),
-            "metrics": _metrics(analyses, summaries, finals or [None] * len(analyses))}
+            "metrics": _metrics(analyses, summaries, finals or [a.final_values for a in analyses])}
 
 
 def differences(hyperparameters: Sequence[Mapping[str, Any] | None]) -> dict[str, list[Any]]:

@@ -224,18 +224,16 @@ def _compare(args: argparse.Namespace) -> int:
     for run_id in run_ids:
         if run_id not in copies:
             raise LogReadError(f"no run {run_id!r} in {', '.join(map(str, directories.values()))}")
-    chosen = []  # (directory, analysis, final values): the runs named must be read; of all, unreadable ones skipped
+    chosen = []  # (directory, analysis): the runs named must be read; of all, the unreadable are skipped
     for run_id in run_ids or sorted(copies, key=stamp_order):
         directory, run = copies[run_id]
-        finals = comparing.FinalValues()
         try:
-            chosen.append((directory, _analyse(run, config, finals.tee), finals))
+            chosen.append((directory, _analyse(run, config, finals=True)))
         except LogReadError as exc:
             if run_ids or (not chosen and run_id == max(copies, key=stamp_order)):
                 raise
             _warn(f"run {run_id} skipped: {exc}")
-    result = comparing.compare([analysis for _, analysis, _ in chosen], [str(d) for d, _, _ in chosen],
-                               [finals for _, _, finals in chosen])
+    result = comparing.compare([analysis for _, analysis in chosen], [str(d) for d, _ in chosen])
     try:
         outcomes = comparing.check(result, conditions, args.allow_incomplete) if conditions else []
     except ValueError as exc:
@@ -263,7 +261,7 @@ def _report(args: argparse.Namespace) -> int:
 
     runs = find_runs(args.log_dir)
     chosen = select_run(runs, args.run) if args.run is not None else None
-    analyses = _analyse_all(runs, _config(), required=chosen)
+    analyses = _analyse_all(runs, _config(), required=chosen, finals=True)
     current = next(a for a in reversed(analyses) if chosen is None or a.run_id == chosen.run_id)
     write_report(args.output, current, analyses)
     print(f"wrote {args.output}")
@@ -276,13 +274,19 @@ def _watch(args: argparse.Namespace) -> int:
     return watch(args.log_dir, args.run, _config(), Console(), interval_s=args.interval, timeout_s=args.timeout)
 
 
-def _analyse(run: MetricsRun, config: LogConfig, tee=None) -> RunAnalysis:
-    """``run`` read; ``tee`` (``records -> records``) also sees every record (``compare``'s final values)."""
+def _analyse(run: MetricsRun, config: LogConfig, finals: bool = False) -> RunAnalysis:
+    """``run`` read; with ``finals`` its ``final_values`` kept too (the last logged values, NaN
+    included: ``compare`` and the report's comparison)."""
     manifest, problem = load_manifest(run, _warn)
     analysis = RunAnalysis(run.run_id, config, manifest=manifest, rotated=len(run.paths) > 1,
                            manifest_problem=problem)
     records = read_records(run, _warn)
-    analysis.add_all(tee(records) if tee is not None else records)
+    if finals:
+        from ._compare import FinalValues
+
+        analysis.final_values = FinalValues()
+        records = analysis.final_values.tee(records)
+    analysis.add_all(records)
     if analysis.head_deleted and analysis.manifest is None:
         missing = f"{run.manifest_path.name} could not be used ({problem})" if problem else \
             f"there is no {run.manifest_path.name}"
@@ -292,13 +296,15 @@ def _analyse(run: MetricsRun, config: LogConfig, tee=None) -> RunAnalysis:
     return analysis
 
 
-def _analyse_all(runs: list[MetricsRun], config: LogConfig, required: MetricsRun | None = None) -> list[RunAnalysis]:
-    """Every run that can be read; one that cannot is skipped with a warning naming its file (the
-    ``required`` one raises). Raises LogReadError when none can be read (the last run's error)."""
+def _analyse_all(runs: list[MetricsRun], config: LogConfig, required: MetricsRun | None = None,
+                 finals: bool = False) -> list[RunAnalysis]:
+    """Every run that can be read (``finals``: see :func:`_analyse`); one that cannot is skipped with a
+    warning naming its file (the ``required`` one raises). Raises LogReadError when none can be read
+    (the last run's error)."""
     analyses, failed = [], []
     for run in runs:
         try:
-            analyses.append(_analyse(run, config))
+            analyses.append(_analyse(run, config, finals))
         except LogReadError as exc:
             if run is required:
                 raise

@@ -227,6 +227,13 @@ def test_a_nan_final_value_is_shown_and_fails_the_gate(tmp_path, capsys, monkeyp
     rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("│ ") and "final" in line}
     assert rows["loss"] == ["final", "0.8", "nan"] and rows["eval_loss"] == ["final", "0.5", "nan"]
+    # the HTML report's comparison: the same final values
+    report = tmp_path / "report.html"
+    assert main(["report", str(log_dir), "-o", str(report)]) == 0
+    html = report.read_text(encoding="utf-8")
+    final_rows = [row for row in html.split("<tr>") if "<td>final</td>" in row]
+    assert any(row.startswith("<td>loss</td>") and row.rstrip().endswith("<td>0.8</td><td>nan</td></tr>")
+               for row in final_rows), final_rows
     # a NaN in the baseline: nothing to compare with (exit 2, not a pass)
     status, err = gate(capsys, str(log_dir), CAND, BASE, "--fail-if", "loss>+1%")
     assert status == 2
