@@ -161,11 +161,15 @@ def parse_conditions(texts: str | Sequence[str]) -> list[Condition]:
 
     Raises:
         ValueError: a condition that does not read ``METRIC>+N[%]`` or ``METRIC<-N[%]`` (the message
-            shows the accepted forms), or no condition at all.
+            shows the accepted forms), an empty one between commas (``'eval_loss>+2%,'``), or no
+            condition at all.
     """
     conditions = []
     for text in [texts] if isinstance(texts, str) else texts:
-        for part in text.split(","):
+        parts = text.split(",")
+        if text.strip() and not all(part.strip() for part in parts):
+            raise ValueError(f"--fail-if {text!r}: an empty condition between commas; accepted: {GRAMMAR}")
+        for part in parts:
             if not part.strip():
                 continue
             match = _CONDITION.match(part)

@@ -306,20 +306,21 @@ def _unit(value: Any, unit: str, digits: int) -> str:
     return "n/a" if value is None else f"{number(value, digits)}{unit}"
 
 
-RANK_HEADERS = ("rank", "node", "host", "step time", "data wait", "data time", "pace", "straggler")
+RANK_HEADERS = ("rank", "node", "host", "step s", "data wait", "data s", "pace s", "straggler")
 
 
 def rank_table(ranks: Sequence[Mapping[str, Any]]) -> Table:
     """The per-rank rows of :meth:`~seo_trainlog._analysis.RankAnalysis.summary`: mean step time, data
-    wait share, own data time and pace (seconds per optimizer step), and the straggler mark."""
+    wait share, own data time and pace (seconds per optimizer step), and the straggler mark. Fits 80
+    columns whole: the numbers and the mark are never cut; a long host name folds onto more lines."""
     table = Table(title="Ranks", title_justify="left")
     for header in RANK_HEADERS:
-        table.add_column(header)
+        table.add_column(header, no_wrap=header != "host", overflow="fold")
     for row in ranks:
         table.add_row(*map(Text, (str(row["rank"]), "n/a" if row["node_rank"] is None else str(row["node_rank"]),
-                                  str(row["host"] or "n/a"), _unit(row["step_time_s"], "s", 4),
-                                  _unit(row["data_wait_pct"], "%", 3), _unit(row["own_data_s"], "s", 4),
-                                  _unit(row["pace_s"], "s", 4), "STRAGGLER" if row["straggler"] else "")))
+                                  str(row["host"] or "n/a"), number(row["step_time_s"]),
+                                  _unit(row["data_wait_pct"], "%", 3), number(row["own_data_s"]),
+                                  number(row["pace_s"]), "STRAGGLER" if row["straggler"] else "")))
     return table
 
 

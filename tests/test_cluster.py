@@ -466,3 +466,26 @@ def test_a_store_that_fails_switches_the_exchange_off_with_one_warning():
     assert warnings[0].endswith("straggler detection and the all-rank token counts during training are off, "
                                 "training goes on")
     assert exchange.enabled is False and [step for step, _ in exchange.recent] == [1, 2, 3]
+
+
+def test_the_ranks_table_keeps_every_number_whole_at_80_columns(monkeypatch):
+    from rich.console import Console
+
+    from seo_trainlog._present import rank_table
+
+    rows = [{"rank": rank, "node_rank": rank // 2, "host": "gpu-node-with-a-long-name.cluster.example.org",
+             "step_time_s": 0.030271234, "data_wait_pct": 80.5123, "own_data_s": 0.00044371234,
+             "pace_s": 0.02948123, "straggler": rank == 3} for rank in range(4)]
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(rank_table(rows))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in text
+    body = [line for line in lines if line.startswith("│")]
+    first_cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in body if line.split("│")[1].strip()]
+    assert [cells[:2] + cells[3:] for cells in first_cells] == [
+        [str(rank), str(rank // 2), "0.03027", "80.5%", "0.0004437", "0.02948", "STRAGGLER" if rank == 3 else ""]
+        for rank in range(4)]
+    host = "".join(line.split("│")[3].strip() for line in body[:len(body) // 4])
+    assert host == rows[0]["host"]
+

@@ -93,6 +93,13 @@ def test_a_condition_outside_the_grammar_exits_2_showing_the_accepted_forms(gate
     assert "METRIC>+N (fails when the candidate's value rose by more than N), METRIC<-N (fell by more " in err[0]
 
 
+@pytest.mark.parametrize("text", ["eval_loss>+2%,", "eval_loss>+2%,,loss>+1", ",eval_loss>+2%"])
+def test_an_empty_condition_between_commas_exits_2(gate_dir, capsys, text):
+    status, err = gate(capsys, str(gate_dir), "--fail-if", text)
+    assert status == 2
+    assert err == [f"seo-trainlog: error: --fail-if {text!r}: an empty condition between commas; accepted: {GRAMMAR}"]
+
+
 @pytest.mark.parametrize(("condition", "status"), [("eval_loss>+14.9%", 1), ("eval_loss>+15.1%", 0),
                                                    ("eval_loss > +0.07", 1), ("eval_loss>+0.08", 0),
                                                    ("eval_accuracy<-2.4%", 1), ("eval_accuracy<-2.6%", 0),
