@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loguru._better_exceptions import ExceptionFormatter
 from loguru._file_sink import FileSink
 from loguru._logger import Core, Logger
 from loguru._string_parsers import parse_size
@@ -42,6 +43,35 @@ def logging_busy() -> bool:
     if core.lock.locked():
         return True
     return any(getattr(handler._lock_acquired, "acquired", False) for handler in list(core.handlers.values()))
+
+
+_LIB_DIRS: dict[tuple[str, ...], list[str]] = {}  # sys.path -> loguru's library directories in it
+_ADD_LOCK = threading.Lock()
+
+
+def _add_handler(sink: Callable[..., object], **options: object) -> int:
+    """``logger.add(sink, **options)`` without recomputing, on every run, the library directories
+    loguru's exception formatter looks up in ``sysconfig`` (36 ``sysconfig.get_path`` calls, about 5 ms,
+    the larger part of opening a run): they depend only on ``sys.path``, so they are computed once per
+    ``sys.path``. The lookup is swapped in only for the duration of this call, and gives any caller
+    the same list as loguru's own; without it (another loguru version) the add is loguru's own."""
+    compute = ExceptionFormatter.__dict__.get("_get_lib_dirs")
+    if not isinstance(compute, staticmethod):
+        return logger.add(sink, **options)
+    original = compute.__func__
+
+    def lib_dirs() -> list[str]:
+        key = tuple(sys.path)
+        if key not in _LIB_DIRS:
+            _LIB_DIRS[key] = original()
+        return list(_LIB_DIRS[key])
+
+    with _ADD_LOCK:
+        ExceptionFormatter._get_lib_dirs = staticmethod(lib_dirs)
+        try:
+            return logger.add(sink, **options)
+        finally:
+            ExceptionFormatter._get_lib_dirs = compute
 
 
 def probe_file_options(rotation: object = None, retention: object = None, encoding: str = "utf-8") -> None:
@@ -623,7 +653,7 @@ def open_sinks(config, run_id: str, log_dir: Path, tag: str, *, key: str,
     try:
         if config.flush_interval_s > 0:
             sinks.flusher = Flusher(router, config.flush_interval_s, on_flush)
-        sinks.handler_ids.append(logger.add(router, level="DEBUG", format="{message}", filter=router.accepts,
+        sinks.handler_ids.append(_add_handler(router, level="DEBUG", format="{message}", filter=router.accepts,
                                             colorize=False, backtrace=False, diagnose=False))
         bridge = StdlibBridge(on_library_record)
         for name in BRIDGED_LIBRARIES:
