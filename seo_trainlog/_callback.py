@@ -279,13 +279,16 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self.run_id = tlog.run_id
         tlog.mark(state.global_step, state.epoch)
         tlog.start_segment(state.global_step, _resumed_from(state))
-        tlog.log_hyperparameters(_hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer))
+        hyperparameters = _hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer)
         resumed = f", resuming at global_step {state.global_step}" if state.global_step else ""
         trial = ", hyperparameter search trial " + " ".join(
             str(part) for part in (state.trial_name, state.trial_params) if part) \
             if state.is_hyper_param_search or state.trial_params else ""
-        tlog.log_message(f"Training started: max_steps={state.max_steps}, num_train_epochs="
-                         f"{state.num_train_epochs}, world_size={args.world_size}{resumed}{trial}")
+        started = (f"Training started: max_steps={state.max_steps}, num_train_epochs={state.num_train_epochs}, "
+                   f"world_size={args.world_size}{resumed}{trial}")
+        # the values are taken now; their masking, formatting and writing go with the first batch of
+        # deferred records (TrainLogger.defer), as the logging steps' do, stamped with this time
+        tlog.defer("on_train_begin", functools.partial(self._write_begin, tlog, hyperparameters, started))
         collator = getattr(trainer, "data_collator", None)
         if isinstance(collator, TimedDataCollator):
             run.collator = collator
@@ -297,6 +300,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self._collate.phase, self._collate.logger = "train", tlog
         bind_thread(self._collate)  # collations in this (the training) thread are this run's
         run.timer.mark(perf_counter())
+
+    @staticmethod
+    def _write_begin(tlog: TrainLogger, hyperparameters: dict[str, Any], started: str) -> None:
+        tlog.log_hyperparameters(hyperparameters)
+        tlog.log_message(started)
 
     @staticmethod
     def _measure(run: _Run, tlog: TrainLogger, args, state, model) -> None:
