@@ -279,13 +279,17 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self.run_id = tlog.run_id
         tlog.mark(state.global_step, state.epoch)
         tlog.start_segment(state.global_step, _resumed_from(state))
-        tlog.log_hyperparameters(_hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer))
+        hyperparameters = _hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer)
         resumed = f", resuming at global_step {state.global_step}" if state.global_step else ""
         trial = ", hyperparameter search trial " + " ".join(
             str(part) for part in (state.trial_name, state.trial_params) if part) \
             if state.is_hyper_param_search or state.trial_params else ""
-        tlog.log_message(f"Training started: max_steps={state.max_steps}, num_train_epochs="
-                         f"{state.num_train_epochs}, world_size={args.world_size}{resumed}{trial}")
+        started = (f"Training started: max_steps={state.max_steps}, num_train_epochs={state.num_train_epochs}, "
+                   f"world_size={args.world_size}{resumed}{trial}")
+        # the values are taken now; their masking, formatting and writing go with the first batch of
+        # deferred records (TrainLogger.defer), as the logging steps' do, stamped with this time
+        model_config = getattr(model, "config", None) if model is not None else None
+        tlog.defer("on_train_begin", functools.partial(self._write_begin, tlog, hyperparameters, model_config, started))
         collator = getattr(trainer, "data_collator", None)
         if isinstance(collator, TimedDataCollator):
             run.collator = collator
@@ -297,6 +301,13 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self._collate.phase, self._collate.logger = "train", tlog
         bind_thread(self._collate)  # collations in this (the training) thread are this run's
         run.timer.mark(perf_counter())
+
+    @staticmethod
+    def _write_begin(tlog: TrainLogger, hyperparameters: dict[str, Any], model_config: Any, started: str) -> None:
+        if model_config is not None and hasattr(model_config, "to_dict"):  # serialized here, not at train begin
+            hyperparameters["model"]["config"] = _safely(model_config.to_dict)
+        tlog.log_hyperparameters(hyperparameters)
+        tlog.log_message(started)
 
     @staticmethod
     def _measure(run: _Run, tlog: TrainLogger, args, state, model) -> None:
@@ -1125,7 +1136,8 @@ def _length(dataset) -> int | None:
 
 
 def _hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer=None) -> dict[str, Any]:
-    """TrainingArguments (``to_dict`` blanks ``*_token`` fields), model facts, dataset sizes, run shape.
+    """TrainingArguments (``to_dict`` blanks ``*_token`` fields), model facts (the model's config is added
+    by ``_write_begin``), dataset sizes, run shape.
     A part that cannot be read is written as ``<unavailable: ...>``; training is never stopped here."""
     values: dict[str, Any] = {"training_args": _safely(args.to_dict)}
     if model is not None:
@@ -1135,9 +1147,6 @@ def _hyperparameters(args, state, model, train_dataloader, eval_dataloader, trai
             "parameters": _safely(lambda: sum(p.numel() for p in parameters)),
             "trainable_parameters": _safely(lambda: sum(p.numel() for p in parameters if p.requires_grad)),
         }
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            values["model"]["config"] = _safely(config.to_dict)
     values["data"] = {"train_examples": _dataset_size(train_dataloader),
                       "eval_examples": _eval_examples(eval_dataloader, trainer)}
     values["run"] = {

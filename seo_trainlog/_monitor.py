@@ -231,12 +231,16 @@ class ResourceSampler:
         return self._gpu is not None
 
     def start(self) -> None:
-        self.sample()
+        """The first reading now: in the thread, first thing (a :meth:`drain` before it takes one
+        itself), or here when there is no thread."""
         if self.interval_s > 0:
             self._thread = threading.Thread(target=self._loop, name="seo_trainlog-sampler", daemon=True)
             self._thread.start()
+        else:
+            self.sample()
 
     def _loop(self) -> None:
+        self.sample()
         while not self._stop.wait(self.interval_s):
             self.sample()
 

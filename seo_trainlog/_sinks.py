@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loguru._better_exceptions import ExceptionFormatter
 from loguru._file_sink import FileSink
 from loguru._logger import Core, Logger
 from loguru._string_parsers import parse_size
@@ -42,6 +45,41 @@ def logging_busy() -> bool:
     if core.lock.locked():
         return True
     return any(getattr(handler._lock_acquired, "acquired", False) for handler in list(core.handlers.values()))
+
+
+_LIB_DIRS: dict[tuple[str, ...], list[str]] = {}  # sys.path -> loguru's library directories in it
+_ADD_LOCK = threading.Lock()
+
+
+def _lib_dirs() -> list[str]:
+    """What loguru's ``ExceptionFormatter._get_lib_dirs`` returns (the stdlib and site-packages
+    directories of every ``sysconfig`` scheme that are on ``sys.path``, lower-cased, with a trailing
+    separator), with one ``sysconfig.get_paths`` per scheme instead of one per scheme and name, and
+    computed once per ``sys.path``."""
+    key = tuple(sys.path)
+    if key not in _LIB_DIRS:
+        names = ("stdlib", "platstdlib", "platlib", "purelib")
+        paths = {path for scheme in sysconfig.get_scheme_names()
+                 for name, path in sysconfig.get_paths(scheme).items() if name in names}
+        _LIB_DIRS[key] = [os.path.abspath(path).lower() + os.sep for path in paths if path in sys.path]
+    return list(_LIB_DIRS[key])
+
+
+def _add_handler(sink: Callable[..., object], **options: object) -> int:
+    """``logger.add(sink, **options)`` without recomputing, at every run, the library directories
+    loguru's exception formatter finds through ``sysconfig`` (36 ``sysconfig.get_path`` calls, about
+    5 ms, then the larger part of opening a run): :func:`_lib_dirs` is swapped in for the duration of
+    this call only, and gives any caller the same list as loguru's own; with a loguru that has no
+    such lookup the add is loguru's own."""
+    compute = ExceptionFormatter.__dict__.get("_get_lib_dirs")
+    if not isinstance(compute, staticmethod):
+        return logger.add(sink, **options)
+    with _ADD_LOCK:
+        ExceptionFormatter._get_lib_dirs = staticmethod(_lib_dirs)
+        try:
+            return logger.add(sink, **options)
+        finally:
+            ExceptionFormatter._get_lib_dirs = compute
 
 
 def probe_file_options(rotation: object = None, retention: object = None, encoding: str = "utf-8") -> None:
@@ -425,9 +463,14 @@ class GuardedFileSink:
                               "refused could not be written")
 
 
-def _parse_size(text: object) -> float | None:
+def _parse_size(value: object) -> float | None:
+    return _parse_size_text(str(value))
+
+
+@functools.lru_cache(maxsize=64)  # the same rotation setting for each file of each run
+def _parse_size_text(text: str) -> float | None:
     try:
-        return parse_size(str(text))
+        return parse_size(text)
     except ValueError:
         return None
 
@@ -623,7 +666,7 @@ def open_sinks(config, run_id: str, log_dir: Path, tag: str, *, key: str,
     try:
         if config.flush_interval_s > 0:
             sinks.flusher = Flusher(router, config.flush_interval_s, on_flush)
-        sinks.handler_ids.append(logger.add(router, level="DEBUG", format="{message}", filter=router.accepts,
+        sinks.handler_ids.append(_add_handler(router, level="DEBUG", format="{message}", filter=router.accepts,
                                             colorize=False, backtrace=False, diagnose=False))
         bridge = StdlibBridge(on_library_record)
         for name in BRIDGED_LIBRARIES:

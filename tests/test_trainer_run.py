@@ -336,3 +336,38 @@ def test_other_threads_write_at_once_and_never_run_the_loops_deferred_records(lo
     order = [messages.index(m) for m in ("from a sampler-like thread", "deferred step record",
                                          "next record of the training thread")]
     assert order == sorted(order)
+
+
+def test_train_begin_records_keep_their_order_and_content_when_written_with_the_first_batch(make_trainer, log_dir):
+    """The hyperparameters record and 'Training started' are formatted and written with the first batch of
+    deferred records (TrainLogger.defer): still before the first step's, with the model's config, stamped
+    no later than it."""
+    trainer = make_trainer(max_steps=2, callbacks=[TrainLogCallback(quiet(log_dir))])
+    trainer.train()
+    run = RunFiles(log_dir)
+    messages = run.messages("seo_engine")  # the general log: every text record, in order
+    started = next(index for index, message in enumerate(messages) if message.startswith("Training started: "))
+    first_step = next(index for index, message in enumerate(messages) if message.startswith("Epoch "))
+    assert messages[started] == "Training started: max_steps=2, num_train_epochs=1, world_size=1"
+    assert any(message.startswith("HYPERPARAMETERS") for message in messages[:started])
+    assert started < first_step
+    events = [row["event"] for row in run.records()]
+    assert events.index("run_start") < events.index("hyperparameters") < events.index("train")
+    hyper = run.records("hyperparameters")[0]
+    assert hyper["global_step"] == 0
+    assert hyper["hyperparameters"]["model"]["config"]["hidden_size"] == 16
+    assert hyper["hyperparameters"]["run"]["max_steps"] == 2
+    assert hyper["time"] <= run.records("train")[0]["time"]
+
+
+def test_opening_a_run_leaves_loguru_as_it_was_with_its_own_library_directories(log_dir):
+    from loguru._better_exceptions import ExceptionFormatter
+
+    import seo_trainlog
+
+    lookup = ExceptionFormatter.__dict__["_get_lib_dirs"]
+    expected = sorted(lookup.__func__())
+    with TrainLogger(quiet(log_dir)) as tlog:
+        handler = seo_trainlog.logger._core.handlers[tlog._sinks.handler_ids[0]]
+        assert sorted(handler._exception_formatter._lib_dirs) == expected
+    assert ExceptionFormatter.__dict__["_get_lib_dirs"] is lookup
