@@ -36,6 +36,7 @@ other round, ``--repeats`` rounds. Per configuration, min/median/max over the ro
 
     python scripts/bench_peers.py                                   # what `make bench` runs
     python scripts/bench_peers.py --repeats 3 --steps 100 --large-steps 30   # a quick run
+    python scripts/bench_peers.py --markdown benchmarks/peers.json   # the README's table of a results file
     python scripts/bench_peers.py --configs none seo_trainlog --models tiny --logging-steps 1 \\
         --repeats 1 --steps 5 --no-warm-up --output /tmp/peers.json  # seconds: what the test runs
 
@@ -321,6 +322,22 @@ def print_table(results: dict) -> None:
         print()
 
 
+def markdown(results: dict) -> str:
+    """The README's table of one results file (``--markdown FILE``)."""
+    lines = ["| run | configuration | CPU in callback, median (min-max) | wall vs none, median (min-max) | start ms "
+             "| begin ms | exit+ ms | RSS+ MB | threads | B/log |", "|" + "---|" * 10]
+    for setting, table in results["runs"].items():
+        for config, row in table.items():
+            share, wall = row["callback_cpu_share"], row["wall_ratio"]
+            lines.append(
+                f"| {setting} | {config} | {100 * share['median']:.2f} % ({100 * share['min']:.2f}-"
+                f"{100 * share['max']:.2f}) | {wall['median']:.3f} ({wall['min']:.3f}-{wall['max']:.3f}) | "
+                f"{row['start_ms']['median']:.0f} | {row['on_train_begin_ms']['median']:.1f} | "
+                f"{row['exit_added_ms']['median']:.0f} | {row['peak_rss_added_mb']['median']:.1f} | "
+                f"{row['threads_started']['median']:.0f} | {row['bytes_per_logged_step']['median']:.0f} |")
+    return "\n".join(lines)
+
+
 def write(results: dict, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -329,6 +346,9 @@ def write(results: dict, output: Path) -> None:
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child(json.loads(sys.argv[2]))
+        return 0
+    if len(sys.argv) == 3 and sys.argv[1] == "--markdown":
+        print(markdown(json.loads(Path(sys.argv[2]).read_text(encoding="utf-8"))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="alternating rounds (default 7)")

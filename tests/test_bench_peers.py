@@ -43,3 +43,8 @@ def test_bench_peers_writes_one_row_per_configuration(tmp_path):
     assert ours["import_ms"]["median"] > 0 and ours["on_train_begin_ms"]["median"] > 0
     assert ours["bytes_per_logged_step"]["median"] > 0
     assert "seo_trainlog" in completed.stdout and "CPU in callback" in completed.stdout
+    table_md = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_peers.py"), "--markdown", str(output)],
+                              capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    assert len(table_md) == 4 and table_md[1] == "|" + "---|" * 10
+    assert table_md[2].startswith("| tiny, logging_steps=1 | none | 0.00 % (0.00-0.00) | 1.000 (1.000-1.000) | 0 |")
+    assert table_md[3].startswith("| tiny, logging_steps=1 | seo_trainlog | ")
