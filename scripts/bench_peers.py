@@ -21,7 +21,9 @@ other round, ``--repeats`` rounds. Per configuration, min/median/max over the ro
 - ``callback_cpu_share``: CPU time of the thread calling the reporting callback's ``on_*`` events
   (``time.thread_time`` around each call; the loggers' own background threads and helper processes,
   such as wandb's service, are outside it) over the process CPU time of ``trainer.train()``
-  (``time.process_time``, all threads);
+  (``time.process_time``, all threads); ``callback_cpu_ms_per_log`` the same numerator per ``on_log``
+  event, which does not move with the denominator (torch's OpenMP threads spin, and their CPU time
+  swells, when other processes share the cores);
 - ``wall_ratio``: wall time of ``trainer.train()`` over the ``none`` run of the same round;
 - ``start_ms``: wall time of the integration's import plus the callback's ``on_train_begin``;
 - ``exit_ms``: the callback's ``on_train_end`` plus the interpreter's exit after training (seen from
@@ -79,7 +81,8 @@ MODELS = {
 }
 METRICS = ("callback_cpu_share", "wall_ratio", "start_ms", "exit_ms", "exit_added_ms", "peak_rss_added_mb",
            "threads_started", "python_threads_started", "bytes_per_logged_step", "on_train_begin_ms",
-           "import_ms", "train_s", "train_cpu_s", "callback_cpu_s", "helper_processes_cpu_s")
+           "import_ms", "train_s", "train_cpu_s", "callback_cpu_s", "callback_cpu_ms_per_log",
+           "helper_processes_cpu_s")
 
 
 def free_port() -> int:
@@ -277,6 +280,7 @@ def run_once(config: str, model: str, logging_steps: int, steps: int, scratch: P
     result["start_ms"] = result["import_ms"] + result["on_train_begin_ms"]
     result["callback_cpu_share"] = result["callback_cpu_s"] / result["train_cpu_s"]
     result["bytes_per_logged_step"] = result["bytes_written"] / max(1, result["logged_steps"])
+    result["callback_cpu_ms_per_log"] = result["callback_cpu_s"] * 1e3 / max(1, result["logged_steps"])
     return result
 
 
@@ -324,14 +328,15 @@ def print_table(results: dict) -> None:
 
 def markdown(results: dict) -> str:
     """The README's table of one results file (``--markdown FILE``)."""
-    lines = ["| run | configuration | CPU in callback, median (min-max) | wall vs none, median (min-max) | start ms "
-             "| begin ms | exit+ ms | RSS+ MB | threads | B/log |", "|" + "---|" * 10]
+    lines = ["| run | configuration | CPU in callback, median (min-max) | callback CPU ms per log | wall vs none, "
+             "median (min-max) | start ms | begin ms | exit+ ms | RSS+ MB | threads | B/log |", "|" + "---|" * 11]
     for setting, table in results["runs"].items():
         for config, row in table.items():
             share, wall = row["callback_cpu_share"], row["wall_ratio"]
+            per_log = statistics.median(run["callback_cpu_s"] * 1e3 / max(1, run["logged_steps"]) for run in row["runs"])
             lines.append(
                 f"| {setting} | {config} | {100 * share['median']:.2f} % ({100 * share['min']:.2f}-"
-                f"{100 * share['max']:.2f}) | {wall['median']:.3f} ({wall['min']:.3f}-{wall['max']:.3f}) | "
+                f"{100 * share['max']:.2f}) | {per_log:.2f} | {wall['median']:.3f} ({wall['min']:.3f}-{wall['max']:.3f}) | "
                 f"{row['start_ms']['median']:.0f} | {row['on_train_begin_ms']['median']:.1f} | "
                 f"{row['exit_added_ms']['median']:.0f} | {row['peak_rss_added_mb']['median']:.1f} | "
                 f"{row['threads_started']['median']:.0f} | {row['bytes_per_logged_step']['median']:.0f} |")

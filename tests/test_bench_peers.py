@@ -11,7 +11,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 METRICS = {"callback_cpu_share", "wall_ratio", "start_ms", "exit_ms", "exit_added_ms", "peak_rss_added_mb",
            "threads_started", "python_threads_started", "bytes_per_logged_step", "on_train_begin_ms", "import_ms",
-           "train_s", "train_cpu_s", "callback_cpu_s", "helper_processes_cpu_s"}
+           "train_s", "train_cpu_s", "callback_cpu_s", "callback_cpu_ms_per_log",
+           "helper_processes_cpu_s"}
 
 
 def test_bench_peers_writes_one_row_per_configuration(tmp_path):
@@ -45,6 +46,6 @@ def test_bench_peers_writes_one_row_per_configuration(tmp_path):
     assert "seo_trainlog" in completed.stdout and "CPU in callback" in completed.stdout
     table_md = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_peers.py"), "--markdown", str(output)],
                               capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
-    assert len(table_md) == 4 and table_md[1] == "|" + "---|" * 10
-    assert table_md[2].startswith("| tiny, logging_steps=1 | none | 0.00 % (0.00-0.00) | 1.000 (1.000-1.000) | 0 |")
+    assert len(table_md) == 4 and table_md[1] == "|" + "---|" * 11
+    assert table_md[2].startswith("| tiny, logging_steps=1 | none | 0.00 % (0.00-0.00) | 0.00 | 1.000 (1.000-1.000) | 0 |")
     assert table_md[3].startswith("| tiny, logging_steps=1 | seo_trainlog | ")
