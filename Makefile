@@ -64,8 +64,8 @@ test: $(STAMP) prometheus-server
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # The benchmarks, in $(BENCH_VENV) (built here, never touching $(VENV)): scripts/bench_overhead.py (a few
-# minutes) then scripts/bench_peers.py (seo_trainlog next to TensorBoard, Trackio, W&B, MLflow, DVCLive; about an
-# hour at its default 7 rounds on 2 cores): tables on stdout, JSON in benchmarks/.
+# minutes) then scripts/bench_peers.py (seo_trainlog next to TensorBoard, Trackio, W&B, MLflow, DVCLive; one to
+# three hours at its default 7 rounds on 2 cores: 224 fresh processes): tables on stdout, JSON in benchmarks/.
 $(BENCH_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_BIN)/python -m pip install --upgrade pip
