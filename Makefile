@@ -1,6 +1,7 @@
 # seo_trainlog — set-up, the bundled fine-tune, and the tests.
 #   make train   installs what it needs, fine-tunes an SEO search-intent classifier, writes logs/
 #   make test    installs what it needs, runs the test suite
+#   make bench   builds its own .venv-bench (with the peers), runs scripts/bench_overhead.py and bench_peers.py
 # Bring your own torch:  make install TORCH_SPEC=   (empty: leave torch to pip / your environment)
 # CPU wheel from PyTorch's index elsewhere:  make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 
@@ -11,9 +12,14 @@ TORCH_PIP_ARGS ?=
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+BENCH_PEERS_ARGS ?=
+# `make bench` has its own venv: the peers' requirements pull older pillow/pyarrow/python-dateutil than the tests'
+BENCH_VENV ?= .venv-bench
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.seo_trainlog-installed
+BENCH_BIN   := $(BENCH_VENV)/bin
+BENCH_STAMP := $(BENCH_VENV)/.seo_trainlog-bench-installed
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -57,10 +63,19 @@ test: $(STAMP) prometheus-server
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-# The overhead benchmark (scripts/bench_overhead.py, a few minutes): table on stdout, JSON in benchmarks/.
-bench: $(STAMP)
-	$(BIN)/python -m pip install -e ".[dev,bench]"
-	$(BIN)/python scripts/bench_overhead.py $(BENCH_ARGS)
+# The benchmarks, in $(BENCH_VENV) (built here, never touching $(VENV)): scripts/bench_overhead.py (a few
+# minutes) then scripts/bench_peers.py (seo_trainlog next to TensorBoard, Trackio, W&B, MLflow, DVCLive; one to
+# three hours at its default 7 rounds on 2 cores: 224 fresh processes): tables on stdout, JSON in benchmarks/.
+$(BENCH_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/python -m pip install --upgrade pip
+	$(if $(strip $(TORCH_SPEC)),$(BENCH_BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)")
+	$(BENCH_BIN)/python -m pip install -e ".[bench]"
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BENCH_BIN)/python scripts/bench_overhead.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python scripts/bench_peers.py $(BENCH_PEERS_ARGS)
 
 clean:
-	rm -rf $(VENV) logs outputs .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) logs outputs .pytest_cache
