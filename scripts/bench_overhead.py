@@ -35,9 +35,7 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,6 +55,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from prometheus_scraper import Scraper  # noqa: E402
 from synthetic_tokens import RandomTokens  # noqa: E402
 
 from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback  # noqa: E402
@@ -85,27 +84,6 @@ def prometheus_config(scratch: Path, port: int, **values) -> LogConfig:
                      prometheus_textfile=scratch / "seo_trainlog.prom", **values)
 
 
-class Scraper:
-    """Stands for Prometheus: GET /metrics every ``interval_s`` in a thread, while the run trains."""
-
-    def __init__(self, port: int, interval_s: float = 1.0) -> None:
-        self.url, self.interval_s, self.scrapes = f"http://127.0.0.1:{port}/metrics", interval_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as response:
-                    response.read()
-                self.scrapes += 1
-            except OSError:
-                pass  # before train begin: nothing serves yet
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 TYPICAL_LOGS = {"loss": 0.4567, "grad_norm": 1.2345, "learning_rate": 1.0e-4, "epoch": 0.52}
 
 

@@ -94,30 +94,6 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------- child
 
 
-class Scraper:
-    """Stands for Prometheus: GET /metrics every ``interval_s`` in a thread, while the run trains."""
-
-    def __init__(self, port: int, interval_s: float = 1.0) -> None:
-        self.url, self.interval_s = f"http://127.0.0.1:{port}/metrics", interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        import urllib.request
-
-        while not self._stop.wait(self.interval_s):
-            try:
-                with urllib.request.urlopen(self.url, timeout=5) as response:
-                    response.read()
-            except OSError:
-                pass  # before train begin: nothing serves yet
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class EventClock:
     """Wraps every ``on_*`` method of one callback instance: thread CPU and wall time of each call,
     per event name."""
@@ -209,6 +185,8 @@ def child(spec: dict) -> None:
     clocks = [EventClock(cb) for cb in reporters]
     probe = Probe()
     trainer.add_callback(probe)
+    from prometheus_scraper import Scraper
+
     scraper = Scraper(spec["port"]) if spec.get("port") else None
 
     cpu, wall = time.process_time(), time.perf_counter()
