@@ -80,10 +80,11 @@ class TimedDataCollator:
         tokens, length = count_tokens(batch)
         attributes = self.__dict__
         queue = attributes.get("_worker_queue")
-        if queue is not None and get_worker_info() is not None:
+        worker = get_worker_info() if queue is not None else None
+        if worker is not None:
             phase = attributes.get("_worker_phase") or self._phase()
             # before the batch leaves this worker
-            queue.put((phase, (1, elapsed, elapsed, samples, tokens, length, get_worker_info().id)))
+            queue.put((phase, (1, elapsed, elapsed, samples, tokens, length, worker.id)))
             return batch
         sums = self._owner()
         if sums is not None:

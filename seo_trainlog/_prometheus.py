@@ -16,6 +16,7 @@ from typing import Any
 
 from ._anomaly import rank_sample
 from ._config import LogConfig, redacted_url, split_credentials
+from ._monitor import MB
 from ._rank import ProcessRole
 
 LABELS = ("run_id", "rank", "local_rank", "node", "host")  # plus "trial" in a hyperparameter search
@@ -36,7 +37,6 @@ class Metric:
     labels: tuple[str, ...] = ()
 
 
-MB = 1024.0 * 1024.0
 
 METRICS = (
     Metric("seo_trainlog_global_step", "gauge", "global_step", "Optimizer steps done (Trainer global_step)."),

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_scale import free_port
 
 from seo_trainlog import LogConfig
 from seo_trainlog._anomaly import KINDS
@@ -265,12 +265,6 @@ def exposition(stalled_since: float) -> str:
             value = values.get(metric.name, (1.0, 1.0))[index]
             lines.append(f"{metric.name}{{{text}}} {'NaN' if math.isnan(value) else repr(value)}")
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

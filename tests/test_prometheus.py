@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LINE, RunFiles, all_text, quiet, tiny_model
+from test_scale import failure_text, free_port, launch
 from transformers import TrainerCallback
 
 from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback
@@ -42,12 +43,6 @@ HERE = Path(__file__).resolve().parent
 def _servers():
     yield
     stop_servers()  # a /metrics server otherwise lives as long as the process (the pytest session)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def families(text: str) -> dict[str, list]:
@@ -430,8 +425,6 @@ def test_every_rank_of_a_torchrun_launch_exports_its_own_series(log_dir, tmp_pat
     """Rank 1 writes no train records, yet exports its own step time and memory with its labels, on
     port + local_rank, to its own textfile; its collator sleeps 0.15 s a batch, and its data time (the
     straggler detector's: TimedDataCollator time per step) shows it."""
-    from test_scale import failure_text, launch
-
     port = free_port()
     while True:  # port + 1 free too
         try:
