@@ -530,16 +530,24 @@ def test_pushed_to_the_gateway_at_the_end(make_trainer, log_dir):
     assert warnings_of(run) == []
 
 
-def test_a_dead_pushgateway_is_one_warning_without_its_credentials(make_trainer, log_dir):
-    port = free_port()  # nothing listens there
+def train_with_dead_pushgateway(make_trainer, config, log_dir, port):
+    """Train 2 steps with ``config`` (a Pushgateway at ``port`` where nothing listens): the run and its
+    warnings, checked to be the one push failure with the URL's credentials redacted."""
     trainer = make_trainer(max_steps=2)
-    trainer.add_callback(TrainLogCallback(quiet(log_dir, pushgateway_url=f"http://ops:s3cr3tpw@127.0.0.1:{port}")))
+    trainer.add_callback(TrainLogCallback(config))
     trainer.train()
     run = RunFiles(log_dir)
     warnings = warnings_of(run)
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"Prometheus: pushing to the Pushgateway http://<redacted>@127.0.0.1:{port} "
                                   "failed: URLError:")
+    return run, warnings
+
+
+def test_a_dead_pushgateway_is_one_warning_without_its_credentials(make_trainer, log_dir):
+    port = free_port()  # nothing listens there
+    config = quiet(log_dir, pushgateway_url=f"http://ops:s3cr3tpw@127.0.0.1:{port}")
+    run, _ = train_with_dead_pushgateway(make_trainer, config, log_dir, port)
     assert run.records("summary")[0]["status"] == "completed"
     assert "s3cr3tpw" not in all_text(log_dir)
 
@@ -697,14 +705,7 @@ def test_pushgateway_without_scheme_keeps_its_password_out_of_every_log(make_tra
     assert config.pushgateway_url == f"http://user:secretpw@127.0.0.1:{port}"  # http, not a scheme "user"
     assert "secretpw" not in repr(config) and "secretpw" not in str(config)
     assert f"pushgateway_url='http://<redacted>@127.0.0.1:{port}'" in repr(config)
-    trainer = make_trainer(max_steps=2)
-    trainer.add_callback(TrainLogCallback(config))
-    trainer.train()
-    run = RunFiles(log_dir)
-    warnings = warnings_of(run)
-    assert len(warnings) == 1, warnings
-    assert warnings[0].startswith(f"Prometheus: pushing to the Pushgateway http://<redacted>@127.0.0.1:{port} "
-                                  "failed: URLError:")
+    run, warnings = train_with_dead_pushgateway(make_trainer, config, log_dir, port)
     assert [record["message"] for record in run.records("warning")] == warnings
     assert "secretpw" not in all_text(log_dir)
 
