@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from seo_trainlog import LogConfig
-from seo_trainlog._anomaly import settings_of
+from seo_trainlog.watch.anomaly import settings_of
 
 
 RUN_ID = "20261130_120000"

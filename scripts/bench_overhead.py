@@ -145,7 +145,7 @@ def timed_run(config: str, logging_steps: int, steps: int) -> tuple[float, float
         wall_s = time.perf_counter() - started
         if scraper is not None:
             scraper.stop()
-            from seo_trainlog._prometheus import stop_servers
+            from seo_trainlog.watch.prometheus import stop_servers
 
             stop_servers()
         return wall_s, sum(clock.seconds for clock in clocks)
@@ -258,7 +258,7 @@ def pieces(scratch: Path) -> dict[str, float]:
     trainer.add_callback(exporting)
     trainer.add_callback(measure_exporting)
     trainer.train()
-    from seo_trainlog._prometheus import stop_servers
+    from seo_trainlog.watch.prometheus import stop_servers
 
     stop_servers()
     return {**measure.results, **measure_exporting.results, **loguru_sinks(scratch)}

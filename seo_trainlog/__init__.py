@@ -26,8 +26,8 @@ __all__ = ["LogConfig", "SeoTrainlogTracker", "TimedDataCollator", "TrainLogCall
            "REPORT_TO_NAME"]
 __version__ = "0.1.0"
 
-_LAZY = {"TrainLogCallback": "._callback", "TimedDataCollator": "._collator", "TrainLogger": "._logger",
-         "SeoTrainlogTracker": "._tracker", "logger": "._sinks"}
+_LAZY = {"TrainLogCallback": ".record.callback", "TimedDataCollator": ".watch.collator",
+         "TrainLogger": ".record.logger", "SeoTrainlogTracker": ".record.tracker", "logger": ".record.sinks"}
 
 
 def __getattr__(name: str) -> Any:

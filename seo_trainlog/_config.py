@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from loguru._string_parsers import parse_duration, parse_size
 
 from ._secrets import REDACTOR
-from ._sinks import probe_file_options
+from .record.sinks import probe_file_options
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
@@ -57,7 +57,7 @@ class LogConfig:
         data_wait_warn_pct: A logging interval in which more than this share (percent) of the step
             wall time was spent waiting for data gets one data-loading bottleneck WARNING.
             Default ``20.0``; also the threshold of the ``data_wait`` anomaly.
-        detect_anomalies: Run the anomaly detectors (:class:`~seo_trainlog._anomaly.AnomalyDetector`)
+        detect_anomalies: Run the anomaly detectors (:class:`~seo_trainlog.watch.anomaly.AnomalyDetector`)
             on every logged value during training. Default ``True``.
         anomaly_window: Length of the rolling windows of the anomaly detectors, in logged ``train``
             records (one per ``logging_steps``), from 5 to 10000. Default ``20``.
@@ -76,7 +76,7 @@ class LogConfig:
         plateau_min_delta: How much (in ``eval_loss`` units) an evaluation must beat the best so far
             to count as an improvement. Default ``0.0``.
         straggler_pct: In a distributed run, a rank whose pace (its own data time per step plus the
-            shortest step time of all ranks, see :class:`~seo_trainlog._anomaly.StragglerDetector`) is
+            shortest step time of all ranks, see :class:`~seo_trainlog.watch.anomaly.StragglerDetector`) is
             more than this many percent above the median of the ranks' is slow. Default ``20.0``.
         straggler_window: A slow rank becomes a ``straggler`` anomaly after this many compared logging
             steps in a row. Default ``5``.
@@ -92,7 +92,7 @@ class LogConfig:
             all: a counter, a timing). Used wherever a best value is picked (``seo-trainlog``
             summaries, ``compare``, the run manifest). Default ``None`` (the table alone).
         peak_tflops: Peak TFLOPS of one device, for ``mfu_pct`` (model FLOPs utilisation): overrides
-            the table of GPUs by name (:data:`seo_trainlog._tokens.PEAK_TFLOPS`); the run's peak is
+            the table of GPUs by name (:data:`seo_trainlog.watch.tokens.PEAK_TFLOPS`); the run's peak is
             this times the world size. ``None``: from the table (no ``mfu_pct`` on a device not in it,
             ``null`` on CPU). Default ``None``.
 

@@ -22,14 +22,14 @@ def register_report_to() -> None:
     under that name is left alone."""
     from transformers.integrations import integration_utils
 
-    from ._callback import TrainLogCallback
+    from .record.callback import TrainLogCallback
 
     integration_utils.INTEGRATION_TO_CALLBACK.setdefault(REPORT_TO_NAME, TrainLogCallback)
 
 
 def register_accelerate_tracker() -> None:
     """Make ``Accelerator(log_with="seo_trainlog")`` known to accelerate (idempotent)."""
-    from ._tracker import register_accelerate_tracker as register
+    from .record.tracker import register_accelerate_tracker as register
 
     register()
 

@@ -37,12 +37,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from . import _present
-from ._analysis import RankAnalysis, RunAnalysis
+from .read import present as _present
+from .read.analysis import RankAnalysis, RunAnalysis
 from ._config import LogConfig
-from ._format import to_jsonable
-from ._reader import LogReadError, MetricsRun, find_process_files, find_runs, load_manifest, read_records, select_run
-from ._reader import _stamp_order as stamp_order
+from .record.format import to_jsonable
+from .read.reader import LogReadError, MetricsRun, find_process_files, find_runs, load_manifest, read_records, select_run
+from .read.reader import _stamp_order as stamp_order
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,13 +173,13 @@ def _ranks(analysis: RunAnalysis, chosen: MetricsRun, log_dirs: list[Path]) -> d
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from ._plots import save_figure
+    from .read.plots import save_figure
 
     if args.output.suffix.lower() != ".png":
         raise LogReadError(f"{args.output}: the figure is written as PNG; give a file name ending in .png")
     analysis = _analyse_chosen(find_runs(args.log_dir), args.run, _config())
     if args.metrics is not None:
-        from ._metric_plots import NoMetricMatched, left_out_text, parse_patterns, save_metrics_figure
+        from .read.metric_plots import NoMetricMatched, left_out_text, parse_patterns, save_metrics_figure
 
         try:
             titles, left_out = save_metrics_figure(analysis, parse_patterns(args.metrics), args.output)
@@ -195,7 +195,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from . import _compare as comparing
+    from .read import compare as comparing
 
     directories: dict[Path, Path] = {}  # resolved path -> as given: a directory named twice is read once
     for text in args.paths:
@@ -257,7 +257,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ._report import write_report
+    from .read.report import write_report
 
     runs = find_runs(args.log_dir)
     chosen = select_run(runs, args.run) if args.run is not None else None
@@ -269,7 +269,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from ._watch import watch
+    from .read.live import watch
 
     return watch(args.log_dir, args.run, _config(), Console(), interval_s=args.interval, timeout_s=args.timeout)
 
@@ -282,7 +282,7 @@ def _analyse(run: MetricsRun, config: LogConfig, finals: bool = False) -> RunAna
                            manifest_problem=problem)
     records = read_records(run, _warn)
     if finals:
-        from ._compare import FinalValues
+        from .read.compare import FinalValues
 
         analysis.final_values = FinalValues()
         records = analysis.final_values.tee(records)

@@ -18,7 +18,7 @@ import pytest
 from conftest import RunFiles, quiet
 
 from seo_trainlog import TrainLogCallback, cli
-from seo_trainlog._alerts import AlertDispatcher
+from seo_trainlog.watch.alerts import AlertDispatcher
 
 HERE = Path(__file__).parent
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from seo_trainlog import LogConfig
-from seo_trainlog._anomaly import Anomaly, AnomalyDetector
+from seo_trainlog.watch.anomaly import Anomaly, AnomalyDetector
 
 STEPS = 600
 

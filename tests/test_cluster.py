@@ -16,9 +16,10 @@ import pytest
 from conftest import LINE, RunFiles, quiet
 from test_scale import HERE, failure_text, free_port, launch
 
-from seo_trainlog import TrainLogger, _rank
-from seo_trainlog._anomaly import StragglerDetector, pace_times, rank_sample
-from seo_trainlog._reader import LogReadError, find_process_files, find_runs
+from seo_trainlog import TrainLogger
+from seo_trainlog.record import rank as _rank
+from seo_trainlog.watch.anomaly import StragglerDetector, pace_times, rank_sample
+from seo_trainlog.read.reader import LogReadError, find_process_files, find_runs
 from seo_trainlog.cli import main as cli_main
 
 CATEGORY_PREFIXES = ("seo_engine", "training_progress", "training_detailed", "model_performance", "data_loading",
@@ -422,7 +423,7 @@ def test_a_rank_that_dies_early_leaves_its_run_start_and_summarize_names_the_mis
 
 
 def test_summarize_reads_straggler_records_of_both_layouts():
-    from seo_trainlog._analysis import RankAnalysis
+    from seo_trainlog.read.analysis import RankAnalysis
 
     base = {"event": "anomaly", "kind": "straggler", "world_size": 2, "message": "m"}
     old = {**base, "global_step": 12, "user_global_step": 10, "rank": 1, "local_rank": 0, "node_rank": 0,
@@ -471,7 +472,7 @@ def test_a_store_that_fails_switches_the_exchange_off_with_one_warning():
 def test_the_ranks_table_keeps_every_number_whole_at_80_columns(monkeypatch):
     from rich.console import Console
 
-    from seo_trainlog._present import rank_table
+    from seo_trainlog.read.present import rank_table
 
     rows = [{"rank": rank, "node_rank": rank // 2, "host": "gpu-node-with-a-long-name.cluster.example.org",
              "step_time_s": 0.030271234, "data_wait_pct": 80.5123, "own_data_s": 0.00044371234,

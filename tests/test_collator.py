@@ -7,7 +7,7 @@ import torch
 from transformers import DataCollatorWithPadding, default_data_collator
 
 from seo_trainlog import TimedDataCollator
-from seo_trainlog._timing import CollateSums
+from seo_trainlog.watch.timing import CollateSums
 
 
 def stack_lengths(features):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from seo_trainlog._compare import GRAMMAR
-from seo_trainlog._format import json_line
+from seo_trainlog.read.compare import GRAMMAR
+from seo_trainlog.record.format import json_line
 from seo_trainlog.cli import main
 
 START = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)

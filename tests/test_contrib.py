@@ -23,9 +23,9 @@ import yaml
 from test_scale import free_port
 
 from seo_trainlog import LogConfig
-from seo_trainlog._anomaly import KINDS
-from seo_trainlog._prometheus import LABELS, METRICS, NAMES, open_exporter, stop_servers
-from seo_trainlog._rank import ProcessRole
+from seo_trainlog.watch.anomaly import KINDS
+from seo_trainlog.watch.prometheus import LABELS, METRICS, NAMES, open_exporter, stop_servers
+from seo_trainlog.record.rank import ProcessRole
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "contrib" / "prometheus" / "alerts.yml"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from seo_trainlog import _format
+from seo_trainlog.record import format as _format
 
 
 def test_progress_lines_match_the_spec():

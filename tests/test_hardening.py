@@ -16,8 +16,8 @@ import pytest
 from conftest import RunFiles, all_text, quiet
 
 from seo_trainlog import TrainLogger
-from seo_trainlog import _sinks
-from seo_trainlog._sinks import RecordFile
+from seo_trainlog.record import sinks as _sinks
+from seo_trainlog.record.sinks import RecordFile
 
 # ---------------------------------------------------------------------------------------- secrets
 
@@ -241,7 +241,7 @@ def test_counters_print_as_integers_in_text_logs(log_dir):
 
 def test_one_thing_is_written_in_the_singular(log_dir, capsys):
     from seo_trainlog import LogConfig
-    from seo_trainlog._anomaly import AnomalyDetector
+    from seo_trainlog.watch.anomaly import AnomalyDetector
 
     with TrainLogger(quiet(log_dir, console=True)) as tlog:
         tlog.log_hyperparameters({"learning_rate": 1e-4})

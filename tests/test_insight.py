@@ -23,10 +23,10 @@ from rich.console import Console
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from seo_trainlog import LogConfig, TrainLogCallback, TrainLogger
-from seo_trainlog._analysis import Series
-from seo_trainlog._format import json_line
-from seo_trainlog._reader import find_runs, read_records
-from seo_trainlog._watch import WatchState, render_frame, watch
+from seo_trainlog.read.analysis import Series
+from seo_trainlog.record.format import json_line
+from seo_trainlog.read.reader import find_runs, read_records
+from seo_trainlog.read.live import WatchState, render_frame, watch
 from seo_trainlog.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

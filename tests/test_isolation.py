@@ -18,7 +18,7 @@ from conftest import RunFiles, json_rows, quiet, tiny_model
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
 from seo_trainlog import TimedDataCollator, TrainLogCallback, TrainLogger
-from seo_trainlog import _sinks
+from seo_trainlog.record import sinks as _sinks
 from seo_trainlog.cli import main
 
 HERE = Path(__file__).resolve().parent

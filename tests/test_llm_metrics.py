@@ -14,11 +14,11 @@ import pytest
 from conftest import WORDS, RunFiles, quiet
 
 from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback
-from seo_trainlog._analysis import RunAnalysis
+from seo_trainlog.read.analysis import RunAnalysis
 from seo_trainlog._directions import Directions, directions
-from seo_trainlog._format import json_line
-from seo_trainlog._metric_plots import build_metrics_figure
-from seo_trainlog._reader import find_runs, read_records
+from seo_trainlog.record.format import json_line
+from seo_trainlog.read.metric_plots import build_metrics_figure
+from seo_trainlog.read.reader import find_runs, read_records
 from seo_trainlog.cli import main
 
 TEXTS = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(3 + i % 4)) for i in range(32)]

@@ -12,7 +12,7 @@ from conftest import RunFiles, quiet
 from transformers import DataCollatorWithPadding
 
 from seo_trainlog import TimedDataCollator, TrainLogCallback
-from seo_trainlog._monitor import NvmlReader, ResourceSampler, visible_gpu_ids
+from seo_trainlog.watch.monitor import NvmlReader, ResourceSampler, visible_gpu_ids
 
 GIB = 2**30
 
@@ -199,7 +199,7 @@ class VirtualClock:
 
 @pytest.fixture
 def clock(monkeypatch) -> VirtualClock:
-    from seo_trainlog import _callback
+    from seo_trainlog.record import callback as _callback
 
     virtual = VirtualClock()
     monkeypatch.setattr(_callback, "perf_counter", virtual)

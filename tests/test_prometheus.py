@@ -28,9 +28,9 @@ from test_scale import failure_text, free_port, launch
 from transformers import TrainerCallback
 
 from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback
-from seo_trainlog._anomaly import KINDS
-from seo_trainlog._prometheus import LABELS, MB, METRICS, NAMES, open_exporter, stop_servers, textfile_path
-from seo_trainlog._rank import ProcessRole
+from seo_trainlog.watch.anomaly import KINDS
+from seo_trainlog.watch.prometheus import LABELS, MB, METRICS, NAMES, open_exporter, stop_servers, textfile_path
+from seo_trainlog.record.rank import ProcessRole
 
 prometheus_client = pytest.importorskip("prometheus_client", reason="prometheus-client is in the dev extra")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402

@@ -20,9 +20,9 @@ from conftest import quiet
 from rich.console import Console
 
 from seo_trainlog import LogConfig, TrainLogger
-from seo_trainlog._format import json_line
-from seo_trainlog._reader import RunFollower, find_runs, read_records
-from seo_trainlog._watch import MAX_ALERTS, SPARK_POINTS, WatchState, render_frame
+from seo_trainlog.record.format import json_line
+from seo_trainlog.read.reader import RunFollower, find_runs, read_records
+from seo_trainlog.read.live import MAX_ALERTS, SPARK_POINTS, WatchState, render_frame
 from seo_trainlog.cli import main
 
 RUN = "20261130_120000"
@@ -223,7 +223,7 @@ def test_retention_without_a_manifest_is_never_silently_wrong(tmp_path, capsys):
 
 
 def test_watch_shows_the_coverage_line(tmp_path):
-    from seo_trainlog._reader import read_manifest
+    from seo_trainlog.read.reader import read_manifest
 
     for manifest, expected in ((True, COVER_WITH_MANIFEST), (False, COVER_WITHOUT_MANIFEST)):
         log_dir = tmp_path / str(manifest)
@@ -425,7 +425,7 @@ def test_nul_bytes_before_a_record_are_dropped_with_a_warning(tmp_path, capsys):
 
 
 def test_watch_skips_a_record_cut_short_as_summarize_does(tmp_path, capsys):
-    from seo_trainlog._watch import watch
+    from seo_trainlog.read.live import watch
 
     path = metrics_file(tmp_path / "logs")
     text = lines([("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0 / step) for step in range(1, 9)]
@@ -517,8 +517,8 @@ def test_the_run_list_is_readable_at_80_columns(tmp_path, capsys, monkeypatch):
 
 
 def test_the_figure_and_the_eta_know_about_retention_and_resumption(tmp_path):
-    from seo_trainlog._analysis import RunAnalysis
-    from seo_trainlog._plots import build_figure
+    from seo_trainlog.read.analysis import RunAnalysis
+    from seo_trainlog.read.plots import build_figure
 
     retained_run(tmp_path / "logs", manifest=False)
     (run,) = find_runs(tmp_path / "logs")
@@ -567,7 +567,7 @@ def test_a_manifest_that_cannot_be_used_is_said_and_ignored(tmp_path, capsys):
 
 
 def test_model_preparation_time_is_a_timing_not_a_metric(tmp_path, capsys):
-    from seo_trainlog._analysis import eval_metrics
+    from seo_trainlog.read.analysis import eval_metrics
 
     record = {"event": "eval", "global_step": 4, "metric_prefix": "eval", "eval_loss": 1.5,
               "eval_model_preparation_time": 0.0006, "eval_runtime": 0.1, "eval_samples_per_second": 900.0,
@@ -770,7 +770,7 @@ def test_a_run_without_train_records_shows_the_trainers_totals(tmp_path, capsys)
 
 def watch_frame(log_dir, width: int) -> str:
     """What ``watch`` draws for the one run in ``log_dir`` (its manifest used, its files read once)."""
-    from seo_trainlog._reader import read_manifest
+    from seo_trainlog.read.reader import read_manifest
 
     (run,) = find_runs(log_dir)
     state = WatchState(RUN, LogConfig(), manifest=read_manifest(run), rotated=True)
@@ -792,7 +792,7 @@ def test_watch_coverage_line_uses_the_panels_width(tmp_path):
 
 
 def test_watch_shows_the_manifests_last_evaluation_when_its_record_was_deleted(tmp_path):
-    from seo_trainlog._reader import read_manifest
+    from seo_trainlog.read.reader import read_manifest
 
     rows = [("run_start", None, {"schema_version": 1})] + [train_row(step, 1.0) for step in range(1, 21)]
     rows += [eval_row(20, 0.30, 0.90)]

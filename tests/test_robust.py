@@ -310,7 +310,7 @@ def test_a_removed_file_is_recreated(log_dir):
 
 
 def test_a_full_disk_under_a_buffered_file_is_reported_and_the_file_stays_readable(log_dir, monkeypatch):
-    from seo_trainlog._reader import find_runs, read_records
+    from seo_trainlog.read.reader import find_runs, read_records
 
     real_write = FileSink.write
     disk = {"full": False}

@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding, TrainerCallback
 
 import seo_trainlog
 from seo_trainlog import TimedDataCollator, TrainLogCallback, TrainLogger
-from seo_trainlog import _rank
+from seo_trainlog.record import rank as _rank
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -14,10 +14,10 @@ import torch
 from conftest import RunFiles, quiet, tiny_model
 
 from seo_trainlog import LogConfig, TimedDataCollator, TrainLogCallback
-from seo_trainlog._analysis import RunAnalysis
-from seo_trainlog._collator import count_tokens
-from seo_trainlog._plots import build_figure
-from seo_trainlog._tokens import flops_per_token, peak_tflops_for
+from seo_trainlog.read.analysis import RunAnalysis
+from seo_trainlog.watch.collator import count_tokens
+from seo_trainlog.read.plots import build_figure
+from seo_trainlog.watch.tokens import flops_per_token, peak_tflops_for
 from seo_trainlog.cli import main as cli_main
 
 

@@ -302,7 +302,7 @@ class TelemetryExchange:
         return f"{self._key}/rank/{rank}"
 
     def post(self, global_step: int, sample: dict[str, float]) -> None:
-        """Keep this rank's ``sample`` (see :func:`~seo_trainlog._anomaly.rank_sample`) of the interval
+        """Keep this rank's ``sample`` (see :func:`~seo_trainlog.watch.anomaly.rank_sample`) of the interval
         ending at ``global_step``, and publish the recent ones (not on rank 0: it reads its own)."""
         self.recent.append((global_step, sample))
         if not self.enabled or self._role.is_world_process_zero:

@@ -75,7 +75,7 @@ def training_dtype(args: Any) -> str:
 def device_name(local_rank: int | None) -> str | None:
     """NVML's name of this process's GPU (the CUDA device of ``local_rank``); None without NVML or GPU."""
     try:
-        from ._monitor import NvmlReader
+        from .monitor import NvmlReader
 
         reader = NvmlReader(local_rank)
     except Exception:
@@ -159,7 +159,7 @@ class TokenMeter:
     def take(self, stats: Any, steps: int) -> dict[str, int] | None:
         """This rank's numbers of the logging interval that ran ``steps`` optimizer steps: pops the
         counts of the batches used from ``stats`` (the train phase's
-        :class:`~seo_trainlog._timing.CollateStats`): ``tokens``, ``tokens_seen`` (cumulative),
+        :class:`~seo_trainlog.watch.timing.CollateStats`): ``tokens``, ``tokens_seen`` (cumulative),
         ``seq_len_sum``, ``seq_batches``; None when no batch was ever counted."""
         wanted = self.wanted(steps)
         taken, tokens, length = stats.take(wanted, self.epoch_batches, self.workers)

@@ -10,10 +10,10 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
-from . import _present
-from ._analysis import MAX_ANOMALIES, MAX_KEPT, RunAnalysis
-from ._format import flatten, fmt_value
-from ._plots import figure_png
+from . import present as _present
+from .analysis import MAX_ANOMALIES, MAX_KEPT, RunAnalysis
+from ..record.format import flatten, fmt_value
+from .plots import figure_png
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
@@ -96,8 +96,8 @@ def _table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]], highlig
 
 def _comparison(all_runs: Sequence[RunAnalysis]) -> list[str]:
     """The hyperparameters that differ and the metrics' final/best values of ``all_runs``, the
-    tables of ``seo-trainlog compare`` (:func:`~seo_trainlog._compare.tables`)."""
-    from ._compare import compare, tables
+    tables of ``seo-trainlog compare`` (:func:`~seo_trainlog.read.compare.tables`)."""
+    from .compare import compare, tables
 
     parts = []
     for title, headers, rows in tables(compare(all_runs), _present.number, _present.duration,

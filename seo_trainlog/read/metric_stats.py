@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ._directions import Directions, better
+from .._directions import Directions, better
 
 MAX_METRICS = 200  # metrics followed per run (more are counted in ``dropped`` and left out)
 # keys of a train record that are not the trainer's metrics: the record's own fields, the loss,
@@ -86,7 +86,7 @@ class MetricStats:
 
 class _Points:
     """Every ``stride``-th point, the stride doubling when ``2 * max_points`` are kept; the last
-    point offered always included (as :class:`~seo_trainlog._analysis.Series`)."""
+    point offered always included (as :class:`~seo_trainlog.read.analysis.Series`)."""
 
     __slots__ = ("max_points", "stride", "offered", "steps", "values", "last")
 

@@ -11,9 +11,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ._analysis import RunAnalysis
-from ._format import fmt_epoch
-from ._present import coverage_notice, status_text
+from .analysis import RunAnalysis
+from ..record.format import fmt_epoch
+from .present import coverage_notice, status_text
 
 ANOMALY_COLOR = "tab:red"
 MAX_LABELLED_ANOMALIES = 12

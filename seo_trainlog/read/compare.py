@@ -10,8 +10,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._analysis import RunAnalysis
-from ._format import flatten
+from .analysis import RunAnalysis
+from ..record.format import flatten
 
 RUN_ID = re.compile(r"\d{8}_\d{6}(?:_\d+)?\Z")  # a run stamp: YYYYMMDD_HHMMSS[_n]
 
@@ -308,7 +308,7 @@ def tables(result: Mapping[str, Any], number, duration, status_text,
            labels: Sequence[str] | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
     """``(title, headers, rows)`` of the comparison as text, shared by the terminal and the report:
     runs, hyperparameter differences, metrics (``final`` and, with a direction, ``best``).
-    ``number``, ``duration``, ``status_text`` format cells (:mod:`~seo_trainlog._present`);
+    ``number``, ``duration``, ``status_text`` format cells (:mod:`~seo_trainlog.read.present`);
     ``labels`` name the runs (default :func:`run_labels`; the terminal gives :func:`letters`)."""
     labels = list(labels) if labels is not None else run_labels(result)
     # tokens/s and MFU only when some run has them (no empty columns in an 80-column table)

@@ -13,11 +13,11 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ._analysis import RunAnalysis
-from ._format import fmt_epoch
-from ._metric_stats import DIRECTION_TEXT
-from ._plots import _line, _mark_anomalies, _panel
-from ._present import status_text
+from .analysis import RunAnalysis
+from ..record.format import fmt_epoch
+from .metric_stats import DIRECTION_TEXT
+from .plots import _line, _mark_anomalies, _panel
+from .present import status_text
 
 MAX_PANELS = 24
 _STYLES = {"train": ("-", "tab:blue"), "eval": ("o-", "tab:orange")}

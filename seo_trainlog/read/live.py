@@ -19,11 +19,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from ._analysis import NO_TRAINING, SPEED_SUFFIXES, is_gpu_util_key
-from ._anomaly import AnomalyDetector, eval_prefix
-from ._config import LogConfig
-from ._present import coverage_notice, duration, number, print_warning, status_text
-from ._reader import LogReadError, RunFollower, find_runs, load_manifest, select_run
+from .analysis import NO_TRAINING, SPEED_SUFFIXES, is_gpu_util_key
+from ..watch.anomaly import AnomalyDetector, eval_prefix
+from .._config import LogConfig
+from .present import coverage_notice, duration, number, print_warning, status_text
+from .reader import LogReadError, RunFollower, find_runs, load_manifest, select_run
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_POINTS = 60  # losses in the sparkline
@@ -37,7 +37,7 @@ class WatchState:
     record), the latest ``train`` and ``eval`` values, the last :data:`SPARK_POINTS` losses, the
     latest anomalies (from an :class:`AnomalyDetector` and from ``anomaly`` records, once each), and
     the ``summary`` status once it is written (a ``segment_start`` record, a resumed run, clears it).
-    ``manifest`` and ``rotated`` as for :class:`~seo_trainlog._analysis.RunAnalysis`: when retention
+    ``manifest`` and ``rotated`` as for :class:`~seo_trainlog.read.analysis.RunAnalysis`: when retention
     deleted the run's first records, ``max_steps`` and the latest ``eval_*`` values (until an
     ``eval`` record is read) come from the manifest and :meth:`coverage` says
     which steps the records cover. Every structure is of bounded length whatever the run's length."""

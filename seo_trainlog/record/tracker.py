@@ -9,9 +9,9 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker, on_main_process, register_tracker_class
 
-from . import _format
-from ._config import LogConfig
-from ._logger import TrainLogger
+from . import format as _format
+from .._config import LogConfig
+from .logger import TrainLogger
 
 
 class SeoTrainlogTracker(GeneralTracker):

@@ -19,23 +19,25 @@ import orjson
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from . import _format, _prometheus
-from ._alerts import AlertDispatcher, AlertHook
-from ._analysis import SPEED_SUFFIXES
-from ._anomaly import KINDS, Anomaly, AnomalyDetector, StragglerDetector, rank_sample, settings_of
-from ._collator import TimedDataCollator
-from ._config import LogConfig
-from ._guard import TrainerGuard, caller_local, find_trainer
-from ._logger import TrainLogger, innermost_open_logger
-from ._monitor import ResourceSampler, cuda_memory, rss_mb
-from ._rank import TelemetryExchange, launch_store, writes_shared_files
-from ._safety import mark_logged, never_raises, safe_warn, was_logged
-from ._secrets import remember_secrets
-from ._signals import SigtermHook, TerminatedBySignal
-from ._sinks import logging_busy
-from ._timing import CollateSums, IntervalSums, StepTimer, bind_thread
-from ._tokens import TokenMeter, device_name, model_shape, peak_tflops_for, training_dtype
-from ._timing import thread_sums as _thread_sums
+from . import format as _format
+
+from ..watch import prometheus as _prometheus
+from ..watch.alerts import AlertDispatcher, AlertHook
+from ..read.analysis import SPEED_SUFFIXES
+from ..watch.anomaly import KINDS, Anomaly, AnomalyDetector, StragglerDetector, rank_sample, settings_of
+from ..watch.collator import TimedDataCollator
+from .._config import LogConfig
+from .guard import TrainerGuard, caller_local, find_trainer
+from .logger import TrainLogger, innermost_open_logger
+from ..watch.monitor import ResourceSampler, cuda_memory, rss_mb
+from .rank import TelemetryExchange, launch_store, writes_shared_files
+from .._safety import mark_logged, never_raises, safe_warn, was_logged
+from .._secrets import remember_secrets
+from .signals import SigtermHook, TerminatedBySignal
+from .sinks import logging_busy
+from ..watch.timing import CollateSums, IntervalSums, StepTimer, bind_thread
+from ..watch.tokens import TokenMeter, device_name, model_shape, peak_tflops_for, training_dtype
+from ..watch.timing import thread_sums as _thread_sums
 
 _OPEN_RUNS: weakref.WeakSet[TrainLogCallback] = weakref.WeakSet()
 _RUN_ID = re.compile(r"^\d{8}_\d{6}(?:_\d+)?$")
@@ -112,7 +114,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
       would have.
 
     Prometheus (``LogConfig.prometheus_port``, ``prometheus_textfile``, ``pushgateway_url``; needs
-    ``prometheus-client``): every process exports its own series (see :mod:`seo_trainlog._prometheus`)
+    ``prometheus-client``): every process exports its own series (see :mod:`seo_trainlog.watch.prometheus`)
     from train begin on; a logging step only sets gauges, the exposition is formatted when scraped,
     when the textfile is written (with the deferred records) and at the end (push).
 
@@ -121,13 +123,13 @@ class TrainLogCallback(TrainerCallback, ExportableState):
     record of its own ``step_time_s``, ``data_wait_s``, ``data_wait_pct``, ``samples_per_second``,
     collate sums and ``rss_mb`` (see :class:`~seo_trainlog.TrainLogger`). Anomalies and alerts come from
     the world-process-zero only; with ``detect_anomalies`` it also compares the ranks' pace through the
-    launcher's store (a ``straggler`` anomaly, see :class:`~seo_trainlog._anomaly.StragglerDetector`).
+    launcher's store (a ``straggler`` anomaly, see :class:`~seo_trainlog.watch.anomaly.StragglerDetector`).
     ``evaluate()``/``predict()`` after training append to the last run's files. A failure inside this callback is reported once and never stops training;
     only a bad configuration (``ValueError``) or an unwritable log directory (``OSError``) is
     raised, at train begin, before any step.
 
     Anomalies (``LogConfig.detect_anomalies``): every logged ``train``/``eval`` record goes through
-    the same :class:`~seo_trainlog._anomaly.AnomalyDetector` that ``seo-trainlog`` runs afterwards;
+    the same :class:`~seo_trainlog.watch.anomaly.AnomalyDetector` that ``seo-trainlog`` runs afterwards;
     each anomaly is written once (a WARNING in the error logs and a JSON ``anomaly`` event) and
     handed to the alert hooks and ``LogConfig.alert_cmd`` in a background thread.
 

@@ -17,15 +17,17 @@ from typing import Any
 
 import orjson
 
-from . import _format, _guard
-from ._categories import BY_NAME, CATEGORIES, TEXT_NAMES
-from ._config import LogConfig
-from ._directions import directions
-from ._rank import agree_on_run_id, process_role
-from ._safety import mark_logged, never_raises, safe_warn, was_logged
-from ._secrets import REDACTOR, mask_mapping
-from ._manifest import MANIFEST_EVENTS, RunManifest, manifest_path
-from ._sinks import SINK_FAILURES, RunSinks, claim_stamp, file_path, logger, open_sinks, prepare_log_dir
+from . import format as _format
+
+from . import guard as _guard
+from .._categories import BY_NAME, CATEGORIES, TEXT_NAMES
+from .._config import LogConfig
+from .._directions import directions
+from .rank import agree_on_run_id, process_role
+from .._safety import mark_logged, never_raises, safe_warn, was_logged
+from .._secrets import REDACTOR, mask_mapping
+from .manifest import MANIFEST_EVENTS, RunManifest, manifest_path
+from .sinks import SINK_FAILURES, RunSinks, claim_stamp, file_path, logger, open_sinks, prepare_log_dir
 
 SCHEMA_VERSION = 1  # of the JSON metrics lines; readers refuse files of a newer schema
 # what a rank without a file set of its own (a ``rank<N>`` file tag) writes to its per-rank metrics file
@@ -94,7 +96,7 @@ class TrainLogger:
     ``performance_metrics_rank<N>_<stamp>.log`` (``run_start``, ``rank_step``, ``error``, ``warning``
     records). Every JSON line carries ``rank``, ``local_rank``, ``world_size`` and ``host`` (in a
     distributed run also ``node_rank``), and in a distributed run so do the errors. ``agreement``
-    (:class:`~seo_trainlog._rank.RunAgreement`) says how the stamp was agreed; ``run_start`` records
+    (:class:`~seo_trainlog.record.rank.RunAgreement`) says how the stamp was agreed; ``run_start`` records
     it as ``run_id_source`` (``store``, ``file``, ``own``) in a distributed run.
 
     Args:

@@ -23,8 +23,8 @@ from typing import Any
 
 import orjson
 
-from ._directions import Directions, better, directions
-from ._format import iso_time, to_jsonable
+from .._directions import Directions, better, directions
+from .format import iso_time, to_jsonable
 
 MANIFEST_PREFIX = "run_manifest"
 # the JSON events whose facts the manifest keeps (``train`` records are noted apart, from their numbers)
@@ -148,7 +148,7 @@ class RunManifest:
     def _note_eval(self, record: dict[str, Any], global_step: Any) -> None:
         """Evaluation facts as ``seo-trainlog`` computes them (``_analysis.eval_metrics``): the last
         values per metric prefix, and for ``eval`` the count and the best value of each metric."""
-        from ._analysis import eval_metrics
+        from ..read.analysis import eval_metrics
 
         section = self.data["eval"]
         prefix, metrics = eval_metrics(record)

@@ -11,8 +11,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from ._analysis import NO_SUMMARY, NO_TRAINING
-from ._format import fmt_epoch
+from .analysis import NO_SUMMARY, NO_TRAINING
+from ..record.format import fmt_epoch
 
 STATUS_TEXT = {NO_SUMMARY: "no summary: still running, or ended without one",
                NO_TRAINING: "no_training: evaluation only, no training"}
@@ -141,7 +141,7 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
 def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The rows of the eval metrics without a direction (no best: last and range) and of the train
     records' other metrics (``train mean_token_accuracy``: last, range, best with a direction)."""
-    from ._metric_stats import stats_text
+    from .metric_stats import stats_text
 
     rows = [(metric, stats_text(entry, number)) for metric, entry in (summary.get("eval_metrics") or {}).items()
             if entry["direction"] is None]
@@ -310,7 +310,7 @@ RANK_HEADERS = ("rank", "node", "host", "step s", "data wait", "data s", "pace s
 
 
 def rank_table(ranks: Sequence[Mapping[str, Any]]) -> Table:
-    """The per-rank rows of :meth:`~seo_trainlog._analysis.RankAnalysis.summary`: mean step time, data
+    """The per-rank rows of :meth:`~seo_trainlog.read.analysis.RankAnalysis.summary`: mean step time, data
     wait share, own data time and pace (seconds per optimizer step), and the straggler mark. Fits 80
     columns whole: the numbers and the mark are never cut; a long host name folds onto more lines."""
     table = Table(title="Ranks", title_justify="left")

@@ -21,8 +21,8 @@ from loguru._file_sink import FileSink
 from loguru._logger import Core, Logger
 from loguru._string_parsers import parse_size
 
-from ._categories import CATEGORIES, Category, accepted_names
-from ._secrets import REDACTOR
+from .._categories import CATEGORIES, Category, accepted_names
+from .._secrets import REDACTOR
 
 # An independent loguru logger: a Core of its own, so that our records never reach the user's
 # handlers on ``loguru.logger`` (its default stderr handler included), and the user's
@@ -127,7 +127,7 @@ def prepare_log_dir(log_dir: Path) -> Path:
 
 def file_path(log_dir: Path, category: Category, stamp: str, tag: str = "") -> Path:
     """``<prefix>_<stamp>.log`` (global rank 0); with the process's file ``tag``
-    (:attr:`~seo_trainlog._rank.ProcessRole.file_tag`) ``<prefix>_node<N>_<stamp>.log`` on a node
+    (:attr:`~seo_trainlog.record.rank.ProcessRole.file_tag`) ``<prefix>_node<N>_<stamp>.log`` on a node
     leader, ``<prefix>_rank<N>_<stamp>.log`` on any other rank."""
     return log_dir / f"{category.prefix}{f'_{tag}' if tag else ''}_{stamp}.log"
 

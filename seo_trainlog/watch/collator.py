@@ -10,7 +10,7 @@ from typing import Any
 
 from torch.utils.data import get_worker_info
 
-from ._timing import CollateSums, thread_sums
+from .timing import CollateSums, thread_sums
 
 
 class TimedDataCollator:
@@ -100,7 +100,7 @@ class TimedDataCollator:
         return sums.phase if sums is not None else "train"
 
     def attach(self, sums: CollateSums | None) -> None:
-        """Count this collator's calls in ``sums`` (a run's :class:`~seo_trainlog._timing.CollateSums`;
+        """Count this collator's calls in ``sums`` (a run's :class:`~seo_trainlog.watch.timing.CollateSums`;
         None: in no run's). Called by :class:`~seo_trainlog.TrainLogCallback` at train begin."""
         object.__setattr__(self, "_sums", sums)
 
@@ -234,7 +234,7 @@ def _batch_facts(features: Any) -> dict[str, Any]:
 
 
 def _run_logger(sums: CollateSums | None):
-    from ._logger import innermost_open_logger
+    from ..record.logger import innermost_open_logger
 
     tlog = sums.logger if sums is not None and sums.logger is not None else innermost_open_logger(
         joinable_only=False, this_thread=True)
@@ -250,7 +250,7 @@ def _report_collate_error(error: Exception, features: Any, sums: CollateSums | N
 
 def _error_info(error: Exception, features: Any) -> dict[str, Any]:
     """What a worker sends of a collator's failure (picklable, no feature values)."""
-    from ._format import safe_str
+    from ..record.format import safe_str
 
     info = get_worker_info()
     return {"error_type": type(error).__name__, "message": safe_str(error),

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from ._anomaly import AnomalyDetector, StragglerDetector, eval_prefix, pace_times, rank_sample, settings_of
-from ._config import LogConfig
-from ._directions import Directions, better, check_overrides, directions
-from ._metric_stats import MetricStats, is_train_metric
+from ..watch.anomaly import AnomalyDetector, StragglerDetector, eval_prefix, pace_times, rank_sample, settings_of
+from .._config import LogConfig
+from .._directions import Directions, better, check_overrides, directions
+from .metric_stats import MetricStats, is_train_metric
 
 MAX_POINTS = 2000  # per plotted series (a run with more train records keeps every k-th)
 MAX_KEPT = 50  # errors and warnings kept for the report (all are counted)
@@ -79,7 +79,7 @@ class RunAnalysis:
     A resumed run holds several segments: ``run_start`` then, for each later segment, a
     ``segment_start`` record, and a ``summary`` per segment (``segment``: its number).
 
-    ``manifest`` (:func:`~seo_trainlog._reader.read_manifest`) gives the run's facts when retention
+    ``manifest`` (:func:`~seo_trainlog.read.reader.read_manifest`) gives the run's facts when retention
     deleted its oldest metrics files (the first record is not ``run_start`` while ``rotated``: the
     run's files were rotated, or a manifest exists): start, hyperparameters, ``max_steps``,
     segments, best and final loss, counts. Throughput and data wait then cover the remaining
@@ -547,7 +547,7 @@ class RunAnalysis:
 
 def eval_metrics(record: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(prefix, metrics)`` of an ``eval`` record: the prefix its metric keys share (``eval``,
-    ``test``... see :func:`~seo_trainlog._anomaly.eval_prefix`) and its keys starting with
+    ``test``... see :func:`~seo_trainlog.watch.anomaly.eval_prefix`) and its keys starting with
     ``f"{prefix}_"``, timings (:data:`SPEED_SUFFIXES`: runtime, samples/steps per second, model
     preparation time) left out, values as they are. Raises nothing."""
     prefix = eval_prefix(record)
@@ -596,7 +596,7 @@ class RankAnalysis:
     """The ranks of one distributed run side by side, from the metrics files of all its processes
     (global rank 0's ``train`` records, each node leader's ``train`` records, the other ranks'
     ``rank_step`` records; several directories when the nodes shared no disk). Fed one record at a
-    time (:meth:`add`); the same :class:`~seo_trainlog._anomaly.StragglerDetector` as during
+    time (:meth:`add`); the same :class:`~seo_trainlog.watch.anomaly.StragglerDetector` as during
     training compares the ranks at every logging step that all of them recorded, in step order.
 
     Memory grows with ranks x logging steps (a few numbers each).
@@ -645,7 +645,7 @@ class RankAnalysis:
         """``{"ranks": [...], "stragglers": [...]}``: per rank (ascending) ``rank``, ``node_rank``,
         ``host``, ``records`` (logging steps it recorded), the means over them of ``step_time_s``,
         ``data_wait_s``, ``data_wait_pct``, ``own_data_s`` (collate time per step, else data wait), the
-        mean ``pace_s`` over the compared steps (see :func:`~seo_trainlog._anomaly.pace_times`),
+        mean ``pace_s`` over the compared steps (see :func:`~seo_trainlog.watch.anomaly.pace_times`),
         ``compared_steps`` and ``straggler`` (true when found here or logged during training); the
         ``straggler`` anomalies found here (those logged during training when none is found here), each
         naming the slow rank as ``straggler_rank`` (``straggler_node_rank``, ``straggler_host``); and

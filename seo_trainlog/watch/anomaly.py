@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._config import LogConfig
+from .._config import LogConfig
 
 KINDS = ("non_finite", "loss_spike", "grad_explosion", "throughput_drop", "memory_creep", "data_wait", "plateau",
          "straggler")

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ._secrets import REDACTOR, mask_mapping
+from .._secrets import REDACTOR, mask_mapping
 
 RULE = "=" * 80
 _SCALARS = (str, int, float, bool, type(None))

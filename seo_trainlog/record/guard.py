@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._safety import safe_warn
+from .._safety import safe_warn
 
 # Looked up on the trainer by the training loop after ``on_train_begin``, so wrapping them then
 # already covers this very ``train()`` call: evaluation on start, every epoch (steps, logging,

@@ -14,10 +14,10 @@ from pathlib import Path
 from time import time
 from typing import Any
 
-from ._anomaly import rank_sample
-from ._config import LogConfig, redacted_url, split_credentials
-from ._monitor import MB
-from ._rank import ProcessRole
+from .anomaly import rank_sample
+from .._config import LogConfig, redacted_url, split_credentials
+from .monitor import MB
+from ..record.rank import ProcessRole
 
 LABELS = ("run_id", "rank", "local_rank", "node", "host")  # plus "trial" in a hyperparameter search
 
@@ -286,7 +286,7 @@ class PrometheusExporter:
         loss), ``timing`` the interval's (``steps``, ``step_time_s``, ``data_wait_s``,
         ``data_wait_pct``, ``samples_per_second``), ``resources`` the readings (``rss_mb``,
         ``gpu<i>_*``, ``cuda<i>_*``), ``collate`` the interval's TimedDataCollator sums
-        (``collate_time_s``...). The data time is :func:`seo_trainlog._anomaly.rank_sample`'s
+        (``collate_time_s``...). The data time is :func:`seo_trainlog.watch.anomaly.rank_sample`'s
         ``own_data_s``, the straggler detector's. Only ``Gauge.set``."""
         self._global_step.set(global_step)
         _set(self._epoch, logs.get("epoch", epoch), 1.0)
