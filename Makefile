@@ -1,6 +1,8 @@
 # seo_trainlog — set-up, the bundled fine-tune, and the tests.
 #   make train   installs what it needs, fine-tunes an SEO search-intent classifier, writes logs/
-#   make test    installs what it needs, runs the test suite
+#   make test    installs what it needs, runs the test suite (tests/test_docs.py builds the docs with --strict
+#                and runs every example of README.md and docs/)
+#   make docs    builds the docs site (MkDocs, --strict: a broken link or a missing page fails) into site/
 #   make bench   builds its own .venv-bench (with the peers), runs scripts/bench_overhead.py and bench_peers.py
 # Bring your own torch:  make install TORCH_SPEC=   (empty: leave torch to pip / your environment)
 # CPU wheel from PyTorch's index elsewhere:  make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
@@ -25,7 +27,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test bench clean prometheus-server
+.PHONY: install train test docs bench clean prometheus-server
 
 install: $(STAMP)
 
@@ -63,6 +65,11 @@ test: $(STAMP) prometheus-server
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# The docs site: mkdocs, mkdocs-material and mkdocstrings come with the dev extra. make test builds it too
+# (tests/test_docs.py, into a temporary directory), so the docs cannot rot.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 # The benchmarks, in $(BENCH_VENV) (built here, never touching $(VENV)): scripts/bench_overhead.py (a few
 # minutes) then scripts/bench_peers.py (seo_trainlog next to TensorBoard, Trackio, W&B, MLflow, DVCLive; one to
 # three hours at its default 7 rounds on 2 cores: 224 fresh processes): tables on stdout, JSON in benchmarks/.
@@ -78,4 +85,4 @@ bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python scripts/bench_peers.py $(BENCH_PEERS_ARGS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) logs outputs .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) logs outputs site .pytest_cache
