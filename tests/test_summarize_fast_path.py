@@ -12,7 +12,7 @@ import pytest
 from seo_trainlog.cli import main
 from seo_trainlog.read import analysis as analysis_module
 from seo_trainlog.read.analysis import RunAnalysis
-from seo_trainlog.read.reader import find_runs, read_records
+from seo_trainlog.read.reader import LogReadError, find_runs, read_records
 from seo_trainlog.record.format import json_line
 
 RUN = "20261130_120000"
@@ -125,3 +125,18 @@ def test_a_new_metric_at_every_record_is_followed(tmp_path, capsys, monkeypatch)
     assert list(metrics) == ["metric_1", "shared"] + [f"metric_{step}" for step in range(2, 41)]
     assert metrics["shared"]["last"] == 80.0 and metrics["shared"]["min"] == 2.0
     assert all(metrics[f"metric_{step}"]["last"] == step / 4 for step in range(1, 41))
+
+
+def test_what_was_read_before_a_bad_line_is_kept(tmp_path):
+    write_run(tmp_path / "logs", [train(1, 2.0), train(2, 1.5), train(3, 1.75)])
+    path = tmp_path / "logs" / f"performance_metrics_{RUN}.log"
+    good = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(good[:2]) + "not json\n" + good[2])
+    analysis = RunAnalysis(RUN)
+    with pytest.raises(LogReadError, match="line 3 is not valid JSON"):
+        analysis.add_all(read_records(find_runs(tmp_path / "logs")[0]))
+    summary = analysis.summary()
+    assert analysis.records == 2
+    assert (summary["final_loss"], summary["best_loss"], summary["global_step"]) == (1.5, 1.5, 2)
+    assert summary["records_cover"] == {"first_global_step": 1, "last_global_step": 2, "complete": True}
+    assert [row[0] for row in analysis.train.rows()] == [1, 2]

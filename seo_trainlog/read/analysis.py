@@ -3,6 +3,7 @@ plots, the hyperparameters, errors and anomalies. Fed one record at a time; memo
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -269,91 +270,113 @@ class RunAnalysis:
         interval_sum, samples, steps_sum, wait_s = self._interval_s, self._samples, self._steps, self._wait_s
         series = self.train
         skip = series._skip
+        peak_keys, extras = self._peak_keys, self._has_extras()
         following: dict[str, Any] | None = None
-        while True:
-            get = record.get
-            count += 1
-            try:  # the values every train record of the writer has, in one lookup
-                step, epoch, world_size, time, loss, interval, per_second, steps, wait_pct = _TRAIN_VALUES(record)
-                if first_time is None:
-                    first_time = time
-                last_time = time
-            except KeyError:
-                step, epoch, world_size, loss, interval = (get("global_step"), get("epoch"), get("world_size"),
-                                                           get("loss"), get("interval_s"))
-                per_second, steps, wait_pct = get("samples_per_second"), get("steps"), get("data_wait_pct")
-                if first_time is None:
-                    first_time = get("time")
-                last_time = get("time", last_time)
-            if type(world_size) is int and world_size > 1:
-                ranks.add(record)
-            if head is None:
-                head = False
-            if type(step) is int:
-                if step > global_step:
-                    global_step = step
-                if first_step is None:
-                    first_step = step
-                last_step = step
-            if (type(epoch) is float or type(epoch) is int) and epoch > epoch_max:
-                epoch_max = epoch
-            if status == NO_TRAINING:  # evaluated first, now trains
-                status = None
-            if detector is not None:
-                for anomaly in detector.update("train", record, step):
-                    self._note_anomaly("found", anomaly.kind, step, anomaly.to_dict())
-            if type(loss) is float or type(loss) is int:  # parsed JSON: a float is finite (NaN is null)
-                final_loss, final_loss_step = loss, step
-                if best_loss is None or loss < best_loss[0]:
-                    best_loss = (loss, step)
-            if type(interval) is float:
-                interval_sum += interval
-                samples += (per_second or 0.0) * interval
-                steps_sum += steps or 0
-                wait_s += (wait_pct or 0.0) * interval / 100
-            known = len(keys)
-            keys.update(record)  # no new key: one pass in C over the record's keys
-            if len(keys) != known:
-                self._plan_train_keys(record)
-                keys = self._keys
-            if self._metric_keys:
-                add = self.train_metrics.add
-                for key in self._metric_keys:
-                    add(key, get(key), step)
-            if self._new_metric_keys:
-                self._follow_metrics(record, step)
-            if self._new_peaks:
-                self._add_new_peaks(record)
-            else:
-                for key in self._peak_keys:
-                    value = get(key)
-                    if (type(value) is float or type(value) is int) and value > peaks[key]:
-                        peaks[key] = value
-            if self._gpu_util_keys:
-                utils = [value for value in map(get, self._gpu_util_keys) if _is_number(value)]
-                if utils:
-                    self._gpu_util_sum += sum(utils) / len(utils)
-                    self._gpu_util_count += 1
-            if skip:
-                skip -= 1
-                series._last = record
-            else:
-                series.keep(record)
-                skip = series._skip
-            rate = get("tokens_per_second")
-            if type(rate) is float or type(rate) is int:
-                self._add_tokens(record, rate, interval)
-            following = next(rest, None)
-            if following is None or following.get("event") != "train":
-                break
-            record = following
-        self.records, self._head, self._first_time, self._last_time = count, head, first_time, last_time
-        self._global_step, self._epoch, self._status = global_step, epoch_max, status
-        self._train_steps = [first_step, last_step]
-        self._final_loss, self._final_loss_step, self._best_loss = final_loss, final_loss_step, best_loss
-        self._interval_s, self._samples, self._steps, self._wait_s = interval_sum, samples, steps_sum, wait_s
-        series._skip = skip
+        try:  # what was read is kept, whatever the records that follow raise
+            for record in itertools.chain((record,), rest):
+                if record.get("event") != "train":
+                    following = record
+                    break
+                get = record.get
+                count += 1
+                try:  # the values every train record of the writer has, in one lookup
+                    step, epoch, world_size, time, loss, interval, per_second, steps, wait_pct = _TRAIN_VALUES(record)
+                    if first_time is None:
+                        first_time = time
+                    last_time = time
+                except KeyError:
+                    step, epoch, world_size, loss, interval = (get("global_step"), get("epoch"), get("world_size"),
+                                                               get("loss"), get("interval_s"))
+                    per_second, steps, wait_pct = get("samples_per_second"), get("steps"), get("data_wait_pct")
+                    if first_time is None:
+                        first_time = get("time")
+                    last_time = get("time", last_time)
+                if type(world_size) is int and world_size > 1:
+                    ranks.add(record)
+                if head is None:
+                    head = False
+                if type(step) is int:
+                    if step > global_step:
+                        global_step = step
+                    if first_step is None:
+                        first_step = step
+                    last_step = step
+                if (type(epoch) is float or type(epoch) is int) and epoch > epoch_max:
+                    epoch_max = epoch
+                if status == NO_TRAINING:  # evaluated first, now trains
+                    status = None
+                if detector is not None:
+                    for anomaly in detector.update("train", record, step):
+                        self._note_anomaly("found", anomaly.kind, step, anomaly.to_dict())
+                if type(loss) is float or type(loss) is int:  # parsed JSON: a float is finite (NaN is null)
+                    final_loss, final_loss_step = loss, step
+                    if best_loss is None or loss < best_loss[0]:
+                        best_loss = (loss, step)
+                if type(interval) is float:
+                    interval_sum += interval
+                    samples += (per_second or 0.0) * interval
+                    steps_sum += steps or 0
+                    wait_s += (wait_pct or 0.0) * interval / 100
+                known = len(keys)
+                keys.update(record)  # no new key: one pass in C over the record's keys
+                if len(keys) != known:
+                    self._plan_train_keys(record)
+                    keys, peak_keys, extras = self._keys, self._peak_keys, self._has_extras()
+                if extras:
+                    extras = self._add_extras(record, step, interval)
+                else:
+                    for key in peak_keys:
+                        value = get(key)
+                        if (type(value) is float or type(value) is int) and value > peaks[key]:
+                            peaks[key] = value
+                if skip:
+                    skip -= 1
+                    series._last = record
+                else:
+                    series.keep(record)
+                    skip = series._skip
+        finally:
+            self.records, self._head, self._first_time, self._last_time = count, head, first_time, last_time
+            self._global_step, self._epoch, self._status = global_step, epoch_max, status
+            self._train_steps = [first_step, last_step]
+            self._final_loss, self._final_loss_step, self._best_loss = final_loss, final_loss_step, best_loss
+            self._interval_s, self._samples, self._steps, self._wait_s = interval_sum, samples, steps_sum, wait_s
+            series._skip = skip
         return following
+
+    def _has_extras(self) -> bool:
+        """The train records read so far need :meth:`_add_extras`: they hold metrics, GPU readings or
+        token counts, or a key of ``_peak_keys`` has no peak yet."""
+        return bool(self._metric_keys or self._new_metric_keys or self._new_peaks or self._gpu_util_keys
+                    or "tokens_per_second" in self._keys)
+
+    def _add_extras(self, record: dict[str, Any], step: Any, interval: Any) -> bool:
+        """The train metrics, peaks, GPU utilisation and token counts of ``record``; returns
+        :meth:`_has_extras`."""
+        get = record.get
+        if self._metric_keys:
+            add = self.train_metrics.add
+            for key in self._metric_keys:
+                add(key, get(key), step)
+        if self._new_metric_keys:
+            self._follow_metrics(record, step)
+        if self._new_peaks:
+            self._add_new_peaks(record)
+        else:
+            peaks = self._peaks
+            for key in self._peak_keys:
+                value = get(key)
+                if (type(value) is float or type(value) is int) and value > peaks[key]:
+                    peaks[key] = value
+        if self._gpu_util_keys:
+            utils = [value for value in map(get, self._gpu_util_keys) if _is_number(value)]
+            if utils:
+                self._gpu_util_sum += sum(utils) / len(utils)
+                self._gpu_util_count += 1
+        rate = get("tokens_per_second")
+        if type(rate) is float or type(rate) is int:
+            self._add_tokens(record, rate, interval)
+        return self._has_extras()
 
     def _plan_train_keys(self, record: dict[str, Any]) -> None:
         """Classify the keys of ``record`` not seen before in a train record (``_keys``): GPU
