@@ -176,7 +176,7 @@ def read_records(run: MetricsRun, warn: Callable[[str], None] = lambda message: 
 
 
 class _Lines:
-    """Splits a file's bytes, fed in chunks, into ``(line number, line)`` without the newline; a line
+    """Splits a file's bytes, fed in chunks, into lines without the newline, numbered from 1; a line
     that grows past :data:`MAX_LINE_BYTES` is dropped as it comes (one warning), never held whole."""
 
     def __init__(self, path: Path, warn: Callable[[str], None]) -> None:
