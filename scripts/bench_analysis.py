@@ -8,7 +8,10 @@ timing values of a logging step every step, an ``eval`` every 1,000 steps, epoch
 a ``summary`` at the end), then runs ``seo-trainlog summarize DIR --json`` in a child process and
 prints its wall time and peak RSS (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a child
 that only runs that command), next to those of a child that only imports ``seo_trainlog.cli``
-(Python start-up plus the package's torch/transformers imports, the same at any file size).
+(Python start-up plus the package's imports, the same at any file size) and of orjson's parse-only
+floor: a child that reads the same file line by line and ``orjson.loads`` each line, nothing more
+(``summarize`` cannot read a record for less). The ratio ``summarize / floor`` is printed for wall
+and CPU seconds; CPU seconds are the steadier on a shared machine.
 
     .venv/bin/python scripts/bench_analysis.py [--lines 100000 1000000] [--dir DIR]
 """
@@ -89,6 +92,13 @@ def write_metrics(path: Path, lines: int, seed: int = 0, online_detection: bool 
                                "early_stopping_triggered": False, "peak_rss_mb": 850.0, "data_wait_pct": 0.8})
 
 
+# the parse-only floor: every line of the file given parsed by orjson, in a fresh Python process
+FLOOR = ("import orjson, sys\n"
+         "with open(sys.argv[1], 'rb') as lines:\n"
+         "    for line in lines:\n"
+         "        orjson.loads(line)\n")
+
+
 def timed_child(command: list[str]) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of ``command`` run in a fresh child
     (via a tiny wrapper, so that RUSAGE_CHILDREN holds that command alone). CPU seconds hardly move
@@ -122,6 +132,7 @@ def main() -> int:
             write_metrics(path, lines, online_detection=online)
             written_s = time.perf_counter() - started
             size_mb = path.stat().st_size / 2**20
+            floor_s, floor_cpu_s, floor_mb = timed_child([sys.executable, "-c", FLOOR, str(path)])
             wall_s, cpu_s, peak_mb = timed_child([sys.executable, "-m", "seo_trainlog.cli", "summarize", str(log_dir),
                                                   "--json"])
             reading_cpu_s = cpu_s - startup_cpu_s
@@ -130,6 +141,8 @@ def main() -> int:
                   f"summarize {wall_s:.2f} s wall, "
                   f"{cpu_s:.2f} s CPU ({reading_cpu_s:.2f} s CPU after start-up: {lines / reading_cpu_s:,.0f} lines/s), "
                   f"peak RSS {peak_mb:.0f} MiB ({peak_mb - startup_mb:+.0f} MiB over start-up)")
+            print(f"{'':>9}  orjson parse-only floor {floor_s:.2f} s wall, {floor_cpu_s:.2f} s CPU, peak RSS "
+                  f"{floor_mb:.0f} MiB: summarize / floor = {wall_s / floor_s:.2f}x wall, {cpu_s / floor_cpu_s:.2f}x CPU")
     return 0
 
 

@@ -3,10 +3,12 @@ plots, the hyperparameters, errors and anomalies. Fed one record at a time; memo
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -19,10 +21,13 @@ MAX_POINTS = 2000  # per plotted series (a run with more train records keeps eve
 MAX_KEPT = 50  # errors and warnings kept for the report (all are counted)
 MAX_ANOMALIES = 200  # anomalies kept (all are counted)
 MAX_SEGMENTS = 1000  # segments (resumed parts of a run) kept
+MAX_KEYS = 4096  # distinct keys of train records classified at once (see RunAnalysis._plan_train_keys)
 TOKEN_COLUMNS = ("tokens_per_second", "mfu_pct", "num_input_tokens_seen")
 TRAIN_COLUMNS = ("loss", "learning_rate", "grad_norm", "samples_per_second", "rss_mb", "gpu_util_pct",
                  "gpu_mem_used_mb")
 SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")  # timings
+_TRAIN_VALUES = operator.itemgetter("global_step", "epoch", "world_size", "time", "loss", "interval_s",
+                                    "samples_per_second", "steps", "data_wait_pct")
 _PEAK_KEY = re.compile(r"rss_mb_max$|gpu\d+_mem_used_mb_max$|cuda\d+_max_allocated_mb$")  # psutil, NVML, torch.cuda
 NO_SUMMARY = "no_summary"
 NO_TRAINING = "no_training"  # the writer's ``status`` event for a run that only evaluated
@@ -40,20 +45,27 @@ class Series:
         self.max_points = max_points
         self.stride = 1
         self._build = build
-        self._offered = 0
+        self._kept = 0  # index (among the records offered) of the next record kept
+        self._skip = 0  # records to pass over before it (RunAnalysis reads it to skip the call)
         self._rows: list[tuple[Any, ...]] = []
         self._last: dict[str, Any] | None = None
 
     def offer(self, record: dict[str, Any]) -> None:
-        self._offered += 1
-        if (self._offered - 1) % self.stride:
+        if self._skip:
+            self._skip -= 1
             self._last = record
-            return
+        else:
+            self.keep(record)
+
+    def keep(self, record: dict[str, Any]) -> None:
+        """Add the row of ``record``, which :meth:`offer` keeps (no record to skip is left)."""
         self._last = None
         self._rows.append(self._build(record))
         if len(self._rows) >= 2 * self.max_points:
             del self._rows[1::2]
             self.stride *= 2
+        kept, following = self._kept, (self._kept // self.stride + 1) * self.stride
+        self._skip, self._kept = following - kept - 1, following
 
     def rows(self) -> list[tuple[Any, ...]]:
         return self._rows + ([self._build(self._last)] if self._last is not None else [])
@@ -94,7 +106,8 @@ class RunAnalysis:
         self.directions: Directions = directions(self.config.metric_directions)
         self.train_metrics = MetricStats(self.directions, max_points)  # train-side metrics beside the loss
         self.eval_metrics = MetricStats(self.directions, max_points)  # the ``eval`` prefix's, loss included
-        self._metric_keys: list[str] = []
+        self._metric_keys: list[str] = []  # train metrics that MetricStats follows (see _plan_train_keys)
+        self._new_metric_keys: list[str] = []  # train metrics seen, not yet followed (no number so far)
         self.manifest = manifest if isinstance(manifest, Mapping) else None
         self.manifest_problem = manifest_problem  # why a manifest that exists was not used (or partly)
         self._rotated = rotated or self.manifest is not None
@@ -132,23 +145,35 @@ class RunAnalysis:
         self._peaks: dict[str, float] = {}
         self._gpu_util_sum = 0.0
         self._gpu_util_count = 0
-        self._keys: frozenset[str] = frozenset()
-        self._gpu_util_keys: list[str] = []  # of the train records with the keys ``_keys`` (the latest)
+        self._keys: set[str] = set()  # every key of the train records (up to MAX_KEYS), classified below
+        self._gpu_util_keys: list[str] = []  # the ones of _keys that are GPU utilisations, in order seen
         self._gpu_memory_keys: list[str] = []
         self._peak_keys: list[str] = []
+        self._new_peaks = False  # a key of _peak_keys has no peak yet
         self._counts = {"error": 0, "warning": 0, "anomaly": 0}
         self._recent: dict[str, OrderedDict[tuple[str, Any], None]] = {"found": OrderedDict(),
                                                                          "logged": OrderedDict()}
         self.ranks = RankAnalysis(self.config)  # fed the records of a distributed run (world_size > 1)
 
     def add_all(self, records: Iterable[dict[str, Any]]) -> RunAnalysis:
-        for record in records:
-            self.add(record)
+        """:meth:`add` each of ``records`` in order; returns ``self``."""
+        rest = iter(records)
+        record = next(rest, None)
+        while record is not None:
+            if record.get("event") == "train":
+                record = self._add_train(record, rest)
+            else:
+                self.add(record)
+                record = next(rest, None)
         return self
 
     def add(self, record: dict[str, Any]) -> None:
+        event = record.get("event")
+        if event == "train":
+            self._add_train(record, iter(()))
+            return
         self.records += 1
-        event, step, epoch = record.get("event"), record.get("global_step"), record.get("epoch")
+        step, epoch = record.get("global_step"), record.get("epoch")
         world_size = record.get("world_size")
         if type(world_size) is int and world_size > 1:
             self.ranks.add(record)
@@ -161,9 +186,7 @@ class RunAnalysis:
             self._global_step = step
         if (type(epoch) is float or type(epoch) is int) and epoch > self._epoch:
             self._epoch = epoch
-        if event == "train":
-            self._add_train(record, step)
-        elif event == "eval":
+        if event == "eval":
             self._add_eval(record, step)
         elif event == "summary":
             self._summary = record
@@ -233,49 +256,178 @@ class RunAnalysis:
                                                 "status": None, "training_duration_s": None}
         return segment
 
-    def _add_train(self, record: dict[str, Any], step: Any) -> None:
-        if self._status == NO_TRAINING:  # evaluated first, now trains
-            self._status = None
-        if type(step) is int:
-            if self._train_steps[0] is None:
-                self._train_steps[0] = step
-            self._train_steps[1] = step
-        if self.detector is not None:
-            for anomaly in self.detector.update("train", record, step):
-                self._note_anomaly("found", anomaly.kind, step, anomaly.to_dict())
-        loss = record.get("loss")  # parsed JSON: a float is finite (NaN and infinities are null)
-        if type(loss) is float or type(loss) is int:
-            self._final_loss, self._final_loss_step = loss, step
-            if self._best_loss is None or loss < self._best_loss[0]:
-                self._best_loss = (loss, step)
-        interval = record.get("interval_s")
-        if type(interval) is float:
-            self._interval_s += interval
-            self._samples += (record.get("samples_per_second") or 0.0) * interval
-            self._steps += record.get("steps") or 0
-            self._wait_s += (record.get("data_wait_pct") or 0.0) * interval / 100
-        if record.keys() != self._keys:
-            self._keys = frozenset(record)
-            self._gpu_util_keys = [key for key in record if is_gpu_util_key(key)]
-            self._gpu_memory_keys = [key for key in record if key.startswith("gpu") and key.endswith("_mem_used_mb")]
-            self._peak_keys = [key for key in record if _PEAK_KEY.match(key)]
-            self._metric_keys = [key for key in record if is_train_metric(key)]
-        for key in self._metric_keys:
-            self.train_metrics.add(key, record[key], step)
-        peaks = self._peaks
-        for key in self._peak_keys:
-            value = record[key]
-            if (type(value) is float or type(value) is int) and value > peaks.get(key, -math.inf):
-                peaks[key] = value
+    def _add_train(self, record: dict[str, Any], rest: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+        """``record`` (a ``train`` record) and the ``train`` records that follow it in ``rest``: what
+        :meth:`add` does for every record, then the train figures; returns the first record of
+        ``rest`` that is not a ``train`` record (``None`` at the end). The path of nearly every record:
+        the figures live in local variables while it runs, each value is read once, and a key is
+        classified once (:meth:`_plan_train_keys`), not at every record."""
+        count, head, first_time, last_time = self.records, self._head, self._first_time, self._last_time
+        global_step, epoch_max, status = self._global_step, self._epoch, self._status
+        first_step, last_step = self._train_steps
+        detector, ranks, keys, peaks = self.detector, self.ranks, self._keys, self._peaks
+        final_loss, final_loss_step, best_loss = self._final_loss, self._final_loss_step, self._best_loss
+        interval_sum, samples, steps_sum, wait_s = self._interval_s, self._samples, self._steps, self._wait_s
+        series = self.train
+        skip = series._skip
+        peak_keys, extras = self._peak_keys, self._has_extras()
+        following: dict[str, Any] | None = None
+        try:  # what was read is kept, whatever the records that follow raise
+            for record in itertools.chain((record,), rest):
+                if record.get("event") != "train":
+                    following = record
+                    break
+                get = record.get
+                count += 1
+                try:  # the values every train record of the writer has, in one lookup
+                    step, epoch, world_size, time, loss, interval, per_second, steps, wait_pct = _TRAIN_VALUES(record)
+                    if first_time is None:
+                        first_time = time
+                    last_time = time
+                except KeyError:
+                    step, epoch, world_size, loss, interval = (get("global_step"), get("epoch"), get("world_size"),
+                                                               get("loss"), get("interval_s"))
+                    per_second, steps, wait_pct = get("samples_per_second"), get("steps"), get("data_wait_pct")
+                    if first_time is None:
+                        first_time = get("time")
+                    last_time = get("time", last_time)
+                if type(world_size) is int and world_size > 1:
+                    ranks.add(record)
+                if head is None:
+                    head = False
+                if type(step) is int:
+                    if step > global_step:
+                        global_step = step
+                    if first_step is None:
+                        first_step = step
+                    last_step = step
+                if (type(epoch) is float or type(epoch) is int) and epoch > epoch_max:
+                    epoch_max = epoch
+                if status == NO_TRAINING:  # evaluated first, now trains
+                    status = None
+                if detector is not None:
+                    for anomaly in detector.update("train", record, step):
+                        self._note_anomaly("found", anomaly.kind, step, anomaly.to_dict())
+                if type(loss) is float or type(loss) is int:  # parsed JSON: a float is finite (NaN is null)
+                    final_loss, final_loss_step = loss, step
+                    if best_loss is None or loss < best_loss[0]:
+                        best_loss = (loss, step)
+                if type(interval) is float:
+                    interval_sum += interval
+                    samples += (per_second or 0.0) * interval
+                    steps_sum += steps or 0
+                    wait_s += (wait_pct or 0.0) * interval / 100
+                known = len(keys)
+                keys.update(record)  # no new key: one pass in C over the record's keys
+                if len(keys) != known:
+                    self._plan_train_keys(record)
+                    keys, peak_keys, extras = self._keys, self._peak_keys, self._has_extras()
+                if extras:
+                    extras = self._add_extras(record, step, interval)
+                else:
+                    for key in peak_keys:
+                        value = get(key)
+                        if (type(value) is float or type(value) is int) and value > peaks[key]:
+                            peaks[key] = value
+                if skip:
+                    skip -= 1
+                    series._last = record
+                else:
+                    series.keep(record)
+                    skip = series._skip
+        finally:
+            self.records, self._head, self._first_time, self._last_time = count, head, first_time, last_time
+            self._global_step, self._epoch, self._status = global_step, epoch_max, status
+            self._train_steps = [first_step, last_step]
+            self._final_loss, self._final_loss_step, self._best_loss = final_loss, final_loss_step, best_loss
+            self._interval_s, self._samples, self._steps, self._wait_s = interval_sum, samples, steps_sum, wait_s
+            series._skip = skip
+        return following
+
+    def _has_extras(self) -> bool:
+        """The train records read so far need :meth:`_add_extras`: they hold metrics, GPU readings or
+        token counts, or a key of ``_peak_keys`` has no peak yet."""
+        return bool(self._metric_keys or self._new_metric_keys or self._new_peaks or self._gpu_util_keys
+                    or "tokens_per_second" in self._keys)
+
+    def _add_extras(self, record: dict[str, Any], step: Any, interval: Any) -> bool:
+        """The train metrics, peaks, GPU utilisation and token counts of ``record``; returns
+        :meth:`_has_extras`."""
+        get = record.get
+        if self._metric_keys:
+            add = self.train_metrics.add
+            for key in self._metric_keys:
+                add(key, get(key), step)
+        if self._new_metric_keys:
+            self._follow_metrics(record, step)
+        if self._new_peaks:
+            self._add_new_peaks(record)
+        else:
+            peaks = self._peaks
+            for key in self._peak_keys:
+                value = get(key)
+                if (type(value) is float or type(value) is int) and value > peaks[key]:
+                    peaks[key] = value
         if self._gpu_util_keys:
-            utils = [record[key] for key in self._gpu_util_keys if _is_number(record[key])]
+            utils = [value for value in map(get, self._gpu_util_keys) if _is_number(value)]
             if utils:
                 self._gpu_util_sum += sum(utils) / len(utils)
                 self._gpu_util_count += 1
-        self.train.offer(record)
-        rate = record.get("tokens_per_second")
+        rate = get("tokens_per_second")
         if type(rate) is float or type(rate) is int:
             self._add_tokens(record, rate, interval)
+        return self._has_extras()
+
+    def _plan_train_keys(self, record: dict[str, Any]) -> None:
+        """Classify the keys of ``record`` not seen before in a train record (``_keys``): GPU
+        utilisations and memory, peaks (:data:`_PEAK_KEY`), train metrics (:func:`is_train_metric`).
+        A key a record lacks reads as ``None`` and adds nothing. Past :data:`MAX_KEYS` keys (a file
+        whose records each bring new ones) the lists start again from this record's keys."""
+        if len(self._keys) > MAX_KEYS:
+            self._keys = set(record)
+            self._gpu_util_keys, self._gpu_memory_keys, self._peak_keys = [], [], []
+            self._metric_keys, self._new_metric_keys = [], []
+        planned = set(self._gpu_util_keys + self._gpu_memory_keys + self._peak_keys + self._metric_keys
+                      + self._new_metric_keys)
+        for key in record:
+            if key in planned:
+                continue
+            if is_gpu_util_key(key):
+                self._gpu_util_keys.append(key)
+            if key.startswith("gpu") and key.endswith("_mem_used_mb"):
+                self._gpu_memory_keys.append(key)
+            if _PEAK_KEY.match(key):
+                self._peak_keys.append(key)
+                self._new_peaks = True
+            if is_train_metric(key):
+                (self._metric_keys if self.train_metrics.follows(key) else self._new_metric_keys).append(key)
+
+    def _add_new_peaks(self, record: dict[str, Any]) -> None:
+        """The peaks of a record while a key of ``_peak_keys`` has none yet, in the record's order (the
+        order the peaks are listed in)."""
+        peaks = self._peaks
+        for key in [key for key in record if key in self._peak_keys]:
+            value = record[key]
+            if (type(value) is float or type(value) is int) and value > peaks.get(key, -math.inf):
+                peaks[key] = value
+        self._new_peaks = any(key not in peaks for key in self._peak_keys)
+
+    def _follow_metrics(self, record: dict[str, Any], step: Any) -> None:
+        """Add the values of the train metrics not followed yet (``_new_metric_keys``) in the order of
+        ``record``'s keys, which is the order :class:`MetricStats` lists them in; those it now
+        follows join ``_metric_keys``."""
+        stats, get = self.train_metrics, record.get
+        numbers = [key for key in self._new_metric_keys if _is_number(get(key))]
+        if not numbers:
+            return
+        if len(numbers) > 1:
+            position = {key: index for index, key in enumerate(record)}
+            numbers.sort(key=position.__getitem__)
+        for key in numbers:
+            stats.add(key, record[key], step)
+        followed = [key for key in numbers if stats.follows(key)]
+        self._metric_keys += followed
+        self._new_metric_keys = [key for key in self._new_metric_keys if key not in followed]
 
     def _add_tokens(self, record: dict[str, Any], rate: float, interval: Any) -> None:
         sums, mfu = self._token_sums, record.get("mfu_pct")

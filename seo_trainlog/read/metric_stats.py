@@ -68,6 +68,10 @@ class MetricStats:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def follows(self, name: str) -> bool:
+        """True once ``name`` has an entry (a finite value was added under the :data:`MAX_METRICS` limit)."""
+        return name in self._entries
+
     def summary(self) -> dict[str, dict[str, Any]]:
         """``{name: {"last", "last_global_step", "min", "max", "direction"}}`` plus ``"best":
         {"value", "global_step"}`` for a metric with a direction (``"min"``/``"max"``); none without."""

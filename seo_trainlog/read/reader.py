@@ -164,10 +164,7 @@ def read_records(run: MetricsRun, warn: Callable[[str], None] = lambda message: 
                 chunk = _read(handle, path)
                 if not chunk:
                     break
-                for number, line in lines.feed(chunk):
-                    record = _record(line, path, number, warn)
-                    if record is not None:
-                        yield record
+                yield from _records(*lines.feed(chunk), path, warn)
                 if lines.skipping:
                     _skip_hole(handle)
         last = lines.rest()
@@ -179,7 +176,7 @@ def read_records(run: MetricsRun, warn: Callable[[str], None] = lambda message: 
 
 
 class _Lines:
-    """Splits a file's bytes, fed in chunks, into ``(line number, line)`` without the newline; a line
+    """Splits a file's bytes, fed in chunks, into lines without the newline, numbered from 1; a line
     that grows past :data:`MAX_LINE_BYTES` is dropped as it comes (one warning), never held whole."""
 
     def __init__(self, path: Path, warn: Callable[[str], None]) -> None:
@@ -188,18 +185,19 @@ class _Lines:
         self._pending = bytearray()
         self.skipping = False  # within a line too long, until its newline
 
-    def feed(self, chunk: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, chunk: bytes) -> tuple[list[bytes], int]:
+        """``(lines, number of the first)``: the lines that ``chunk`` completes."""
         start = 0
         if self.skipping:
             start = chunk.find(b"\n") + 1
             if not start:
-                return []
+                return [], 0
             self.skipping = False
         end = chunk.rfind(b"\n")
         if end < start:  # no newline in what is left
             self._pending += chunk[start:] if start else chunk
             self._check_length()
-            return []
+            return [], 0
         pieces = chunk[start:end].split(b"\n")
         if self._pending:
             pieces[0] = bytes(self._pending) + pieces[0]
@@ -208,7 +206,7 @@ class _Lines:
         first = self.number + 1
         self.number += len(pieces)
         self._check_length()
-        return list(zip(range(first, first + len(pieces)), pieces))
+        return pieces, first
 
     def rest(self) -> tuple[int, bytes] | None:
         """The last line when it has no newline (``None`` when there is none)."""
@@ -224,6 +222,24 @@ class _Lines:
                       "record is (a damaged file, e.g. one filled with NUL bytes); it is skipped")
             self._pending = bytearray()
             self.skipping = True
+
+
+def _records(lines: list[bytes], first: int, path: Path, warn: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """The records of ``lines`` (complete lines of ``path``, the first one numbered ``first``), as
+    :func:`_record` classifies them: a line that is a JSON object other than ``run_start`` (nearly
+    every line) costs one parse and one lookup, any other line is left to :func:`_record`."""
+    loads, error = orjson.loads, orjson.JSONDecodeError
+    for number, line in enumerate(lines, first):
+        try:
+            record = loads(line)
+        except error:
+            record = None
+        if type(record) is dict and record.get("event") != "run_start":
+            yield record
+        else:
+            record = _record(line, path, number, warn)
+            if record is not None:
+                yield record
 
 
 def _record(line: bytes, path: Path, number: int, warn: Callable[[str], None],
@@ -327,10 +343,7 @@ class RunFollower:
             chunk = _read(self._handle, path)
             if not chunk:
                 return
-            for number, line in self._lines.feed(chunk):
-                record = _record(line, path, number, self.warn)
-                if record is not None:
-                    yield record
+            yield from _records(*self._lines.feed(chunk), path, self.warn)
 
 
 def read_manifest(run: MetricsRun, warn: Callable[[str], None] = lambda message: None) -> dict[str, Any] | None:
