@@ -552,8 +552,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))
         tokens = self._take_tokens(run, timing) if training and timing else None
         if training:
-            # the step's numbers are taken now; formatting and writing wait for the next batch of
-            # deferred records (TrainLogger.defer), out of the training loop's way
+            # the step's numbers are taken now; the run's recorder thread formats and writes them
+            # (TrainLogger.defer), out of the training loop's way
             resources = {**run.sampler.drain(), **cuda_memory()} if run.sampler else \
                 {"rss_mb": rss_mb(), **cuda_memory()}
             if run.exporter is not None:  # gauges set now; the textfile written with the deferred records

@@ -70,8 +70,9 @@ class TrainLogger:
     category and run. The error files are line-buffered (an error is on disk when :meth:`log_error`
     returns, with everything written before it); the others are flushed every
     ``config.flush_interval_s`` seconds, on an error and at :meth:`close` (or call :meth:`flush`).
-    Events handed to :meth:`defer` (the callback's logging steps) are formatted and written in
-    batches, in order, stamped with their own time.
+    Events handed to :meth:`defer` (the callback's logging steps) are formatted and written by the
+    run's recorder thread (``seo_trainlog-recorder``, a daemon ended by :meth:`close`), in order,
+    stamped with their own time; anything written directly from the training thread waits for them.
     Text lines read ``[2024-01-15 14:30:25] TRAINING - INFO - <message>``; a traceback continues on
     the following lines.
 
