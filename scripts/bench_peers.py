@@ -82,7 +82,7 @@ MODELS = {
 METRICS = ("callback_cpu_share", "wall_ratio", "start_ms", "exit_ms", "exit_added_ms", "peak_rss_added_mb",
            "threads_started", "python_threads_started", "bytes_per_logged_step", "on_train_begin_ms",
            "import_ms", "train_s", "train_cpu_s", "callback_cpu_s", "callback_cpu_ms_per_log",
-           "helper_processes_cpu_s")
+           "helper_processes_cpu_s", "background_cpu_s", "background_cpu_ms_per_log")
 
 
 def free_port() -> int:
@@ -142,6 +142,8 @@ def child(spec: dict) -> None:
 
         def __init__(self) -> None:
             self.threads, self.python_threads, self.logged, self.helpers_cpu_s = 0, 0, 0, 0.0
+            self.loggers = []  # our TrainLoggers: the CPU their recorder threads used
+
 
         def _threads(self) -> None:
             self.threads = max(self.threads, process.num_threads())
@@ -152,6 +154,10 @@ def child(spec: dict) -> None:
 
         def on_log(self, args, state, control, **kwargs):
             self.logged += 1
+            for reporter in reporters:
+                run = getattr(reporter, "_run", None)
+                if run is not None and hasattr(run.logger, "recorder_cpu_s") and run.logger not in self.loggers:
+                    self.loggers.append(run.logger)
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == state.max_steps:
@@ -206,6 +212,8 @@ def child(spec: dict) -> None:
         "logged_steps": probe.logged, "bytes_written": written,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "helper_processes_cpu_s": probe.helpers_cpu_s, "torch_threads": torch.get_num_threads(),
+        # the CPU our recorder thread used (time.thread_time inside it): the other side of a cheap on_log
+        "background_cpu_s": sum(tlog.recorder_cpu_s for tlog in probe.loggers),
     }
     result["done_at"] = time.time()
     Path(spec["result"]).write_text(json.dumps(result), encoding="utf-8")
@@ -259,6 +267,7 @@ def run_once(config: str, model: str, logging_steps: int, steps: int, scratch: P
     result["callback_cpu_share"] = result["callback_cpu_s"] / result["train_cpu_s"]
     result["bytes_per_logged_step"] = result["bytes_written"] / max(1, result["logged_steps"])
     result["callback_cpu_ms_per_log"] = result["callback_cpu_s"] * 1e3 / max(1, result["logged_steps"])
+    result["background_cpu_ms_per_log"] = result["background_cpu_s"] * 1e3 / max(1, result["logged_steps"])
     return result
 
 
@@ -288,8 +297,8 @@ def measure(configs: list[str], model: str, logging_steps: int, steps: int, roun
 
 def print_table(results: dict) -> None:
     print(f"\n{results['machine']}\n{results['repeats']} alternating rounds, each run a fresh process\n")
-    header = (f"{'configuration':<26}{'CPU in callback':>22}{'wall vs none':>22}{'start ms':>10}{'begin ms':>10}"
-              f"{'exit+ ms':>10}{'RSS+ MB':>9}{'threads':>9}{'B/log':>9}")
+    header = (f"{'configuration':<26}{'CPU in callback':>22}{'ms/log':>8}{'bg ms/log':>10}{'wall vs none':>22}"
+              f"{'start ms':>10}{'begin ms':>10}{'exit+ ms':>10}{'RSS+ MB':>9}{'threads':>9}{'B/log':>9}")
     for setting, table in results["runs"].items():
         print(f"{setting} ({results['steps'][setting.split(',')[0]]} steps)")
         print(header)
@@ -297,7 +306,8 @@ def print_table(results: dict) -> None:
             share, wall = row["callback_cpu_share"], row["wall_ratio"]
             share_text = f"{100 * share['median']:.2f}% ({100 * share['min']:.2f}-{100 * share['max']:.2f})"
             wall_text = f"{wall['median']:.3f} ({wall['min']:.3f}-{wall['max']:.3f})"
-            print(f"{config:<26}{share_text:>22}{wall_text:>22}{row['start_ms']['median']:>10.1f}"
+            print(f"{config:<26}{share_text:>22}{row['callback_cpu_ms_per_log']['median']:>8.3f}"
+                  f"{row['background_cpu_ms_per_log']['median']:>10.3f}{wall_text:>22}{row['start_ms']['median']:>10.1f}"
                   f"{row['on_train_begin_ms']['median']:>10.1f}{row['exit_added_ms']['median']:>10.0f}"
                   f"{row['peak_rss_added_mb']['median']:>9.1f}{row['threads_started']['median']:>9.0f}"
                   f"{row['bytes_per_logged_step']['median']:>9.0f}")
@@ -306,15 +316,18 @@ def print_table(results: dict) -> None:
 
 def markdown(results: dict) -> str:
     """The README's table of one results file (``--markdown FILE``)."""
-    lines = ["| run | configuration | CPU in callback, median (min-max) | callback CPU ms per log | wall vs none, "
-             "median (min-max) | start ms | begin ms | exit+ ms | RSS+ MB | threads | B/log |", "|" + "---|" * 11]
+    lines = ["| run | configuration | CPU in callback, median (min-max) | callback CPU ms per log | "
+             "recorder thread CPU ms per log | wall vs none, median (min-max) | start ms | begin ms | exit+ ms | "
+             "RSS+ MB | threads | B/log |", "|" + "---|" * 12]
     for setting, table in results["runs"].items():
         for config, row in table.items():
             share, wall = row["callback_cpu_share"], row["wall_ratio"]
             per_log = statistics.median(run["callback_cpu_s"] * 1e3 / max(1, run["logged_steps"]) for run in row["runs"])
+            background = statistics.median(run.get("background_cpu_s", 0.0) * 1e3 / max(1, run["logged_steps"])
+                                           for run in row["runs"])
             lines.append(
                 f"| {setting} | {config} | {100 * share['median']:.2f} % ({100 * share['min']:.2f}-"
-                f"{100 * share['max']:.2f}) | {per_log:.2f} | {wall['median']:.3f} ({wall['min']:.3f}-{wall['max']:.3f}) | "
+                f"{100 * share['max']:.2f}) | {per_log:.2f} | {background:.2f} | {wall['median']:.3f} ({wall['min']:.3f}-{wall['max']:.3f}) | "
                 f"{row['start_ms']['median']:.0f} | {row['on_train_begin_ms']['median']:.1f} | "
                 f"{row['exit_added_ms']['median']:.0f} | {row['peak_rss_added_mb']['median']:.1f} | "
                 f"{row['threads_started']['median']:.0f} | {row['bytes_per_logged_step']['median']:.0f} |")

@@ -321,7 +321,7 @@ def test_other_threads_write_at_once_and_never_run_the_loops_deferred_records(lo
     ran_on = []
 
     def job():
-        ran_on.append(threading.get_ident())
+        ran_on.append(threading.current_thread().name)
         tlog.log_message("deferred step record")
 
     with TrainLogger(quiet(log_dir, flush_interval_s=60)) as tlog:
@@ -329,9 +329,11 @@ def test_other_threads_write_at_once_and_never_run_the_loops_deferred_records(lo
         helper = threading.Thread(target=tlog.log_message, args=("from a sampler-like thread",))
         helper.start()
         helper.join()
-        assert ran_on == []  # still waiting for the training thread
+        assert ran_on == []  # the recorder waits (flush_interval_s) and the helper does not wait for it
         tlog.log_message("next record of the training thread")
-    assert ran_on == [threading.get_ident()]
+        # the training thread's own write waited for the job, run in the recorder thread
+        assert ran_on == ["seo_trainlog-recorder"]
+    assert not [t for t in threading.enumerate() if t.name == "seo_trainlog-recorder"]  # ended at close
     messages = RunFiles(log_dir).messages("seo_engine")
     order = [messages.index(m) for m in ("from a sampler-like thread", "deferred step record",
                                          "next record of the training thread")]
@@ -371,3 +373,40 @@ def test_opening_a_run_leaves_loguru_as_it_was_with_its_own_library_directories(
         handler = seo_trainlog.logger._core.handlers[tlog._sinks.handler_ids[0]]
         assert sorted(handler._exception_formatter._lib_dirs) == expected
     assert ExceptionFormatter.__dict__["_get_lib_dirs"] is lookup
+
+
+def test_a_logging_step_is_one_record_written_in_the_recorder_thread(make_trainer, log_dir, capsys):
+    """The training loop only hands its numbers over: the recorder thread formats and writes each logging
+    step as one loguru record carrying its text, JSON line, per-step DEBUG lines and console line."""
+    from seo_trainlog.record.sinks import logger as own_logger
+
+    seen = []  # (thread name, category, first line) of every record of ours
+    handler = own_logger.add(lambda message: seen.append((message.record["thread"].name,
+                                                          message.record["extra"].get("seo_cat"),
+                                                          message.record["message"].split("\n")[0])),
+                             format="{message}")
+    try:
+        trainer = make_trainer(max_steps=4, callbacks=[TrainLogCallback(quiet(log_dir, debug=True, level="DEBUG",
+                                                                              console=True, flush_interval_s=60))])
+        trainer.train()
+    finally:
+        own_logger.remove(handler)
+    assert not [t for t in threading.enumerate() if t.name == "seo_trainlog-recorder"]  # ended at close
+    training = [(thread, message) for thread, category, message in seen
+                if category == "training" and ", Step " in message]
+    assert [message.split(": Loss")[0][-6:] for _, message in training] == [
+        "Step 1", "Step 2", "Step 3", "Step 4"]
+    assert {thread for thread, _ in training} == {"seo_trainlog-recorder"}
+    # no record of its own for the console line or the step times of a logging step
+    assert not [m for _, category, m in seen if category == "console" and "Epoch " in m]
+    assert not [m for _, category, m in seen if category == "training_detailed" and " - Step " in m]
+
+    run = RunFiles(log_dir)
+    assert [row["global_step"] for row in run.records("train")] == [1, 2, 3, 4]
+    for prefix in ("training_detailed", "debug"):
+        step_lines = [m for m in run.messages(prefix) if m.startswith("Step ") or ": Loss=" in m]
+        assert [m.split(":")[0] if "step time" in m else m.split(", ")[1].split(":")[0] for m in step_lines] == [
+            "Step 1", "Step 1", "Step 2", "Step 2", "Step 3", "Step 3", "Step 4", "Step 4"], prefix
+        assert all("step time" in m for m in step_lines[::2]), prefix  # each step's time before its record
+    console = [line for line in capsys.readouterr().err.splitlines() if "| seo_trainlog | Epoch " in line]
+    assert [line.split(", ")[1].split(":")[0] for line in console] == ["Step 1", "Step 2", "Step 3", "Step 4"]

@@ -545,13 +545,15 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         evaluation = not training and _speed_prefix(logs) not in (None, "train")
         self._drain_workers(run, settle=evaluation)
         collate = self._collate.train.drain() if training else self._collate.eval.drain() if evaluation else {}
+        steps = None
         if run.step_times:
             steps, run.step_times = run.step_times, []
-            run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))
+            if not training:
+                run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))
         tokens = self._take_tokens(run, timing) if training and timing else None
         if training:
-            # the step's numbers are taken now; formatting and writing wait for the next batch of
-            # deferred records (TrainLogger.defer), out of the training loop's way
+            # the step's numbers are taken now; the run's recorder thread formats and writes them
+            # (TrainLogger.defer), out of the training loop's way
             resources = {**run.sampler.drain(), **cuda_memory()} if run.sampler else \
                 {"rss_mb": rss_mb(), **cuda_memory()}
             if run.exporter is not None:  # gauges set now; the textfile written with the deferred records
@@ -559,7 +561,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                                            collate)
                 run.exporter.schedule_textfile(run.logger.defer)
             run.logger.defer("on_log", functools.partial(self._write_log, run.logger, run, state.global_step,
-                                                         state.epoch, dict(logs), timing, collate, resources, tokens))
+                                                         state.epoch, dict(logs), timing, collate, resources, tokens,
+                                                         steps))
             if run.exchange is not None and timing:
                 self._exchange(run, state.global_step, {**timing, **collate}, tokens)
         else:
@@ -631,11 +634,13 @@ class TrainLogCallback(TrainerCallback, ExportableState):
 
     def _write_log(self, tlog: TrainLogger, run: _Run | None, global_step: int, state_epoch: float | None,
                    logs: Mapping[Any, Any], timing: Mapping[str, Any], collate: Mapping[str, Any],
-                   resources: Mapping[str, Any] | None = None, tokens: Mapping[str, int] | None = None) -> None:
+                   resources: Mapping[str, Any] | None = None, tokens: Mapping[str, int] | None = None,
+                   step_times: list[tuple[int, float, float]] | None = None) -> None:
         """One ``on_log`` event: ``timing`` and ``collate`` are the interval's sums, drained at the
         event; ``resources`` the sampler's aggregate taken at the event (None: take it now); ``tokens``
-        this rank's token counts of the interval (:meth:`TokenMeter.take`). Run as a deferred job, its
-        records carry the event's time (``TrainLogger.defer``)."""
+        this rank's token counts of the interval (:meth:`TokenMeter.take`); ``step_times`` the
+        per-step DEBUG lines of its steps (written in the same record). Run as a deferred job (in the
+        recorder thread), its records carry the event's time (``TrainLogger.defer``)."""
         tlog.mark(global_step, state_epoch)
         values = _format.metric_values(logs)
         for key, value in values.items():
@@ -653,7 +658,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             if not tlog.writes:  # a rank without a file set: its own numbers in its per-rank metrics file
                 tlog.log_metrics("rank_step", {**timing, **collate, **resources, **counts})
             line = tlog._progress(epoch, global_step, values[loss_key], values.get("learning_rate"), None,
-                                  metrics, timing={**timing, **collate, **resources, **counts})
+                                  metrics, timing={**timing, **collate, **resources, **counts},
+                                  step_times=step_times)
             if run is not None:
                 run.pending.add(run.interval_first_step, global_step, timing, collate)
                 run.interval_first_step = global_step + 1
@@ -842,8 +848,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
     def _drain_workers(self, run: _Run | None, settle: bool = False) -> None:
         """Take the timings DataLoader workers sent; ``settle``: wait briefly for those still on their
         way (at an evaluation record and at the end of a run, where every batch must be counted)."""
-        collator = run.collator if run is not None else None
-        if collator is None:
+        collator = run.collator if run is not None else None  # (a run's is known from train begin)
+        if run is None:
             trainer = find_trainer()
             candidate = getattr(trainer, "data_collator", None)
             collator = candidate if isinstance(candidate, TimedDataCollator) else None

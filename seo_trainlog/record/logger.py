@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from threading import get_ident
-from time import perf_counter
+from time import perf_counter, thread_time
 from time import time as _time
 from pathlib import Path
 from types import TracebackType
@@ -70,8 +70,9 @@ class TrainLogger:
     category and run. The error files are line-buffered (an error is on disk when :meth:`log_error`
     returns, with everything written before it); the others are flushed every
     ``config.flush_interval_s`` seconds, on an error and at :meth:`close` (or call :meth:`flush`).
-    Events handed to :meth:`defer` (the callback's logging steps) are formatted and written in
-    batches, in order, stamped with their own time.
+    Events handed to :meth:`defer` (the callback's logging steps) are formatted and written by the
+    run's recorder thread (``seo_trainlog-recorder``, a daemon ended by :meth:`close`), in order,
+    stamped with their own time; anything written directly from the training thread waits for them.
     Text lines read ``[2024-01-15 14:30:25] TRAINING - INFO - <message>``; a traceback continues on
     the following lines.
 
@@ -115,6 +116,8 @@ class TrainLogger:
 
     Use as a context manager, or call :meth:`close` (it removes exactly the handlers it added).
     """
+
+    _recorder: _Recorder | None = None  # the thread writing deferred events, from the first one on
 
     def __init__(self, config: LogConfig | None = None, *, run_id: str | None = None,
                  joinable: bool = True, resume: bool = False) -> None:
@@ -378,8 +381,7 @@ class TrainLogger:
             return None
         if not self.writes and event not in PER_RANK_EVENTS:
             return None
-        if self._deferred:
-            self._settle()
+        self._settle()
         values = self._mapping("values", values)
         at = time or self._when()
         step = global_step if type(global_step) is int else self.global_step
@@ -413,8 +415,7 @@ class TrainLogger:
     def mark(self, global_step: int | None, epoch: float | None) -> None:
         """Record the latest ``global_step``/``epoch``; later JSON lines and errors carry them.
         Values that are not finite numbers are ignored."""
-        if self._deferred:
-            self._settle()
+        self._settle()
         if _format.is_finite_number(global_step):
             self.global_step = int(_format.to_number(global_step))
         if _format.is_finite_number(epoch):
@@ -431,8 +432,7 @@ class TrainLogger:
         """
         if self.manifest is None:
             return 0
-        if self._deferred:
-            self._settle()
+        self._settle()
         number = self.manifest.start_segment(start_global_step, self._when(), resumed_from_checkpoint)
         self._started_segment = True
         if number > 1 or resumed_from_checkpoint:  # (a run resumed into a directory new to it: its segment 1)
@@ -502,6 +502,8 @@ class TrainLogger:
         if self.closed:
             return
         self._settle(force=True)
+        if self._recorder is not None:
+            self._recorder.stop()  # every deferred job run, the thread ended
         if self.manifest is not None and self._started_segment:
             self.manifest.end_open_segment("abandoned")  # started here, and no summary said how it ended
         self._write_manifest(force=True)
@@ -531,61 +533,62 @@ class TrainLogger:
 
     def defer(self, name: str, job: Callable[[], Any]) -> None:
         """Run ``job`` (the formatting and writing of one event, named ``name`` in error reports)
-        later, in a batch with the other deferred events, before anything else is written.
+        in this run's recorder thread (``seo_trainlog-recorder``, a daemon), after every job deferred
+        before it.
 
-        A logging step then costs the training loop little: a batch runs once every
-        ``config.flush_interval_s`` seconds (when the next event is deferred), when anything else is
-        written from the same thread (an error, an evaluation, a warning: the order of records is
-        kept), at :meth:`flush` and at :meth:`close`. Every record the job writes is stamped with the
-        time of this call (the event), not the time of the batch. Events are deferred
-        for one thread, the first to call this (the training loop); on any other thread, and with
-        ``flush_interval_s == 0`` (every file written through), ``job`` runs at once.
+        A logging step then costs the training loop one append: the recorder runs the jobs queued so
+        far every ``config.flush_interval_s`` seconds, and at once when anything else is written from
+        the deferring thread (an error, an evaluation, a warning: that thread waits until the jobs
+        deferred before are written, so the order of records is kept), at :meth:`flush` and at
+        :meth:`close` (which end with every job run). Every record a job writes is stamped with the
+        time of this call (the event), not the time it is written. Events are deferred for one
+        thread, the first to call this (the training loop); on any other thread, and with
+        ``flush_interval_s == 0`` (every file written through), ``job`` runs at once in the caller.
+        A job that raises is reported once per ``name`` (a WARNING) and the others still run.
         """
-        at_s = _time()
         ident = get_ident()
         if self._defer_thread is None:
             self._defer_thread = ident
         if self.config.flush_interval_s <= 0 or self.closed or ident != self._defer_thread:
-            self._run_job(name, job, at_s)
+            try:
+                job()
+            except Exception as exc:
+                self._internal_error(name, exc)
             return
-        now = perf_counter()
-        if not self._deferred:
-            self._deferred_since_s = now
-        self._deferred.append((name, job, at_s))
-        if now - self._deferred_since_s >= self.config.flush_interval_s:
-            self._settle()
+        recorder = self._recorder
+        if recorder is None:
+            recorder = self._recorder = _Recorder(self, self.config.flush_interval_s)
+        recorder.submit(name, job)
 
     def _settle(self, force: bool = False) -> None:
-        """Run the deferred jobs, oldest first. Writes made by a job itself do not settle again (the
-        order stays that of the events); a job that fails is reported once and the rest still run.
-        Only the deferring thread settles, except with ``force`` (:meth:`flush`, :meth:`close`)."""
-        ident = get_ident()
-        if self._settling_thread == ident or (not force and ident != self._defer_thread):
+        """Wait until the recorder has written every job deferred so far (a no-op inside a job, and,
+        unless ``force``, on any thread but the deferring one)."""
+        recorder = self._recorder
+        if recorder is None or recorder.idle():
             return
-        with self._settle_lock:
-            self._settling_thread = ident
-            try:
-                while self._deferred:
-                    self._run_job(*self._deferred.popleft())
-            finally:
-                self._settling_thread = None
-
-    def _run_job(self, name: str, job: Callable[[], Any], at_s: float) -> None:
-        outer = self._event_time
-        self._event_time = datetime.fromtimestamp(at_s).astimezone()
-        try:
-            job()
-        except Exception as exc:
-            self._internal_error(name, exc)
-        finally:
-            self._event_time = outer
+        ident = get_ident()
+        if recorder.running_in == ident or (not force and ident != self._defer_thread):
+            return
+        recorder.drain()
 
     def _when(self) -> datetime | None:
         """The time to stamp on a record written now: its event's, inside a deferred job; else None (now)."""
-        event_time = self._event_time
-        return event_time if event_time is not None and self._settling_thread == get_ident() else None
+        recorder = self._recorder
+        if recorder is None or recorder.running_in != get_ident():
+            return None
+        return recorder.event_time
 
-    def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing) -> str | None:
+    @property
+    def recorder_cpu_s(self) -> float:
+        """CPU seconds (``time.thread_time`` inside the thread) the recorder thread has spent running
+        deferred jobs: the logging steps' formatting and writing, off the training thread."""
+        recorder = self._recorder
+        return recorder.cpu_s if recorder is not None else 0.0
+
+    def _progress(self, epoch, step, loss, learning_rate, validation_loss, metrics, timing,
+                  step_times: list[tuple[int, float, float]] | None = None) -> str | None:
+        """One logging step's records (training text, JSON line, console line, the per-step DEBUG
+        lines of ``step_times``) as one loguru record: the router hands each part to its sinks."""
         if not self.writes:
             return None
         self.mark(step, epoch)  # (settles deferred records first)
@@ -601,15 +604,17 @@ class TrainLogger:
         if self.closed:
             self._closed_warning("training")
             return None
-        # the text lines and the JSON line of a logging step travel as one record (the router writes
-        # the JSON to the metrics file): one loguru record per logging step instead of two
-        self._log["training"].bind(seo_json=line).info(_format.text_block("TRAINING", "INFO", lines, at))
+        parts = []  # (category, level number, text) riding along with the training text
+        if step_times:
+            parts.append(("training_detailed", 10, self._step_times_text(step_times)))
+        if self.config.console:
+            console = self._console_line(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
+            parts.append(("console", 20, REDACTOR(console) if metrics else console))  # (numbers carry no secret)
+        self._log["training"].bind(seo_json=line, seo_parts=parts).info(_format.text_block("TRAINING", "INFO", lines, at))
         if self.manifest is not None:
             self.manifest.note("train", values, self.global_step, at)
             self._manifest_due()
         self._report_sink_failures()
-        if self.config.console:
-            self._console(lines[0] + (f", {_format.fmt_pairs(metrics, '.4g')}" if metrics else ""))
         return line
 
     def _own_stamp_warning(self) -> None:
@@ -640,8 +645,7 @@ class TrainLogger:
     def _write_text(self, category: str, level: str, text: str | None, lines: list[str] = ()) -> None:
         """One record: ``lines`` with the spec's prefix, or ``text`` already in the file's format
         (``text_block`` lines, each with its own time)."""
-        if self._deferred:
-            self._settle()
+        self._settle()
         if self.closed:
             self._closed_warning(category)
             return
@@ -655,11 +659,14 @@ class TrainLogger:
         step_time_s, time.time() at the step's end)``), as one record, each line with its step's time."""
         if not steps or not self.writes:
             return
+        self._write_text("training_detailed", "DEBUG", self._step_times_text(steps))
+
+    @staticmethod
+    def _step_times_text(steps: list[tuple[int, float, float]]) -> str:
         label = BY_NAME["training_detailed"].label
-        text = "\n".join(_format.text_block(label, "DEBUG", [f"Step {step}: step time {elapsed:.4f}s"],
+        return "\n".join(_format.text_block(label, "DEBUG", [f"Step {step}: step time {elapsed:.4f}s"],
                                              datetime.fromtimestamp(at_s))
-                         for step, elapsed, at_s in steps)
-        self._write_text("training_detailed", "DEBUG", text)
+                          for step, elapsed, at_s in steps)
 
     def _report_sink_failures(self) -> None:
         for notice in self._sinks.failures.take() + SINK_FAILURES.take():
@@ -667,11 +674,12 @@ class TrainLogger:
             _stderr_notice(notice)
 
     def _console(self, text: str) -> None:
-        if self._deferred:
-            self._settle()
+        self._settle()
         if self.writes and self.config.console:
-            self._console_log.info(f"{self._when() or datetime.now():%H:%M:%S} | seo_trainlog | "
-                                   f"{_format.escape_controls(text)}")
+            self._console_log.info(self._console_line(text))
+
+    def _console_line(self, text: str) -> str:
+        return f"{self._when() or datetime.now():%H:%M:%S} | seo_trainlog | {_format.escape_controls(text)}"
 
     def _internal_error(self, method: str, exc: Exception) -> None:
         if method in self._failed_methods:
@@ -689,6 +697,101 @@ class TrainLogger:
         if "closed" not in self._failed_methods:
             self._failed_methods.add("closed")
             safe_warn(f"TrainLogger run {self.run_id} is closed; a {where} record was not written")
+
+
+class _Recorder:
+    """The thread that runs a :class:`TrainLogger`'s deferred jobs, oldest first (what TensorBoard's
+    ``SummaryWriter`` and Trackio do: the training thread enqueues, one thread formats and writes).
+
+    ``submit`` is an append (no lock, no wake-up): the thread wakes every ``interval_s`` seconds, or
+    when :meth:`drain` asks. :meth:`drain` returns once every job submitted before it has run;
+    where the thread is gone (interpreter shutdown, a forked child) the caller runs them itself.
+    """
+
+    def __init__(self, tlog: TrainLogger, interval_s: float) -> None:
+        self._tlog = tlog
+        self._interval_s = interval_s
+        self._jobs: deque[tuple[str, Callable[[], Any], float]] = deque()
+        self._cond = threading.Condition(threading.RLock())  # RLock: a signal handler may drain again
+        self._run_lock = threading.RLock()  # one runner at a time (the thread, or a caller after it)
+        self._wake = False
+        self._stopping = False
+        self.submitted = 0
+        self.done = 0
+        self.running_in: int | None = None  # the thread running a job, while it does
+        self.event_time: datetime | None = None  # while a job runs: when its event happened
+        self.cpu_s = 0.0
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._loop, name="seo_trainlog-recorder", daemon=True)
+        self._thread.start()
+
+    def submit(self, name: str, job: Callable[[], Any]) -> None:
+        self._jobs.append((name, job, _time()))
+        self.submitted += 1  # (one submitting thread: the deferring one)
+
+    def idle(self) -> bool:
+        return self.done >= self.submitted
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._wake and not self._stopping:
+                    self._cond.wait(self._interval_s)
+                self._wake = False
+                if self._stopping and not self._jobs:
+                    return
+            try:
+                self._run_queued()
+            except Exception:  # (each job's failure is reported by _run) the recorder must go on
+                pass
+
+    def _run_queued(self) -> None:
+        with self._run_lock:
+            started_s = thread_time()
+            ran = 0
+            try:
+                while self._jobs:
+                    name, job, at_s = self._jobs.popleft()
+                    self._run(name, job, at_s)
+                    ran += 1
+            finally:
+                self.cpu_s += thread_time() - started_s
+                with self._cond:
+                    self.done += ran
+                    self._cond.notify_all()
+
+    def _run(self, name: str, job: Callable[[], Any], at_s: float) -> None:
+        self.running_in = get_ident()
+        self.event_time = datetime.fromtimestamp(at_s).astimezone()
+        try:
+            job()
+        except Exception as exc:
+            self._tlog._internal_error(name, exc)
+        finally:
+            self.running_in = self.event_time = None
+
+    def _alive(self) -> bool:
+        return self._pid == os.getpid() and self._thread.is_alive()
+
+    def drain(self) -> None:
+        target = self.submitted
+        with self._cond:
+            self._wake = True
+            self._cond.notify_all()
+            while self.done < target and self._alive():
+                self._cond.wait(0.05)
+        if self.done < target:  # the thread is gone: run what is left here
+            self._run_queued()
+
+    def stop(self) -> None:
+        """Run every job left, then end the thread (joined, unless called from it)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread() and self._alive():
+            self._thread.join()
+        if self._jobs:
+            self._run_queued()
 
 
 @functools.cache

@@ -556,6 +556,12 @@ class CategoryRouter:
         levelno = record["level"].no
         extra = record["extra"]
         with self._lock:
+            # parts of the same event riding along (category, level number, text already masked): a
+            # logging step's per-step DEBUG lines (before its text, as they happened), its console line
+            for name, part_levelno, text in extra.get("seo_parts", ()):
+                for minimum, sink in self._routes.get(name, ()):
+                    if part_levelno >= minimum:
+                        sink.write(f"{text}\n")
             for minimum, sink in self._routes.get(extra.get("seo_cat"), ()):
                 if levelno >= minimum:
                     sink.write(message)
