@@ -809,3 +809,17 @@ def test_watch_shows_the_manifests_last_evaluation_when_its_record_was_deleted(t
     state.add({"event": "eval", "global_step": 40, "metric_prefix": "eval", "eval_loss": 0.25, "eval_runtime": 0.1})
     assert state.latest_eval == {"eval_loss": 0.25}  # a remaining record's, once read
     follower.close()
+
+
+def test_the_data_wait_row_names_what_its_percentage_is_of(tmp_path, capsys):
+    """``data_wait_pct`` is 100 x wait / (step time + wait) (``StepTimer.drain``): the summary's row says so."""
+    rows = [("run_start", None, {"schema_version": 1}),
+            ("train", 10, {"loss": 0.5, "interval_s": 1.0, "steps": 10, "samples_per_second": 80.0,
+                           "step_time_s": 0.08, "data_wait_s": 0.02, "data_wait_pct": 20.0}),
+            ("summary", 10, {"status": "completed", "final_loss": 0.5, "training_duration_s": 1.0,
+                             "data_wait_pct": 20.0})]
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / f"performance_metrics_{RUN}.log").write_text("".join(lines(rows)))
+    assert run_json(capsys, str(log_dir))["data_wait_pct"] == 20.0
+    assert table_rows(summarize_text(capsys, str(log_dir))[0])["data wait"] == "20% of step + wait time"

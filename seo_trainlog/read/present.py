@@ -127,7 +127,7 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
                        + (" (Trainer's, over the whole train())" if summary.get("throughput_source") == "trainer"
                           else "")),
         *_token_rows(summary.get("tokens")),
-        ("data wait", _unit(summary["data_wait_pct"], "% of step time", 3)),
+        ("data wait", _unit(summary["data_wait_pct"], "% of step + wait time", 3)),
         ("peak memory", ", ".join([f"RSS {_unit(summary['peak_rss_mb'], ' MiB', 5)}"]
                                   + [f"{key} {_unit(v, ' MiB', 5)}" for key, v in summary["peak_gpu_mem_mb"].items()])),
         ("mean GPU utilisation", _unit(summary["mean_gpu_util_pct"], "%", 3)),
