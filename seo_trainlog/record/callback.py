@@ -95,8 +95,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
       parameter counts and config, dataset sizes, world size, max_steps.
     - ``on_step_begin``/``on_step_end``: only timestamps (``time.perf_counter``) and sums.
     - ``on_log``: training progress (epoch, global_step, loss, learning_rate, grad_norm and any other
-      value; nested mappings flattened with ``/``) with the interval's step time, data wait share and
-      samples/s; ``<prefix>_*`` evaluation values as validation loss and metrics; collate timings of
+      value; nested mappings flattened with ``/``) with the interval's step time, data wait share
+      (of step + wait time) and samples/s; ``<prefix>_*`` evaluation values as validation loss and metrics; collate timings of
       :class:`TimedDataCollator`; ``num_input_tokens_seen``, ``tokens_per_second`` and ``mfu_pct``
       (README "Tokens and MFU"); a WARNING for each non-finite value; one JSON line per event.
     - ``on_evaluate``/``on_predict``: runtime, throughput and RSS memory in the model-performance log.
@@ -998,7 +998,7 @@ def _gpu_utilisations(readings: Mapping[str, Any]) -> list[float]:
 
 def _run_resources(run: _Run) -> dict[str, Any]:
     """For the summary: peak RSS (MiB), mean GPU utilisation (percent, mean over devices and samples)
-    and the share of step time spent waiting for data (percent), over the whole run."""
+    and the share of step + wait time spent waiting for data (percent), over the whole run."""
     extra: dict[str, Any] = {}
     if run.sampler is not None:
         run.sampler.sample()

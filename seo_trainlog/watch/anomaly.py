@@ -138,7 +138,7 @@ class AnomalyDetector:
             limit = self.config.data_wait_warn_pct
             if (wait > limit or self._disarmed) and self._latch("data_wait", wait > limit, wait <= limit / 2):
                 found.append(Anomaly("data_wait", step, f"Data-loading bottleneck at global_step {step}: "
-                                     f"{wait:.1f}% of step time was spent waiting for data (threshold {limit:g}%)",
+                                     f"{wait:.1f}% of step + wait time was spent waiting for data (threshold {limit:g}%)",
                                      wait, limit))
         if values.keys() != self._keys:
             self._keys = frozenset(values)
