@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import sys
@@ -20,6 +19,7 @@ import orjson
 from . import format as _format
 
 from . import guard as _guard
+from .. import __version__  # not importlib.metadata: 1.5 ms of parsing at a process's first run
 from .._categories import BY_NAME, CATEGORIES, TEXT_NAMES
 from .._config import LogConfig
 from .._directions import directions
@@ -154,7 +154,7 @@ class TrainLogger:
         self.manifest: RunManifest | None = None
         if self.writes:
             self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id, self.tag), self.run_id,
-                                             _version(), directions(self.config.metric_directions))
+                                             __version__, directions(self.config.metric_directions))
         self._manifest_written_s = perf_counter()
         self._manifest_failed = False
         self._started_segment = False  # this logger began the manifest's last segment
@@ -170,7 +170,7 @@ class TrainLogger:
         if fresh:
             self.log_message(f"Run {self.run_id} started: log directory {self.log_dir}")
             self.log_metrics("run_start", {"log_dir": str(self.log_dir), "schema_version": SCHEMA_VERSION,
-                                           "seo_trainlog_version": _version(),
+                                           "seo_trainlog_version": __version__,
                                            **({"resumed": True} if run_id is not None else {}),
                                            **self._directions_field(),
                                            **({"run_id_source": self.agreement.source}
@@ -689,16 +689,6 @@ class TrainLogger:
         if "closed" not in self._failed_methods:
             self._failed_methods.add("closed")
             safe_warn(f"TrainLogger run {self.run_id} is closed; a {where} record was not written")
-
-
-@functools.cache
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("seo_trainlog")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _stderr_notice(notice: str) -> None:
