@@ -38,10 +38,15 @@ _TRIGGERS = ("secret", "pass", "pwd", "cred", "key", "auth", "cookie", "token")
 _TRIGGER = re.compile("|".join(_TRIGGERS))
 
 
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+_CAPITALS = re.compile(r"([A-Z]+)([A-Z][a-z])")
+_SEPARATORS = re.compile(r"[^a-z0-9]+")
+
+
 def _words(key: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key)  # sessionToken -> session_Token
-    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", spaced)  # HFToken -> HF_Token
-    return [word for word in re.split(r"[^a-z0-9]+", spaced.lower()) if word]
+    spaced = _CAMEL.sub(r"\1_\2", key)  # sessionToken -> session_Token
+    spaced = _CAPITALS.sub(r"\1_\2", spaced)  # HFToken -> HF_Token
+    return [word for word in _SEPARATORS.split(spaced.lower()) if word]
 
 
 @functools.lru_cache(maxsize=8192)

@@ -102,3 +102,26 @@ def test_a_file_that_cannot_be_created_is_a_warning_not_a_crash(log_dir):
     assert re.match(rf"seo_trainlog: cannot write to {re.escape(str(blocked))}: IsADirectoryError", warnings[0])
     assert "after the failure" in run.messages("seo_engine")
     assert [row["operation"] for row in run.records("data")] == ["dataset_creation"]  # the other files go on
+
+
+def test_the_sampler_opens_nvml_in_its_thread_and_the_first_drain_waits_for_it():
+    import threading
+
+    from seo_trainlog.watch.monitor import ResourceSampler
+
+    calls, notices = [], []
+
+    def no_gpu():
+        calls.append(threading.get_ident())
+        raise RuntimeError("NVML could not start (no NVIDIA driver?): test")
+
+    sampler = ResourceSampler(60.0, notice=notices.append, gpu_reader_factory=no_gpu)
+    assert calls == [] and notices == []  # the constructor calls neither NVML nor psutil
+    sampler.start()
+    try:
+        summary = sampler.drain()  # waits for the thread's first reading
+    finally:
+        sampler.stop()
+    assert len(calls) == 1 and calls[0] != threading.get_ident()
+    assert notices == ["GPU monitoring is off: NVML could not start (no NVIDIA driver?): test"]
+    assert summary["rss_mb_min"] <= summary["rss_mb"] <= summary["rss_mb_max"] and summary["rss_mb"] > 0

@@ -32,7 +32,7 @@ from .logger import TrainLogger, innermost_open_logger
 from ..watch.monitor import ResourceSampler, cuda_memory, rss_mb
 from .rank import TelemetryExchange, launch_store, writes_shared_files
 from .._safety import mark_logged, never_raises, safe_warn, was_logged
-from .._secrets import remember_secrets
+from .._secrets import is_secret_key, remember_secrets
 from .signals import SigtermHook, TerminatedBySignal
 from .sinks import logging_busy
 from ..watch.timing import CollateSums, IntervalSums, StepTimer, bind_thread
@@ -277,7 +277,9 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             run.sampler.start()
         if _prometheus.configured(config):  # on every rank: each exports its own series
             self._open_exporter(run, tlog, state)
-        remember_secrets(vars(args))  # to_dict() blanks hub_token: learn the value itself
+        # to_dict() blanks hub_token: learn the value itself (the nested values are masked, and learnt,
+        # with the hyperparameters; looking into every argument's value here cost 1 ms at a first run)
+        remember_secrets({key: value for key, value in vars(args).items() if is_secret_key(key)})
         self.run_id = tlog.run_id
         tlog.mark(state.global_step, state.epoch)
         tlog.start_segment(state.global_step, _resumed_from(state))

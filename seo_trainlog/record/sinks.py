@@ -65,6 +65,9 @@ def _lib_dirs() -> list[str]:
     return list(_LIB_DIRS[key])
 
 
+_lib_dirs()  # at import: the first run's handler is added without these 36 sysconfig look-ups (1.5 ms)
+
+
 def _add_handler(sink: Callable[..., object], **options: object) -> int:
     """``logger.add(sink, **options)`` without recomputing, at every run, the library directories
     loguru's exception formatter finds through ``sysconfig`` (36 ``sysconfig.get_path`` calls, about
@@ -88,8 +91,20 @@ def probe_file_options(rotation: object = None, retention: object = None, encodi
     Raises:
         ValueError, TypeError: as loguru raises them for a value it cannot parse.
     """
+    try:
+        _probe_cached(rotation, retention, encoding)  # the same settings at every run: checked once
+    except TypeError as error:
+        if "unhashable" not in str(error):
+            raise
+        _probe(rotation, retention, encoding)
+
+
+def _probe(rotation: object, retention: object, encoding: str) -> None:
     path = os.path.join(tempfile.gettempdir(), "seo_trainlog-option-probe.log")
     FileSink(path, rotation=rotation, retention=retention, encoding=encoding, delay=True)
+
+
+_probe_cached = functools.lru_cache(maxsize=32)(_probe)  # lru_cache keeps no exception: a bad value raises each time
 
 
 def claim_stamp(log_dir: Path, first_prefix: str) -> str:
