@@ -125,3 +125,21 @@ def test_the_sampler_opens_nvml_in_its_thread_and_the_first_drain_waits_for_it()
     assert len(calls) == 1 and calls[0] != threading.get_ident()
     assert notices == ["GPU monitoring is off: NVML could not start (no NVIDIA driver?): test"]
     assert summary["rss_mb_min"] <= summary["rss_mb"] <= summary["rss_mb_max"] and summary["rss_mb"] > 0
+
+
+def test_the_manifest_of_a_new_segment_is_written_by_the_flusher_at_once(log_dir):
+    import time
+
+    with TrainLogger(quiet(log_dir, flush_interval_s=3600.0)) as tlog:  # no periodic flush during the test
+        tlog.start_segment(0)
+        path = log_dir / f"run_manifest_{tlog.run_id}.json"
+        deadline = time.monotonic() + 30.0  # generous: written by the flusher thread when it runs
+        while time.monotonic() < deadline:
+            manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+            if manifest.get("segments"):
+                break
+            time.sleep(0.01)
+        assert manifest["status"] == "running"
+        assert [(s["segment"], s["status"], s["start_global_step"]) for s in manifest["segments"]] == [(1, "running", 0)]
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    assert [(s["segment"], s["status"]) for s in manifest["segments"]] == [(1, "abandoned")]

@@ -442,7 +442,10 @@ class TrainLogger:
             self.log_metrics("segment_start", {"segment": number, "start_global_step": start_global_step,
                                                "resumed_from_checkpoint": resumed_from_checkpoint,
                                                **self._directions_field()})
-        self._write_manifest(force=True)
+        if self._sinks.flusher is not None:
+            self._sinks.flusher.poke()  # the flusher thread writes the manifest (changed: the new segment) now
+        else:
+            self._write_manifest(force=True)
         return number
 
     def _directions_field(self) -> dict[str, Any]:

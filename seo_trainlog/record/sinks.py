@@ -633,12 +633,21 @@ class Flusher:
         self._on_flush = on_flush
         self._interval_s = interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop() and poke()
         self._thread = threading.Thread(target=self._run, name="seo_trainlog-flush", daemon=True)
         self._thread.start()
 
+    def poke(self) -> None:
+        """Flush (and call ``on_flush``) now, in the thread, rather than at the next interval."""
+        self._wake.set()
+
     def _run(self) -> None:
         self._router.open_files()  # the run's files, out of the training thread
-        while not self._stop.wait(self._interval_s):
+        while True:
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self._router.flush_buffers()
             if self._on_flush is not None:
                 try:
@@ -648,6 +657,7 @@ class Flusher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
