@@ -33,12 +33,20 @@ _SPECIAL_TOKEN_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mas
 STRONG, TOKEN = "strong", "token"
 _SHELL_DIRECTORIES = frozenset({"PWD", "OLDPWD"})  # "pwd" elsewhere (db_pwd) is a password
 _PLAIN = (str, int, float, bool, type(None), bytes)
+# Every word above holds one of these: a key name without any of them (most names) is not split into words.
+_TRIGGERS = ("secret", "pass", "pwd", "cred", "key", "auth", "cookie", "token")
+_TRIGGER = re.compile("|".join(_TRIGGERS))
+
+
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+_CAPITALS = re.compile(r"([A-Z]+)([A-Z][a-z])")
+_SEPARATORS = re.compile(r"[^a-z0-9]+")
 
 
 def _words(key: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key)  # sessionToken -> session_Token
-    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", spaced)  # HFToken -> HF_Token
-    return [word for word in re.split(r"[^a-z0-9]+", spaced.lower()) if word]
+    spaced = _CAMEL.sub(r"\1_\2", key)  # sessionToken -> session_Token
+    spaced = _CAPITALS.sub(r"\1_\2", spaced)  # HFToken -> HF_Token
+    return [word for word in _SEPARATORS.split(spaced.lower()) if word]
 
 
 @functools.lru_cache(maxsize=8192)
@@ -51,6 +59,8 @@ def secret_kind(key: str) -> str | None:
     token (``hub_token``; not ``pad_token``), and a strong name that measures it (``password_length``,
     ``num_secrets``: their numbers are not secrets)."""
     if key in _SHELL_DIRECTORIES:  # the shell's PWD and OLDPWD are directories, not passwords
+        return None
+    if _TRIGGER.search(key.lower()) is None:
         return None
     words = _words(key)
     strong = bool(_STRONG_WORDS.intersection(words)) or any(
@@ -112,7 +122,7 @@ def _expand(value: Any) -> Any:
 
 
 def _mask(value: Any, kind: str | None, depth: int) -> Any:
-    if kind is None and type(value) in _PLAIN:  # most logged values: nothing to look into
+    if kind is None and (type(value) in _PLAIN or isinstance(value, _PLAIN)):  # nothing to look into (enums too)
         return value
     if depth > MAX_DEPTH:
         return MASK

@@ -32,7 +32,7 @@ from .logger import TrainLogger, innermost_open_logger
 from ..watch.monitor import ResourceSampler, cuda_memory, rss_mb
 from .rank import TelemetryExchange, launch_store, writes_shared_files
 from .._safety import mark_logged, never_raises, safe_warn, was_logged
-from .._secrets import remember_secrets
+from .._secrets import is_secret_key, remember_secrets
 from .signals import SigtermHook, TerminatedBySignal
 from .sinks import logging_busy
 from ..watch.timing import CollateSums, IntervalSums, StepTimer, bind_thread
@@ -277,7 +277,9 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             run.sampler.start()
         if _prometheus.configured(config):  # on every rank: each exports its own series
             self._open_exporter(run, tlog, state)
-        remember_secrets(vars(args))  # to_dict() blanks hub_token: learn the value itself
+        # to_dict() blanks hub_token: learn the value itself (the nested values are masked, and learnt,
+        # with the hyperparameters; looking into every argument's value here cost 1 ms at a first run)
+        remember_secrets({key: value for key, value in vars(args).items() if is_secret_key(key)})
         self.run_id = tlog.run_id
         tlog.mark(state.global_step, state.epoch)
         tlog.start_segment(state.global_step, _resumed_from(state))
@@ -288,10 +290,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             if state.is_hyper_param_search or state.trial_params else ""
         started = (f"Training started: max_steps={state.max_steps}, num_train_epochs={state.num_train_epochs}, "
                    f"world_size={args.world_size}{resumed}{trial}")
-        # the values are taken now; their masking, formatting and writing go with the first batch of
-        # deferred records (TrainLogger.defer), as the logging steps' do, stamped with this time
-        model_config = getattr(model, "config", None) if model is not None else None
-        tlog.defer("on_train_begin", functools.partial(self._write_begin, tlog, hyperparameters, model_config, started))
+        # the run's values are taken now; the arguments and the model's facts, which a train() does not
+        # change, are read (to_dict, a pass over the parameters), masked, formatted and written with
+        # the first batch of deferred records (TrainLogger.defer), as the logging steps' are, stamped
+        # with this time
+        tlog.defer("on_train_begin", functools.partial(self._write_begin, tlog, hyperparameters, args, model, started))
         collator = getattr(trainer, "data_collator", None)
         if isinstance(collator, TimedDataCollator):
             run.collator = collator
@@ -305,9 +308,10 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         run.timer.mark(perf_counter())
 
     @staticmethod
-    def _write_begin(tlog: TrainLogger, hyperparameters: dict[str, Any], model_config: Any, started: str) -> None:
-        if model_config is not None and hasattr(model_config, "to_dict"):  # serialized here, not at train begin
-            hyperparameters["model"]["config"] = _safely(model_config.to_dict)
+    def _write_begin(tlog: TrainLogger, hyperparameters: dict[str, Any], args, model, started: str) -> None:
+        hyperparameters["training_args"] = _safely(args.to_dict)
+        if model is not None:
+            hyperparameters["model"] = _model_facts(model)
         tlog.log_hyperparameters(hyperparameters)
         tlog.log_message(started)
 
@@ -1143,18 +1147,34 @@ def _length(dataset) -> int | None:
         return None
 
 
+def _model_facts(model) -> dict[str, Any]:
+    """The model's class, parameter counts (one pass) and config (``to_dict``)."""
+    def counts() -> tuple[int, int]:
+        total = trainable = 0
+        for parameter in model.parameters():
+            count = parameter.numel()
+            total += count
+            if parameter.requires_grad:
+                trainable += count
+        return total, trainable
+
+    counted = _safely(counts)
+    facts: dict[str, Any] = {"class": type(model).__name__,
+                             "parameters": counted[0] if isinstance(counted, tuple) else counted,
+                             "trainable_parameters": counted[1] if isinstance(counted, tuple) else counted}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        facts["config"] = _safely(config.to_dict)
+    return facts
+
+
 def _hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer=None) -> dict[str, Any]:
-    """TrainingArguments (``to_dict`` blanks ``*_token`` fields), model facts (the model's config is added
-    by ``_write_begin``), dataset sizes, run shape.
+    """Dataset sizes and run shape, taken now; the places of TrainingArguments (``to_dict`` blanks
+    ``*_token`` fields) and the model's facts, which ``_write_begin`` fills (:func:`_model_facts`).
     A part that cannot be read is written as ``<unavailable: ...>``; training is never stopped here."""
-    values: dict[str, Any] = {"training_args": _safely(args.to_dict)}
+    values: dict[str, Any] = {"training_args": None}  # filled by _write_begin, as "model" is
     if model is not None:
-        parameters = _safely(lambda: list(model.parameters()))
-        values["model"] = {
-            "class": type(model).__name__,
-            "parameters": _safely(lambda: sum(p.numel() for p in parameters)),
-            "trainable_parameters": _safely(lambda: sum(p.numel() for p in parameters if p.requires_grad)),
-        }
+        values["model"] = None
     values["data"] = {"train_examples": _dataset_size(train_dataloader),
                       "eval_examples": _eval_examples(eval_dataloader, trainer)}
     values["run"] = {

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import sys
@@ -20,6 +19,7 @@ import orjson
 from . import format as _format
 
 from . import guard as _guard
+from .. import __version__  # not importlib.metadata: 1.5 ms of parsing at a process's first run
 from .._categories import BY_NAME, CATEGORIES, TEXT_NAMES
 from .._config import LogConfig
 from .._directions import directions
@@ -139,12 +139,7 @@ class TrainLogger:
         self.closed = False
         self._sinks = RunSinks()
         self._failed_methods: set[str] = set()
-        self._deferred: deque[tuple[str, Callable[[], Any], float]] = deque()
-        self._deferred_since_s = 0.0
         self._defer_thread: int | None = None  # the thread whose events are deferred (the training loop)
-        self._settling_thread: int | None = None  # the thread running deferred jobs, while it does
-        self._settle_lock = threading.Lock()
-        self._event_time: datetime | None = None  # while a deferred job runs: when its event happened
         self.error_hooks: list[Callable[[], Any]] = []  # called after each error written (e.g. a counter)
         REDACTOR.add_environment(os.environ)
         self.log_dir = prepare_log_dir(self.config.log_dir)
@@ -157,7 +152,7 @@ class TrainLogger:
         self.manifest: RunManifest | None = None
         if self.writes:
             self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id, self.tag), self.run_id,
-                                             _version(), directions(self.config.metric_directions))
+                                             __version__, directions(self.config.metric_directions))
         self._manifest_written_s = perf_counter()
         self._manifest_failed = False
         self._started_segment = False  # this logger began the manifest's last segment
@@ -173,7 +168,7 @@ class TrainLogger:
         if fresh:
             self.log_message(f"Run {self.run_id} started: log directory {self.log_dir}")
             self.log_metrics("run_start", {"log_dir": str(self.log_dir), "schema_version": SCHEMA_VERSION,
-                                           "seo_trainlog_version": _version(),
+                                           "seo_trainlog_version": __version__,
                                            **({"resumed": True} if run_id is not None else {}),
                                            **self._directions_field(),
                                            **({"run_id_source": self.agreement.source}
@@ -442,7 +437,10 @@ class TrainLogger:
             self.log_metrics("segment_start", {"segment": number, "start_global_step": start_global_step,
                                                "resumed_from_checkpoint": resumed_from_checkpoint,
                                                **self._directions_field()})
-        self._write_manifest(force=True)
+        if self._sinks.flusher is not None:
+            self._sinks.flusher.poke()  # the flusher thread writes the manifest (changed: the new segment) now
+        else:
+            self._write_manifest(force=True)
         return number
 
     def _directions_field(self) -> dict[str, Any]:
@@ -792,16 +790,6 @@ class _Recorder:
             self._thread.join()
         if self._jobs:
             self._run_queued()
-
-
-@functools.cache
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("seo_trainlog")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _stderr_notice(notice: str) -> None:

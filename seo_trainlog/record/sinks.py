@@ -65,6 +65,9 @@ def _lib_dirs() -> list[str]:
     return list(_LIB_DIRS[key])
 
 
+_lib_dirs()  # at import: the first run's handler is added without these 36 sysconfig look-ups (1.5 ms)
+
+
 def _add_handler(sink: Callable[..., object], **options: object) -> int:
     """``logger.add(sink, **options)`` without recomputing, at every run, the library directories
     loguru's exception formatter finds through ``sysconfig`` (36 ``sysconfig.get_path`` calls, about
@@ -88,8 +91,20 @@ def probe_file_options(rotation: object = None, retention: object = None, encodi
     Raises:
         ValueError, TypeError: as loguru raises them for a value it cannot parse.
     """
+    try:
+        _probe_cached(rotation, retention, encoding)  # the same settings at every run: checked once
+    except TypeError as error:
+        if "unhashable" not in str(error):
+            raise
+        _probe(rotation, retention, encoding)
+
+
+def _probe(rotation: object, retention: object, encoding: str) -> None:
     path = os.path.join(tempfile.gettempdir(), "seo_trainlog-option-probe.log")
     FileSink(path, rotation=rotation, retention=retention, encoding=encoding, delay=True)
+
+
+_probe_cached = functools.lru_cache(maxsize=32)(_probe)  # lru_cache keeps no exception: a bad value raises each time
 
 
 def claim_stamp(log_dir: Path, first_prefix: str) -> str:
@@ -331,7 +346,7 @@ class GuardedFileSink:
     WATCH_INTERVAL_S = 1.0
 
     def __init__(self, path: Path, rotation: object, retention: object, encoding: str, durable: bool,
-                 failures: SinkFailures | None = None) -> None:
+                 failures: SinkFailures | None = None, delay: bool = False) -> None:
         self.failures = failures if failures is not None else SINK_FAILURES  # where trouble is reported
         self.path = path
         self.durable = durable
@@ -343,7 +358,8 @@ class GuardedFileSink:
                 rotation = SizeRotation(size, path, encoding)
         self._state = _WriteState()
         self._sink = _RecordFileSink(_escape_braces(str(path)), durable=durable, state=self._state, rotation=rotation,
-                                     retention=retention, encoding=encoding, errors="backslashreplace")
+                                     retention=retention, encoding=encoding, errors="backslashreplace",
+                                     delay=delay)
         self._failing = False
         self._new_line = False  # after a write that raised: the file may end in a partial line
         self._watched_at = time.monotonic()
@@ -355,6 +371,21 @@ class GuardedFileSink:
         """Records that never reached the file: writes that raised twice, and records the disk refused
         that could not be kept (see :class:`RecordFile`)."""
         return self.failed_writes + self._state.lost_records
+
+    @property
+    def opened(self) -> bool:
+        return self._sink._file is not None
+
+    def open(self) -> None:
+        """Create the file of a sink made with ``delay`` (a record written first creates it itself).
+
+        Raises:
+            OSError: as :func:`open` raises it (the next record retries, and reports a failure).
+        """
+        if self._sink._file is None:
+            path = self._sink._create_path()
+            self._sink._create_dirs(path)
+            self._sink._create_file(path)
 
     def write(self, message: str) -> None:
         now = time.monotonic()
@@ -515,7 +546,7 @@ class CategoryRouter:
     """
 
     def __init__(self, config, run_id: str, log_dir: Path, tag: str, key: str,
-                 failures: SinkFailures | None = None, full_set: bool = True) -> None:
+                 failures: SinkFailures | None = None, full_set: bool = True, delay: bool = False) -> None:
         self.run_id = run_id
         self.failures = failures if failures is not None else SinkFailures()  # this run's sinks' trouble
         self.key = key
@@ -534,7 +565,7 @@ class CategoryRouter:
                 # loguru applies retention at close when there is no rotation: it would delete the run
                 retention = config.retention if config.rotation is not None else None
                 sink = GuardedFileSink(path, config.rotation, retention, config.encoding, failures=self.failures,
-                                       durable=category.durable or config.flush_interval_s <= 0)
+                                       durable=category.durable or config.flush_interval_s <= 0, delay=delay)
                 self._add(sink, LEVEL_NO[level], accepted_names(category))
                 self.files[category.name] = path
             if config.console and not tag:
@@ -571,6 +602,19 @@ class CategoryRouter:
                 for _, sink in self._routes.get("metrics", ()):
                     sink.write(f"{attached}\n")
 
+    def open_files(self) -> None:
+        """Create the files not created yet (``delay``: the flusher thread does it as it starts, and
+        closing does it for a run too short for that). A record written before its file is created
+        creates it itself, in the writing thread: nothing is lost and the order stays. A file that
+        cannot be created is reported through ``failures`` (and retried by the next record)."""
+        for sink in list(self._sinks):
+            if isinstance(sink, GuardedFileSink) and not sink.opened:
+                with self._lock:
+                    try:
+                        sink.open()
+                    except Exception as error:
+                        sink._fail(error)
+
     def flush_buffers(self) -> None:
         """Put every buffered record on disk. (Not ``flush``: loguru calls a sink's ``flush`` after
         every record, which is exactly what the buffering avoids.)"""
@@ -595,11 +639,21 @@ class Flusher:
         self._on_flush = on_flush
         self._interval_s = interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by stop() and poke()
         self._thread = threading.Thread(target=self._run, name="seo_trainlog-flush", daemon=True)
         self._thread.start()
 
+    def poke(self) -> None:
+        """Flush (and call ``on_flush``) now, in the thread, rather than at the next interval."""
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        self._router.open_files()  # the run's files, out of the training thread
+        while True:
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self._router.flush_buffers()
             if self._on_flush is not None:
                 try:
@@ -609,6 +663,7 @@ class Flusher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
@@ -636,6 +691,8 @@ class RunSinks:
         if self.flusher is not None:
             self.flusher.stop()
             self.flusher = None
+        if self.router is not None:
+            self.router.open_files()  # a run closed before the flusher created them all: every file exists
         for target, handler in self.bridges:
             target.removeHandler(handler)
             handler.close()
@@ -664,10 +721,14 @@ def open_sinks(config, run_id: str, log_dir: Path, tag: str, *, key: str,
         on_library_record: ``(label, level, message)`` for each library record the bridge takes.
 
     Raises:
-        OSError: when a file cannot be opened (nothing stays added).
+        OSError: when a file cannot be opened (nothing stays added). With ``flush_interval_s > 0`` the
+            flusher thread creates the files as the run starts (a record written before creates its
+            file itself); one that cannot be created is then reported as a write failure (a WARNING
+            in the errors files and on stderr), not raised.
     """
     sinks = RunSinks()
-    router = CategoryRouter(config, run_id, log_dir, tag, key, full_set=full_set)
+    # with a flusher thread, it creates the files (9 opens, about 3 ms) while the training starts
+    router = CategoryRouter(config, run_id, log_dir, tag, key, full_set=full_set, delay=config.flush_interval_s > 0)
     sinks.files, sinks.router = dict(router.files), router
     try:
         if config.flush_interval_s > 0:

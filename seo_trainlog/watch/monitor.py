@@ -204,47 +204,72 @@ class ResourceSampler:
 
     ``notice(message)`` receives, at most once each, the INFO lines that say GPU monitoring is off
     (and why) at start, or stopped mid-run after an NVML error; CPU sampling goes on regardless.
+    NVML and psutil are first called in the thread (``nvmlInit`` takes tens of milliseconds on a
+    GPU machine), not by the constructor or :meth:`start`: the first :meth:`drain` waits for them.
     ``interval_s`` of 0 (or less) starts no thread: :meth:`drain` then takes one reading itself.
     """
+
+    READY_WAIT_S = 10.0  # the longest a first drain waits for the thread's first reading
 
     def __init__(self, interval_s: float, notice: Callable[[str], None], local_rank: int | None = None,
                  gpu_reader_factory: Callable[[], NvmlReader] | None = None) -> None:
         self.interval_s = interval_s
         self.stats = Stats()
         self._notice = notice
-        self._cpu = CpuReader()
+        self._gpu_factory = gpu_reader_factory or functools.partial(NvmlReader, local_rank)
+        self._cpu: CpuReader | None = None
         self._gpu: NvmlReader | None = None
         self._stop = threading.Event()
+        self._ready = threading.Event()  # the readers are open and the first reading taken
         self._thread: threading.Thread | None = None
         self._gpu_lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self._last: dict[str, float] | None = None
         self._repeat: dict[str, float] | None = None  # the latest reading as an interval summary
-        try:
-            self._gpu = (gpu_reader_factory or functools.partial(NvmlReader, local_rank))()
-        except RuntimeError as exc:
-            notice(f"GPU monitoring is off: {exc}")
-        else:
-            notice(f"GPU monitoring is on: NVML, CUDA devices {self._gpu.logical_indices}")
+
+    def _open_readers(self) -> None:
+        """psutil's process and NVML, once; says whether GPU monitoring is on."""
+        with self._open_lock:
+            if self._cpu is not None:
+                return
+            self._cpu = CpuReader()
+            try:
+                gpu = self._gpu_factory()
+            except RuntimeError as exc:
+                self._notice(f"GPU monitoring is off: {exc}")
+                return
+            if self._stop.is_set():  # stopped meanwhile
+                gpu.close()
+                return
+            with self._gpu_lock:
+                self._gpu = gpu
+            self._notice(f"GPU monitoring is on: NVML, CUDA devices {gpu.logical_indices}")
 
     @property
     def gpu_on(self) -> bool:
         return self._gpu is not None
 
     def start(self) -> None:
-        """The first reading now: in the thread, first thing (a :meth:`drain` before it takes one
-        itself), or here when there is no thread."""
+        """The first reading: in the thread, first thing (the first :meth:`drain` waits for it), or
+        here when there is no thread."""
         if self.interval_s > 0:
             self._thread = threading.Thread(target=self._loop, name="seo_trainlog-sampler", daemon=True)
             self._thread.start()
         else:
             self.sample()
+            self._ready.set()
 
     def _loop(self) -> None:
-        self.sample()
+        try:
+            self.sample()
+        finally:
+            self._ready.set()
         while not self._stop.wait(self.interval_s):
             self.sample()
 
     def sample(self) -> None:
+        if self._cpu is None:
+            self._open_readers()
         reading = self._cpu.read()
         with self._gpu_lock:
             gpu = self._gpu
@@ -262,6 +287,8 @@ class ResourceSampler:
         """The interval's min/mean/max. An interval shorter than ``interval_s`` may hold no reading:
         it then repeats the latest one (a reading is taken here only before the first one, or when
         there is no thread: ``interval_s`` 0)."""
+        if self._thread is not None and not self._ready.is_set():
+            self._ready.wait(self.READY_WAIT_S)
         if self.stats.empty:
             if self._last is None or self.interval_s <= 0:
                 self.sample()
