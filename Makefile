@@ -3,7 +3,7 @@
 #   make test    installs what it needs, runs the test suite (tests/test_docs.py builds the docs with --strict
 #                and runs every example of README.md and docs/)
 #   make docs    builds the docs site (MkDocs, --strict: a broken link or a missing page fails) into site/
-#   make bench   builds its own .venv-bench (with the peers), runs scripts/bench_overhead.py and bench_peers.py
+#   make bench   builds its own .venv-bench (with the peers), runs scripts/bench_overhead.py, bench_peers.py, bench_analysis.py
 # Bring your own torch:  make install TORCH_SPEC=   (empty: leave torch to pip / your environment)
 # CPU wheel from PyTorch's index elsewhere:  make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 
@@ -15,6 +15,7 @@ TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BENCH_PEERS_ARGS ?=
+BENCH_ANALYSIS_ARGS ?=
 # `make bench` has its own venv: the peers' requirements pull older pillow/pyarrow/python-dateutil than the tests'
 BENCH_VENV ?= .venv-bench
 
@@ -72,7 +73,9 @@ docs: $(STAMP)
 
 # The benchmarks, in $(BENCH_VENV) (built here, never touching $(VENV)): scripts/bench_overhead.py (a few
 # minutes) then scripts/bench_peers.py (seo_trainlog next to TensorBoard, Trackio, W&B, MLflow, DVCLive; one to
-# three hours at its default 7 rounds on 2 cores: 224 fresh processes): tables on stdout, JSON in benchmarks/.
+# three hours at its default 7 rounds on 2 cores: 224 fresh processes), then scripts/bench_analysis.py (summarize
+# on 100,000 and 1,000,000 generated records next to orjson's parse-only floor): tables on stdout, JSON in benchmarks/.
+# A shorter run: make bench BENCH_PEERS_ARGS="--repeats 3 --steps 200 --large-steps 30"
 $(BENCH_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_BIN)/python -m pip install --upgrade pip
@@ -83,6 +86,7 @@ $(BENCH_STAMP): pyproject.toml Makefile
 bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python scripts/bench_overhead.py $(BENCH_ARGS)
 	$(BENCH_BIN)/python scripts/bench_peers.py $(BENCH_PEERS_ARGS)
+	$(BENCH_BIN)/python scripts/bench_analysis.py $(BENCH_ANALYSIS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) logs outputs site .pytest_cache
