@@ -200,9 +200,11 @@ class VirtualClock:
 @pytest.fixture
 def clock(monkeypatch) -> VirtualClock:
     from seo_trainlog.record import callback as _callback
+    from seo_trainlog.record import run as _run
 
     virtual = VirtualClock()
-    monkeypatch.setattr(_callback, "perf_counter", virtual)
+    monkeypatch.setattr(_callback, "perf_counter", virtual)  # the step timer's marks
+    monkeypatch.setattr(_run, "perf_counter", virtual)  # the interval detail's
     return virtual
 
 

@@ -8,76 +8,39 @@ import math
 import os
 import re
 import threading
-import time as _time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from time import perf_counter, time
 from typing import Any
 
-import orjson
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from . import format as _format
-
-from ..watch import prometheus as _prometheus
-from ..watch.alerts import AlertDispatcher, AlertHook
-from ..read.analysis import SPEED_SUFFIXES
-from ..watch.anomaly import KINDS, Anomaly, AnomalyDetector, StragglerDetector, rank_sample, settings_of
-from ..watch.collator import TimedDataCollator
-from .._config import LogConfig
+from .facts import dataset_size, gather_hyperparameters, write_hyperparameters
 from .guard import TrainerGuard, caller_local, find_trainer
 from .logger import TrainLogger, innermost_open_logger
-from ..watch.monitor import ResourceSampler, cuda_memory, rss_mb
 from .rank import TelemetryExchange, launch_store, writes_shared_files
-from .._safety import mark_logged, never_raises, safe_warn, was_logged
-from .._secrets import is_secret_key, remember_secrets
+from .run import (Run, await_rank_tokens, drain_workers, exchange_interval, run_resources, speed_prefix,
+                  take_tokens, tokens_at_end, trainer_counts, training_loss_key, write_checkpoint, write_epoch,
+                  write_interval, write_log, write_remaining_collate, write_speed)
 from .signals import SigtermHook, TerminatedBySignal
 from .sinks import logging_busy
-from ..watch.timing import CollateSums, IntervalSums, StepTimer, bind_thread
-from ..watch.tokens import TokenMeter, device_name, model_shape, peak_tflops_for, training_dtype
+from .._config import LogConfig
+from .._safety import mark_logged, never_raises, safe_warn, was_logged
+from .._secrets import is_secret_key, remember_secrets
+from ..watch import prometheus as _prometheus
+from ..watch.alerts import AlertDispatcher, AlertHook
+from ..watch.anomaly import KINDS, AnomalyDetector, StragglerDetector, settings_of
+from ..watch.collator import TimedDataCollator
+from ..watch.monitor import ResourceSampler, cuda_memory, rss_mb
+from ..watch.timing import CollateSums, StepTimer, bind_thread
 from ..watch.timing import thread_sums as _thread_sums
+from ..watch.tokens import device_name, model_shape, peak_tflops_for, training_dtype
 
 _OPEN_RUNS: weakref.WeakSet[TrainLogCallback] = weakref.WeakSet()
 _RUN_ID = re.compile(r"^\d{8}_\d{6}(?:_\d+)?$")
 _STATE_NAME = "TrainLogCallback"
-_WORKER_SETTLE_S = 0.05
-
-
-@dataclass
-class _Run:
-    logger: TrainLogger
-    owns_logger: bool
-    state: Any
-    args: Any
-    samples_per_step: int
-    train_examples: int | None
-    per_device_batch_size: int
-    per_step_detail: bool
-    started_s: float = field(default_factory=perf_counter)
-    timer: StepTimer = field(default_factory=StepTimer)
-    interval_first_step: int = 1
-    pending: IntervalSums = field(default_factory=IntervalSums)
-    detail_written_s: float = field(default_factory=perf_counter)
-    epoch_started_s: float | None = None
-    guard: TrainerGuard | None = None
-    sigterm: SigtermHook | None = None
-    sampler: ResourceSampler | None = None
-    collator: TimedDataCollator | None = None
-    detector: AnomalyDetector | None = None
-    alerts: AlertDispatcher | None = None
-    exchange: TelemetryExchange | None = None  # the ranks' interval numbers, through the launcher's store
-    straggler: StragglerDetector | None = None  # global rank 0 only
-    compared_through: int = -1  # the last global_step the straggler detector compared
-    exporter: _prometheus.PrometheusExporter | None = None
-    retrying: bool = False
-    pid: int = field(default_factory=os.getpid)
-    thread: int = field(default_factory=threading.get_ident)  # where its Trainer trains
-    step_times: list[tuple[int, float, float]] = field(default_factory=list)  # per-step DEBUG lines to write
-    meter: TokenMeter = field(default_factory=TokenMeter)  # tokens seen, tokens/s, MFU
-    others: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # other ranks' samples (rank 0)
-    token_step: int | None = None  # the last logging step with this rank's token counts
 
 
 class TrainLogCallback(TrainerCallback, ExportableState):
@@ -176,7 +139,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 raise TypeError(f"alert_hooks must be callables, got {type(hook).__name__}")
         self.config = config
         self.alert_hooks = list(alert_hooks)
-        self._run: _Run | None = None
+        self._run: Run | None = None
         self._last_run: tuple[LogConfig, str] | None = None
         self._failed_events: set[str] = set()
         self._collate = CollateSums()  # the timings of our Trainer's TimedDataCollator
@@ -240,12 +203,12 @@ class TrainLogCallback(TrainerCallback, ExportableState):
 
     def _start_run(self, tlog, owns, trainer, args, state, model, train_dataloader, eval_dataloader) -> None:
         per_device = int(args.per_device_train_batch_size)
-        run = _Run(
+        run = Run(
             logger=tlog, owns_logger=owns, state=state, args=args,
             samples_per_step=(state.train_batch_size or per_device) * args.gradient_accumulation_steps
             * max(1, args.world_size),
-            train_examples=_dataset_size(train_dataloader), per_device_batch_size=per_device,
-            per_step_detail=tlog.config.level == "DEBUG" or tlog.config.debug,
+            train_examples=dataset_size(train_dataloader), per_device_batch_size=per_device,
+            per_step_detail=tlog.config.level == "DEBUG" or tlog.config.debug, collate=self._collate,
             interval_first_step=state.global_step + 1,
         )
         self._run = run
@@ -283,7 +246,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self.run_id = tlog.run_id
         tlog.mark(state.global_step, state.epoch)
         tlog.start_segment(state.global_step, _resumed_from(state))
-        hyperparameters = _hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer)
+        hyperparameters = gather_hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer)
         resumed = f", resuming at global_step {state.global_step}" if state.global_step else ""
         trial = ", hyperparameter search trial " + " ".join(
             str(part) for part in (state.trial_name, state.trial_params) if part) \
@@ -294,7 +257,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         # change, are read (to_dict, a pass over the parameters), masked, formatted and written with
         # the first batch of deferred records (TrainLogger.defer), as the logging steps' are, stamped
         # with this time
-        tlog.defer("on_train_begin", functools.partial(self._write_begin, tlog, hyperparameters, args, model, started))
+        tlog.defer("on_train_begin",
+                   functools.partial(write_hyperparameters, tlog, hyperparameters, args, model, started))
         collator = getattr(trainer, "data_collator", None)
         if isinstance(collator, TimedDataCollator):
             run.collator = collator
@@ -308,15 +272,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         run.timer.mark(perf_counter())
 
     @staticmethod
-    def _write_begin(tlog: TrainLogger, hyperparameters: dict[str, Any], args, model, started: str) -> None:
-        hyperparameters["training_args"] = _safely(args.to_dict)
-        if model is not None:
-            hyperparameters["model"] = _model_facts(model)
-        tlog.log_hyperparameters(hyperparameters)
-        tlog.log_message(started)
-
-    @staticmethod
-    def _measure(run: _Run, tlog: TrainLogger, args, state, model) -> None:
+    def _measure(run: Run, tlog: TrainLogger, args, state, model) -> None:
         """What ``mfu_pct`` needs: trainable parameters, layers and hidden size of the model's config,
         the peak FLOP/s of the run's devices (``LogConfig.peak_tflops``, else the table by the NVML
         name of this rank's GPU and the dtype of ``args``; none on CPU) times the world size."""
@@ -325,7 +281,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if model is not None:
             meter.trainable_parameters, meter.num_layers, meter.hidden_size = model_shape(model)
         meter.trainer_seen = getattr(state, "num_input_tokens_seen", None) or 0
-        if state.global_step and not _trainer_counts(args):
+        if state.global_step and not trainer_counts(args):
             # resumed without the Trainer's count: go on from the checkpoint's count, else say where ours began
             saved = _saved_tokens(state)
             if saved is not None and saved[0] == state.global_step and tlog.role.world_size == 1:
@@ -341,7 +297,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             meter.peak_flops = peak * 1e12 * max(1, tlog.role.world_size)
 
     @staticmethod
-    def _open_exporter(run: _Run, tlog: TrainLogger, state) -> None:
+    def _open_exporter(run: Run, tlog: TrainLogger, state) -> None:
         trial = (state.trial_name or "") if state.is_hyper_param_search or state.trial_params else None
         exporter = _prometheus.open_exporter(tlog.config, tlog.role, tlog.run_id, trial, tlog._warn,
                                              anomaly_kinds=KINDS if run.detector is not None else ())
@@ -351,7 +307,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             tlog.error_hooks.append(exporter.count_error)
             run.exporter = exporter
 
-    def _guard(self, run: _Run, trainer) -> None:
+    def _guard(self, run: Run, trainer) -> None:
         callbacks = trainer.callback_handler.callbacks
         later = callbacks[callbacks.index(self) + 1:] if self in callbacks else []
         run.guard = TrainerGuard(trainer, functools.partial(self._on_exception, run), later_callbacks=later,
@@ -363,7 +319,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         evaluation's, not the training interval's."""
         self._collate.phase = "eval" if active else "train"
 
-    def _after_training(self, run: _Run) -> None:
+    def _after_training(self, run: Run) -> None:
         """``_finalize_training`` returned: normally our ``on_train_end`` has finished the run already;
         if this callback was removed from the trainer mid-run, finish it now."""
         if run is self._run:
@@ -390,7 +346,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if self._run is not None and self._run.state is state:
             self._finish("completed")
 
-    def _on_exception(self, run: _Run, error: BaseException) -> None:
+    def _on_exception(self, run: Run, error: BaseException) -> None:
         if os.getpid() != run.pid:  # a forked child's exception is not this run's
             return
         if run is not self._run:  # raised after this run's summary, e.g. by another callback's on_train_end
@@ -421,7 +377,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if isinstance(error, TerminatedBySignal) and run.sigterm is not None and run.sigterm.final:
             run.sigterm.resend()  # the signal came while we were writing: now it may do its work
 
-    def _on_sigterm(self, run: _Run, error: TerminatedBySignal, final: bool) -> None:
+    def _on_sigterm(self, run: Run, error: TerminatedBySignal, final: bool) -> None:
         if run is not self._run:
             return
         if not final:
@@ -432,7 +388,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             return
         self._on_exception(run, error)
 
-    def _log_late_error(self, run: _Run, error: BaseException) -> None:
+    def _log_late_error(self, run: Run, error: BaseException) -> None:
         if self._last_run is None or run.logger.run_id != self._last_run[1]:
             return
         with self._logger_for_last_run() as tlog:
@@ -450,27 +406,27 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         state, tlog = run.state, run.logger
         try:
             losses = [_format.to_number(entry[key]) for entry in state.log_history or ()
-                      if (key := _training_loss_key(entry)) is not None and _format.is_finite_number(entry[key])]
-            extra = _run_resources(run)
+                      if (key := training_loss_key(entry)) is not None and _format.is_finite_number(entry[key])]
+            extra = run_resources(run)
             if state.trial_params:
                 extra["trial_name"] = state.trial_name
                 extra["trial_params"] = state.trial_params
             if state.best_metric is not None:
                 extra["best_metric"] = state.best_metric
                 extra["best_model_checkpoint"] = state.best_model_checkpoint
-            self._await_rank_tokens(run)  # before mark(): that writes the deferred records
-            seen = self._tokens_at_end(run)
+            await_rank_tokens(run)  # before mark(): that writes the deferred records
+            seen = tokens_at_end(run)
             if seen is not None:
                 extra["num_input_tokens_seen"] = seen
-                if run.meter.counted_from is not None and not _trainer_counts(run.args):
+                if run.meter.counted_from is not None and not trainer_counts(run.args):
                     extra["tokens_counted_from_global_step"] = run.meter.counted_from
             tlog.mark(state.global_step, state.epoch)
             if run.step_times:
                 steps, run.step_times = run.step_times, []
                 tlog.write_step_times(steps)
             if not run.pending.empty:
-                self._write_interval(run, *run.pending.take(), run.sampler.drain() if run.sampler else {})
-            self._write_remaining_collate(run)
+                write_interval(run, *run.pending.take(), run.sampler.drain() if run.sampler else {})
+            write_remaining_collate(run)
             self._collate.eval.drain()  # an evaluation that logged nothing
             tlog.log_training_summary(
                 total_epochs=state.epoch or 0, total_steps=state.global_step,
@@ -539,22 +495,22 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if run is None or run.state is not state:
             with self._logger_outside_run(state) as tlog:
                 if tlog is not None:
-                    self._drain_workers(None, settle=True)
+                    drain_workers(None, settle=True)
                     collate = self._collate.drain_all()
-                    self._write_log(tlog, None, state.global_step, state.epoch, dict(logs), {}, collate)
+                    write_log(tlog, None, state.global_step, state.epoch, dict(logs), {}, collate)
             return
-        loss_key = _training_loss_key(logs)
+        loss_key = training_loss_key(logs)
         training = loss_key is not None
         timing = run.timer.drain(run.samples_per_step) if training else {}
-        evaluation = not training and _speed_prefix(logs) not in (None, "train")
-        self._drain_workers(run, settle=evaluation)
+        evaluation = not training and speed_prefix(logs) not in (None, "train")
+        drain_workers(run, settle=evaluation)
         collate = self._collate.train.drain() if training else self._collate.eval.drain() if evaluation else {}
         steps = None
         if run.step_times:
             steps, run.step_times = run.step_times, []
             if not training:
                 run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))
-        tokens = self._take_tokens(run, timing) if training and timing else None
+        tokens = take_tokens(run, timing) if training and timing else None
         if training:
             # the step's numbers are taken now; the run's recorder thread formats and writes them
             # (TrainLogger.defer), out of the training loop's way
@@ -564,15 +520,14 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 run.exporter.observe_train(state.global_step, state.epoch, logs, loss_key, timing, resources,
                                            collate)
                 run.exporter.schedule_textfile(run.logger.defer)
-            run.logger.defer("on_log", functools.partial(self._write_log, run.logger, run, state.global_step,
-                                                         state.epoch, dict(logs), timing, collate, resources, tokens,
-                                                         steps))
+            run.logger.defer("on_log", functools.partial(write_log, run.logger, run, state.global_step, state.epoch,
+                                                         dict(logs), timing, collate, resources, tokens, steps))
             if run.exchange is not None and timing:
-                self._exchange(run, state.global_step, {**timing, **collate}, tokens)
+                exchange_interval(run, state.global_step, {**timing, **collate}, tokens)
         else:
             if evaluation and run.exporter is not None:
                 run.exporter.observe_eval(logs)
-            self._write_log(run.logger, run, state.global_step, state.epoch, logs, timing, collate)
+            write_log(run.logger, run, state.global_step, state.epoch, logs, timing, collate)
         run.timer.mark(perf_counter())
 
     @never_raises
@@ -594,7 +549,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             run.timer.new_epoch()
             if run.collator is not None:  # the previous epoch's last batches: their index restarts now
                 if run.args.dataloader_num_workers > 0:
-                    self._drain_workers(run, settle=run.meter.wanted(run.timer.steps) > 0)
+                    drain_workers(run, settle=run.meter.wanted(run.timer.steps) > 0)
                 run.meter.new_epoch(self._collate.train, run.timer.steps)
 
     @never_raises
@@ -604,307 +559,29 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             return
         epoch_number = max(1, math.ceil((state.epoch or 0) - 1e-9))
         run.logger.defer("on_epoch_end", functools.partial(
-            self._write_epoch, run.logger, epoch_number, perf_counter() - run.epoch_started_s,
+            write_epoch, run.logger, epoch_number, perf_counter() - run.epoch_started_s,
             state.global_step, state.epoch, rss_mb()))
         run.timer.mark(perf_counter())
-
-    @staticmethod
-    def _write_epoch(tlog: TrainLogger, number: int, duration_s: float, global_step: int, epoch: float,
-                     memory_mb: float | None) -> None:
-        """``epoch_N completed in ...``; an epoch cut short (``max_steps`` reached, training stopped)
-        is ``epoch_N_partial`` with the share of the epoch done (``epoch_fraction``, 0-1)."""
-        tlog.mark(global_step, epoch)
-        fraction = (epoch or 0) - math.floor(epoch or 0)
-        partial = 1e-6 < fraction < 1 - 1e-6
-        extra = {"epoch_fraction": round(fraction, 6)} if partial else {}
-        tlog.log_model_performance(f"epoch_{number}_partial" if partial else f"epoch_{number}", duration_s,
-                                   memory_usage=memory_mb,
-                                   additional_metrics={"global_step": global_step, "epoch": epoch, **extra})
 
     @never_raises
     def on_save(self, args, state, control, **kwargs):
         run = self._run
         if run is None:
             return
-        self._write_checkpoint(run.logger, f"{args.output_dir}/checkpoint-{state.global_step}")
+        write_checkpoint(run.logger, f"{args.output_dir}/checkpoint-{state.global_step}")
         run.timer.mark(perf_counter())
 
-    @staticmethod
-    def _write_checkpoint(tlog: TrainLogger, checkpoint: str) -> None:
-        tlog.log_message(f"Checkpoint saved: {checkpoint}")
-        tlog.log_metrics("checkpoint", {"path": checkpoint})
-
     # ------------------------------------------------------------------ helpers
-
-    def _write_log(self, tlog: TrainLogger, run: _Run | None, global_step: int, state_epoch: float | None,
-                   logs: Mapping[Any, Any], timing: Mapping[str, Any], collate: Mapping[str, Any],
-                   resources: Mapping[str, Any] | None = None, tokens: Mapping[str, int] | None = None,
-                   step_times: list[tuple[int, float, float]] | None = None) -> None:
-        """One ``on_log`` event: ``timing`` and ``collate`` are the interval's sums, drained at the
-        event; ``resources`` the sampler's aggregate taken at the event (None: take it now); ``tokens``
-        this rank's token counts of the interval (:meth:`TokenMeter.take`); ``step_times`` the
-        per-step DEBUG lines of its steps (written in the same record). Run as a deferred job (in the
-        recorder thread), its records carry the event's time (``TrainLogger.defer``)."""
-        tlog.mark(global_step, state_epoch)
-        values = _format.metric_values(logs)
-        for key, value in values.items():
-            if _format.is_non_finite_float(value):
-                tlog._warn(f"Non-finite value: {key}={value} at global_step {global_step}", key=key, value=value)
-        epoch = values.get("epoch", state_epoch)
-        loss_key = _training_loss_key(values)
-        if loss_key is not None:
-            if resources is None:
-                resources = {**run.sampler.drain(), **cuda_memory()} if run is not None and run.sampler else {}
-            metrics = {key: value for key, value in values.items() if key not in (loss_key, "learning_rate", "epoch")}
-            if loss_key != "loss":
-                metrics["loss_name"] = loss_key  # e.g. SetFit's embedding_loss: the JSON keeps "loss"
-            counts = self._token_fields(run, tlog, global_step, values, timing, tokens) if run is not None else {}
-            if not tlog.writes:  # a rank without a file set: its own numbers in its per-rank metrics file
-                tlog.log_metrics("rank_step", {**timing, **collate, **resources, **counts})
-            line = tlog._progress(epoch, global_step, values[loss_key], values.get("learning_rate"), None,
-                                  metrics, timing={**timing, **collate, **resources, **counts},
-                                  step_times=step_times)
-            if run is not None:
-                run.pending.add(run.interval_first_step, global_step, timing, collate)
-                run.interval_first_step = global_step + 1
-                now = perf_counter()
-                if now - run.detail_written_s >= tlog.config.detail_interval_s:
-                    run.detail_written_s = now
-                    self._write_interval(run, *run.pending.take(), resources)
-                self._detect(run, "train", line)
-            return
-        prefix = _speed_prefix(values)
-        if prefix == "train":
-            tlog.log_model_performance("training", values.get("train_runtime"), memory_usage=rss_mb(),
-                                       additional_metrics={k: v for k, v in values.items()
-                                                           if k not in ("train_runtime", "epoch")})
-        elif prefix is not None:
-            metrics = _prefixed_metrics(values, prefix)
-            # collations since the last training log belong to this evaluation
-            line = tlog.log_evaluation(global_step, epoch, values.get(f"{prefix}_loss"), metrics,
-                                       metric_prefix=prefix, values={**values, **collate})
-            if run is not None:
-                self._detect(run, "eval", line)
-        else:
-            values.pop("epoch", None)  # every JSON line has its epoch already
-            tlog.log_message(f"Logged: {_format.fmt_pairs(values)}", category="training_detailed")
-            tlog.log_metrics("log", values)
-
-    @staticmethod
-    def _exchange(run: _Run, global_step: int, values: Mapping[str, Any],
-                  tokens: Mapping[str, int] | None = None) -> None:
-        """Publish this rank's interval numbers (with its token counts); on global rank 0, compare the
-        ranks at every logging step all of them have published (in order, each once) and report the
-        stragglers."""
-        sample = rank_sample(values)
-        if sample is None:
-            return
-        run.exchange.post(global_step, {**sample, **tokens} if tokens else sample)
-        if run.straggler is None:
-            return
-        others = run.others = run.exchange.collect()
-        if len(others) < run.logger.role.world_size - 1:
-            return
-        found: list[Anomaly] = []
-        for step, own in run.exchange.recent:
-            if step <= run.compared_through or not all(step in series for series in others.values()):
-                continue
-            run.compared_through = step
-            found += run.straggler.update(step, {0: own, **{rank: series[step] for rank, series in others.items()}},
-                                          run.exchange.identities)
-        if found:
-            run.logger.defer("straggler", functools.partial(TrainLogCallback._report, run, found))
-
-    def _take_tokens(self, run: _Run, timing: Mapping[str, Any]) -> dict[str, int] | None:
-        """This rank's token counts of the batches the interval's steps trained on (see
-        :meth:`TokenMeter.take`); None without a counting :class:`TimedDataCollator`. With DataLoader
-        workers whose counts are still on their way, waits briefly for them (else they are owed to the
-        next logging step). The first interval with a batch that had nothing to count says so once."""
-        if run.collator is None:
-            return None
-        meter, stats = run.meter, self._collate.train
-        if run.args.dataloader_num_workers > 0 and stats.pending_batches() < meter.wanted(timing["steps"]):
-            self._drain_workers(run, settle=True)
-        if stats.untokenised and not meter.untokenised_noted:
-            meter.untokenised_noted = True
-            run.logger.defer("tokens", functools.partial(
-                run.logger.log_message, "TimedDataCollator: a batch had no 2-D array (tensor or NumPy) under a "
-                "key ending in attention_mask and none under a key ending in input_ids (it was not a mapping, or "
-                "held lists or only inputs_embeds), so its tokens are not counted (num_input_tokens_seen, "
-                "tokens_per_second and mfu_pct come only from batches that have them)", category="data"))
-        tokens = meter.take(stats, timing["steps"])
-        if tokens is not None:
-            run.token_step = run.state.global_step
-        return tokens
-
-    def _token_fields(self, run: _Run, tlog: TrainLogger, global_step: int, values: Mapping[str, Any],
-                      timing: Mapping[str, Any], tokens: Mapping[str, int] | None) -> dict[str, Any]:
-        """``num_input_tokens_seen``, ``tokens_per_second``, ``mfu_pct`` of a train record; in a
-        distributed run also this rank's ``rank_input_tokens`` and ``rank_num_input_tokens_seen``.
-        Global rank 0 sums the ranks' counts of this step from the telemetry exchange, when every rank
-        has published it; else the record has no all-rank count of ours."""
-        world = tlog.role.world_size
-        others = self._others_at(run, global_step) if world > 1 and tokens is not None \
-            and tlog.role.is_world_process_zero else None
-        fields = run.meter.fields(values, timing.get("interval_s"), tokens, others, world)
-        if tokens is not None and world > 1:
-            fields["rank_input_tokens"] = tokens["tokens"]
-            fields["rank_num_input_tokens_seen"] = tokens["tokens_seen"]
-        return fields
-
-    @staticmethod
-    def _others_at(run: _Run, step: int) -> list[dict[str, Any]] | None:
-        """The other ranks' token counts at ``step`` (from the exchange; collected again when some
-        are missing), or None while any rank has not published that step."""
-        exchange = run.exchange
-        if exchange is None:
-            return None
-        world = run.logger.role.world_size
-
-        def complete():
-            series = run.others
-            if len(series) < world - 1 or not all("tokens" in s.get(step, ()) for s in series.values()):
-                return None
-            return [series[rank][step] for rank in sorted(series)]
-
-        found = complete()
-        if found is None and exchange.enabled:
-            run.others = exchange.collect()
-            found = complete()
-        return found
-
-    def _tokens_at_end(self, run: _Run) -> int | None:
-        """For the summary: the Trainer's ``num_input_tokens_seen`` when it counts, else (one process)
-        ours, with the batches of the steps after the last logging step."""
-        state = run.state
-        if _trainer_counts(run.args):
-            return state.num_input_tokens_seen
-        if run.collator is None or run.logger.role.world_size > 1:
-            return None
-        if run.args.dataloader_num_workers > 0:
-            self._drain_workers(run, settle=True)
-        tokens = run.meter.take(self._collate.train, run.timer.steps)
-        return tokens["tokens_seen"] if tokens is not None else None
-
-    def _await_rank_tokens(self, run: _Run, wait_s: float = 2.0) -> None:
-        """At the end of a distributed run, global rank 0 waits (at most ``wait_s``) for every rank's
-        counts of the last logging step, so that its last record has the all-rank count."""
-        step = run.token_step
-        if step is None or run.exchange is None or not run.logger.role.is_world_process_zero \
-                or run.logger.role.world_size < 2:
-            return
-        deadline = _time.monotonic() + wait_s
-        while run.exchange.enabled and self._others_at(run, step) is None and _time.monotonic() < deadline:
-            _time.sleep(0.02)
-
-    @staticmethod
-    def _report(run: _Run, anomalies: list[Anomaly]) -> None:
-        """Write each anomaly once (a WARNING in the error logs, a JSON ``anomaly`` event) and hand it
-        to the alert hooks."""
-        for anomaly in anomalies:
-            if anomaly.kind != "non_finite":  # already a WARNING per non-finite value
-                run.logger._write("errors", "WARNING", [f"Anomaly: {anomaly.message}"])
-            # at the step it is about (a straggler is found at a later logging step than it was compared at)
-            run.logger.log_metrics("anomaly", anomaly.to_dict(), global_step=anomaly.global_step)
-            if run.exporter is not None:
-                run.exporter.count_anomaly(anomaly.kind)
-            if run.alerts is not None:
-                run.alerts.send(anomaly.to_dict())
-
-    @staticmethod
-    def _detect(run: _Run, event: str, line: str | None) -> None:
-        """Feed the record just written, read back exactly as ``seo-trainlog`` reads it, to the
-        detector; write each anomaly once and hand it to the alert hooks."""
-        if run.detector is None or line is None:
-            return
-        record = orjson.loads(line)
-        TrainLogCallback._report(run, run.detector.update(event, record, record.get("global_step")))
-
-    def _write_interval(self, run: _Run, first: int, global_step: int, timing: Mapping[str, Any],
-                        collate: Mapping[str, Any], resources: Mapping[str, Any]) -> None:
-        """The text detail of the logging intervals from step ``first`` to ``global_step``."""
-        tlog = run.logger
-        if timing:
-            tlog.log_message(
-                f"Steps {first}-{global_step}: step time {timing['step_time_s']:.4f}s, "
-                f"data wait {timing['data_wait_s']:.4f}s ({timing['data_wait_pct']:.2f}%), "
-                f"{timing['samples_per_second']:.2f} samples/s", category="training_detailed")
-            data_lines = _format.data_loading_lines(
-                "dataloader", run.train_examples if run.train_examples is not None else "n/a",
-                run.per_device_batch_size, timing["data_wait_s"] * timing["steps"])
-            if timing["data_wait_pct"] > tlog.config.data_wait_warn_pct:
-                tlog._warn(
-                    f"Data loading bottleneck: {timing['data_wait_pct']:.1f}% of the time of steps {first}-"
-                    f"{global_step} was spent waiting for data (threshold {tlog.config.data_wait_warn_pct:g}%). "
-                    f"Try {_more_workers(run.args.dataloader_num_workers)}, "
-                    "dataloader_pin_memory=True on GPU, or tokenising and preparing the data ahead of time "
-                    "(datasets.map) instead of in the collator.",
-                    data_wait_pct=timing["data_wait_pct"], first_step=first, last_step=global_step)
-            self._write_resources(run, first, global_step, timing, resources)
-        else:
-            data_lines = []
-        if collate:
-            data_lines.append(f"Collate: batches={collate['collate_calls']}, total {collate['collate_time_s']:.4f}s, "
-                              f"mean {collate['collate_mean_ms']:.3f} ms, max {collate['collate_max_ms']:.3f} ms")
-        if data_lines:
-            tlog._write("data", "INFO", data_lines)
-
-    def _drain_workers(self, run: _Run | None, settle: bool = False) -> None:
-        """Take the timings DataLoader workers sent; ``settle``: wait briefly for those still on their
-        way (at an evaluation record and at the end of a run, where every batch must be counted)."""
-        collator = run.collator if run is not None else None  # (a run's is known from train begin)
-        if run is None:
-            trainer = find_trainer()
-            candidate = getattr(trainer, "data_collator", None)
-            collator = candidate if isinstance(candidate, TimedDataCollator) else None
-        if collator is not None:
-            collator.drain_worker_timings(settle_s=_WORKER_SETTLE_S if settle else 0.0)
-
-    def _write_remaining_collate(self, run: _Run) -> None:
-        """Collations after the last logging step (the last batches, DataLoader workers' final sums)."""
-        self._drain_workers(run, settle=True)
-        collate = self._collate.train.drain()
-        if collate:
-            run.logger.log_message(
-                f"Collate after the last logging step: batches={collate['collate_calls']}, total "
-                f"{collate['collate_time_s']:.4f}s, max {collate['collate_max_ms']:.3f} ms", category="data")
-            run.logger.log_metrics("data", {"operation": "collate", **collate})
-
-    @staticmethod
-    def _write_resources(run: _Run, first: int, last: int, timing: Mapping[str, Any],
-                         resources: Mapping[str, Any]) -> None:
-        """The interval in the spec's model-performance lines: wall time, peak RSS, mean GPU
-        utilisation, then the mean of every other reading."""
-        gpu_util = _gpu_utilisations(resources)
-        additional = {key: value for key, value in resources.items() if not key.endswith(("_min", "_max"))}
-        additional.update(data_wait_pct=timing["data_wait_pct"], samples_per_second=timing["samples_per_second"])
-        run.logger._write("model", "INFO", _format.performance_lines(
-            f"steps_{first}-{last}", timing["interval_s"], resources.get("rss_mb_max"),
-            sum(gpu_util) / len(gpu_util) if gpu_util else None, additional))
 
     def _write_speed(self, operation: str, state, metrics: Mapping[Any, Any]) -> None:
         run = self._run
         if run is not None:
-            self._write_speed_job(run.logger, operation, state.global_step, state.epoch, metrics)
+            write_speed(run.logger, operation, state.global_step, state.epoch, metrics)
             run.timer.mark(perf_counter())
             return
         with self._logger_outside_run(state) as tlog:
             if tlog is not None:
-                self._write_speed_job(tlog, operation, state.global_step, state.epoch, metrics)
-
-    @staticmethod
-    def _write_speed_job(tlog: TrainLogger, operation: str, global_step: int, epoch: float | None,
-                         metrics: Mapping[Any, Any]) -> None:
-        values = _format.metric_values(metrics)
-        prefix = _speed_prefix(values)
-        tlog.mark(global_step, epoch)
-        runtime = values.get(f"{prefix}_runtime") if prefix else None
-        additional = {key: value for key, value in values.items() if key != f"{prefix}_runtime"}
-        tlog.log_model_performance(operation, runtime, memory_usage=rss_mb(),
-                                   additional_metrics={**additional, "global_step": global_step})
-        if operation == "prediction" and prefix is not None:  # predict() logs nothing through on_log
-            tlog.log_evaluation(global_step, epoch, values.get(f"{prefix}_loss"), _prefixed_metrics(values, prefix),
-                                metric_prefix=prefix, values=values)
+                write_speed(tlog, operation, state.global_step, state.epoch, metrics)
 
     def _elected(self, trainer) -> bool:
         """Of several TrainLogCallbacks on one Trainer, only one writes: explicit config first. The
@@ -989,35 +666,6 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         safe_warn(message)
 
 
-def _more_workers(workers: int) -> str:
-    return "dataloader_num_workers > 0 (now 0)" if not workers else \
-        f"more dataloader_num_workers (now {workers})"
-
-
-def _gpu_utilisations(readings: Mapping[str, Any]) -> list[float]:
-    """The mean ``gpu{i}_util_pct`` of each device among the readings."""
-    return [value for key, value in readings.items()
-            if key.startswith("gpu") and key.endswith("_util_pct") and "_mem_" not in key]
-
-
-def _run_resources(run: _Run) -> dict[str, Any]:
-    """For the summary: peak RSS (MiB), mean GPU utilisation (percent, mean over devices and samples)
-    and the share of step + wait time spent waiting for data (percent), over the whole run."""
-    extra: dict[str, Any] = {}
-    if run.sampler is not None:
-        run.sampler.sample()
-        totals = run.sampler.stats.totals()
-        if "rss_mb_max" in totals:
-            extra["peak_rss_mb"] = totals["rss_mb_max"]
-        gpu_util = _gpu_utilisations(totals)
-        if gpu_util:
-            extra["mean_gpu_util_pct"] = sum(gpu_util) / len(gpu_util)
-    wait = run.timer.total_data_wait_pct()
-    if wait is not None:
-        extra["data_wait_pct"] = wait
-    return extra
-
-
 def _replaced_callback(cls: type) -> TrainLogCallback | None:
     """The instance of ``cls`` transformers' ``Trainer._load_callback_state`` is replacing (its loop
     variable ``callback``), if that is who calls."""
@@ -1037,7 +685,7 @@ def _finish_runs_at_exit() -> None:
 atexit.register(_finish_runs_at_exit)
 
 
-def _status_of(error: BaseException, run: _Run) -> str:
+def _status_of(error: BaseException, run: Run) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
     if isinstance(error, (SystemExit, TerminatedBySignal)) or (run.sigterm is not None and run.sigterm.received):
@@ -1051,27 +699,6 @@ def _is_out_of_memory(error: BaseException) -> bool:
     except ImportError:  # pragma: no cover - accelerate is a dependency
         return False
     return isinstance(error, Exception) and bool(should_reduce_batch_size(error))
-
-
-_NOT_TRAINING_PREFIXES = ("eval_", "test_", "predict_", "val_", "validation_")
-
-
-def _training_loss_key(logs: Mapping[Any, Any]) -> str | None:
-    """The key of a training log's loss: ``loss``, else the first key ending in ``loss`` (SetFit's
-    ``embedding_loss``, a multi-loss trainer's ``lm_loss`` beside ``aux_loss``) in a log that is not an
-    evaluation's or the end of training's; None for any other log. The other ``*loss`` keys stay
-    metrics of the train record."""
-    if "loss" in logs:
-        return "loss"
-    if _speed_prefix(logs) is not None:
-        return None
-    return next((key for key in logs if isinstance(key, str) and key.endswith("loss")
-                 and not key.startswith(_NOT_TRAINING_PREFIXES)), None)
-
-
-def _trainer_counts(args) -> bool:
-    """The Trainer counts ``num_input_tokens_seen`` itself (``include_num_input_tokens_seen``)."""
-    return getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False, None)
 
 
 def _saved_tokens(state) -> tuple[int, int] | None:
@@ -1096,95 +723,3 @@ def _resumed_from(state) -> str | None:
     return os.fspath(checkpoint) if checkpoint is not None else None
 
 
-def _prefixed_metrics(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """An evaluation's metrics: its ``<prefix>_*`` values but the loss and Trainer's own timings
-    (``<prefix>_runtime``...; a metric of the user's named ``<prefix>_decode_runtime`` stays)."""
-    skipped = {f"{prefix}_loss", *(f"{prefix}{suffix}" for suffix in SPEED_SUFFIXES)}
-    return {key: value for key, value in values.items() if key.startswith(f"{prefix}_") and key not in skipped}
-
-
-def _speed_prefix(metrics: Mapping[str, Any]) -> str | None:
-    """``eval`` for ``eval_runtime``, ``test`` for ``test_runtime``...: the prefix of the speed metrics
-    Trainer adds (``<p>_runtime`` with ``<p>_samples_per_second``); None without them."""
-    for key in metrics:
-        if isinstance(key, str) and key.endswith("_runtime"):
-            prefix = key[: -len("_runtime")]
-            if f"{prefix}_samples_per_second" in metrics or f"{prefix}_steps_per_second" in metrics:
-                return prefix
-    return None
-
-
-def _dataset_size(dataloader) -> int | None:
-    try:
-        return len(dataloader.dataset)
-    except Exception:
-        return None
-
-
-def _safely(build: Callable[[], Any]) -> Any:
-    try:
-        return build()
-    except Exception as exc:
-        return f"<unavailable: {type(exc).__name__}: {_format.safe_str(exc)}>"
-
-
-def _eval_examples(eval_dataloader, trainer) -> int | dict[str, int | None] | None:
-    """Rows of the evaluation data: the dataloader's, else the trainer's ``eval_dataset`` (a dict of
-    datasets gives a dict of sizes)."""
-    size = _dataset_size(eval_dataloader)
-    if size is not None:
-        return size
-    dataset = getattr(trainer, "eval_dataset", None)
-    if isinstance(dataset, Mapping):
-        return {str(name): _length(part) for name, part in dataset.items()}
-    return _length(dataset)
-
-
-def _length(dataset) -> int | None:
-    try:
-        return len(dataset)
-    except Exception:
-        return None
-
-
-def _model_facts(model) -> dict[str, Any]:
-    """The model's class, parameter counts (one pass) and config (``to_dict``)."""
-    def counts() -> tuple[int, int]:
-        total = trainable = 0
-        for parameter in model.parameters():
-            count = parameter.numel()
-            total += count
-            if parameter.requires_grad:
-                trainable += count
-        return total, trainable
-
-    counted = _safely(counts)
-    facts: dict[str, Any] = {"class": type(model).__name__,
-                             "parameters": counted[0] if isinstance(counted, tuple) else counted,
-                             "trainable_parameters": counted[1] if isinstance(counted, tuple) else counted}
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        facts["config"] = _safely(config.to_dict)
-    return facts
-
-
-def _hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer=None) -> dict[str, Any]:
-    """Dataset sizes and run shape, taken now; the places of TrainingArguments (``to_dict`` blanks
-    ``*_token`` fields) and the model's facts, which ``_write_begin`` fills (:func:`_model_facts`).
-    A part that cannot be read is written as ``<unavailable: ...>``; training is never stopped here."""
-    values: dict[str, Any] = {"training_args": None}  # filled by _write_begin, as "model" is
-    if model is not None:
-        values["model"] = None
-    values["data"] = {"train_examples": _dataset_size(train_dataloader),
-                      "eval_examples": _eval_examples(eval_dataloader, trainer)}
-    values["run"] = {
-        "world_size": args.world_size,
-        "max_steps": state.max_steps,
-        "num_train_epochs": state.num_train_epochs,
-        "train_batch_size": state.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "start_global_step": state.global_step,
-        "trial_name": state.trial_name,
-        "trial_params": state.trial_params,
-    }
-    return values

@@ -4,12 +4,10 @@ import itertools
 import os
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from threading import get_ident
-from time import perf_counter, thread_time
-from time import time as _time
+from time import perf_counter
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,6 +25,7 @@ from .rank import agree_on_run_id, process_role
 from .._safety import mark_logged, never_raises, safe_warn, was_logged
 from .._secrets import REDACTOR, mask_mapping
 from .manifest import MANIFEST_EVENTS, RunManifest, manifest_path
+from .recorder import Recorder
 from .sinks import SINK_FAILURES, RunSinks, claim_stamp, file_path, logger, open_sinks, prepare_log_dir
 
 SCHEMA_VERSION = 1  # of the JSON metrics lines; readers refuse files of a newer schema
@@ -117,7 +116,7 @@ class TrainLogger:
     Use as a context manager, or call :meth:`close` (it removes exactly the handlers it added).
     """
 
-    _recorder: _Recorder | None = None  # the thread writing deferred events, from the first one on
+    _recorder: Recorder | None = None  # the thread writing deferred events, from the first one on
 
     def __init__(self, config: LogConfig | None = None, *, run_id: str | None = None,
                  joinable: bool = True, resume: bool = False) -> None:
@@ -555,7 +554,7 @@ class TrainLogger:
             return
         recorder = self._recorder
         if recorder is None:
-            recorder = self._recorder = _Recorder(self, self.config.flush_interval_s)
+            recorder = self._recorder = Recorder(self._internal_error, self.config.flush_interval_s)
         recorder.submit(name, job)
 
     def _settle(self, force: bool = False) -> None:
@@ -695,101 +694,6 @@ class TrainLogger:
         if "closed" not in self._failed_methods:
             self._failed_methods.add("closed")
             safe_warn(f"TrainLogger run {self.run_id} is closed; a {where} record was not written")
-
-
-class _Recorder:
-    """The thread that runs a :class:`TrainLogger`'s deferred jobs, oldest first (what TensorBoard's
-    ``SummaryWriter`` and Trackio do: the training thread enqueues, one thread formats and writes).
-
-    ``submit`` is an append (no lock, no wake-up): the thread wakes every ``interval_s`` seconds, or
-    when :meth:`drain` asks. :meth:`drain` returns once every job submitted before it has run;
-    where the thread is gone (interpreter shutdown, a forked child) the caller runs them itself.
-    """
-
-    def __init__(self, tlog: TrainLogger, interval_s: float) -> None:
-        self._tlog = tlog
-        self._interval_s = interval_s
-        self._jobs: deque[tuple[str, Callable[[], Any], float]] = deque()
-        self._cond = threading.Condition(threading.RLock())  # RLock: a signal handler may drain again
-        self._run_lock = threading.RLock()  # one runner at a time (the thread, or a caller after it)
-        self._wake = False
-        self._stopping = False
-        self.submitted = 0
-        self.done = 0
-        self.running_in: int | None = None  # the thread running a job, while it does
-        self.event_time: datetime | None = None  # while a job runs: when its event happened
-        self.cpu_s = 0.0
-        self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._loop, name="seo_trainlog-recorder", daemon=True)
-        self._thread.start()
-
-    def submit(self, name: str, job: Callable[[], Any]) -> None:
-        self._jobs.append((name, job, _time()))
-        self.submitted += 1  # (one submitting thread: the deferring one)
-
-    def idle(self) -> bool:
-        return self.done >= self.submitted
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                if not self._wake and not self._stopping:
-                    self._cond.wait(self._interval_s)
-                self._wake = False
-                if self._stopping and not self._jobs:
-                    return
-            try:
-                self._run_queued()
-            except Exception:  # (each job's failure is reported by _run) the recorder must go on
-                pass
-
-    def _run_queued(self) -> None:
-        with self._run_lock:
-            started_s = thread_time()
-            ran = 0
-            try:
-                while self._jobs:
-                    name, job, at_s = self._jobs.popleft()
-                    self._run(name, job, at_s)
-                    ran += 1
-            finally:
-                self.cpu_s += thread_time() - started_s
-                with self._cond:
-                    self.done += ran
-                    self._cond.notify_all()
-
-    def _run(self, name: str, job: Callable[[], Any], at_s: float) -> None:
-        self.running_in = get_ident()
-        self.event_time = datetime.fromtimestamp(at_s).astimezone()
-        try:
-            job()
-        except Exception as exc:
-            self._tlog._internal_error(name, exc)
-        finally:
-            self.running_in = self.event_time = None
-
-    def _alive(self) -> bool:
-        return self._pid == os.getpid() and self._thread.is_alive()
-
-    def drain(self) -> None:
-        target = self.submitted
-        with self._cond:
-            self._wake = True
-            self._cond.notify_all()
-            while self.done < target and self._alive():
-                self._cond.wait(0.05)
-        if self.done < target:  # the thread is gone: run what is left here
-            self._run_queued()
-
-    def stop(self) -> None:
-        """Run every job left, then end the thread (joined, unless called from it)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not threading.current_thread() and self._alive():
-            self._thread.join()
-        if self._jobs:
-            self._run_queued()
 
 
 def _stderr_notice(notice: str) -> None:
