@@ -122,7 +122,7 @@ def _expand(value: Any) -> Any:
 
 
 def _mask(value: Any, kind: str | None, depth: int) -> Any:
-    if kind is None and (type(value) in _PLAIN or isinstance(value, _PLAIN)):  # nothing to look into (enums too)
+    if kind is None and isinstance(value, _PLAIN):  # nothing to look into (str and int enums too)
         return value
     if depth > MAX_DEPTH:
         return MASK
