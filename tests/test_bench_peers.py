@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 METRICS = {"callback_cpu_share", "wall_ratio", "start_ms", "exit_ms", "exit_added_ms", "peak_rss_added_mb",
            "threads_started", "python_threads_started", "bytes_per_logged_step", "on_train_begin_ms", "import_ms",
            "train_s", "train_cpu_s", "callback_cpu_s", "callback_cpu_ms_per_log",
-           "helper_processes_cpu_s", "background_cpu_s", "background_cpu_ms_per_log"}
+           "helper_processes_cpu_s", "background_cpu_s", "background_cpu_ms_per_log", "recorder_cpu_s",
+           "logger_cpu_share"}
 
 
 def test_bench_peers_writes_one_row_per_configuration(tmp_path):
@@ -39,17 +42,23 @@ def test_bench_peers_writes_one_row_per_configuration(tmp_path):
     # no reporting callback: nothing inside one, nothing written, a ratio of exactly 1 to itself
     assert none["callback_cpu_share"]["median"] == 0 and none["bytes_per_logged_step"]["median"] == 0
     assert none["wall_ratio"]["median"] == 1 and none["start_ms"]["median"] == 0
-    assert none["background_cpu_s"]["median"] == 0  # no recorder thread without us
+    assert none["background_cpu_s"]["median"] == 0  # no logger: no thread started after the Trainer was built
+    assert none["recorder_cpu_s"]["median"] == 0 and none["logger_cpu_share"]["median"] == 0
     # ours: its callback's events took CPU, its import and on_train_begin took time, its files were written
     assert 0 < ours["callback_cpu_share"]["median"] < 1
     assert ours["import_ms"]["median"] > 0 and ours["on_train_begin_ms"]["median"] > 0
     assert ours["bytes_per_logged_step"]["median"] > 0
-    # the logging steps were formatted and written in our recorder thread, and its CPU is counted
-    assert ours["background_cpu_s"]["median"] > 0
+    # the logging steps were formatted and written in our recorder thread, and its CPU is counted, with
+    # the other threads we start (flusher, sampler), in the threads' CPU
+    assert 0 < ours["recorder_cpu_s"]["median"] < ours["background_cpu_s"]["median"]
     assert ours["background_cpu_ms_per_log"]["median"] == ours["background_cpu_s"]["median"] * 1e3 / 6
+    (run,) = ours["runs"]
+    assert run["logger_cpu_share"] == pytest.approx(
+        (run["callback_cpu_s"] + run["background_cpu_s"] + run["helper_processes_cpu_s"]) / run["train_cpu_s"])
     assert "seo_trainlog" in completed.stdout and "CPU in callback" in completed.stdout
     table_md = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_peers.py"), "--markdown", str(output)],
                               capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
-    assert len(table_md) == 4 and table_md[1] == "|" + "---|" * 12
-    assert table_md[2].startswith("| tiny, logging_steps=1 | none | 0.00 % (0.00-0.00) | 0.00 | 0.00 | 1.000 (1.000-1.000) | 0 |")
+    assert len(table_md) == 4 and table_md[1] == "|" + "---|" * 13
+    assert table_md[2].startswith("| tiny, logging_steps=1 | none | 0.00 % (0.00-0.00) | 0.00 | 0.00 | 0.00 % | "
+                                  "1.000 (1.000-1.000) | 0 |")
     assert table_md[3].startswith("| tiny, logging_steps=1 | seo_trainlog | ")
