@@ -8,7 +8,7 @@ import json
 import re
 import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 MASK = "<redacted>"
@@ -136,6 +136,17 @@ def _mask(value: Any, kind: str | None, depth: int) -> Any:
             REDACTOR.add(value)
         return MASK
     return value
+
+
+def secret_keys(keys: Iterable[Any]) -> list[str]:
+    """The keys of ``keys`` for which :func:`is_secret_key` is true, in order: one search of all the
+    names joined (a ``TrainingArguments`` has about 120) rather than one per name."""
+    names = [str(key) for key in keys]
+    plain = [index for index, name in enumerate(names) if "\n" not in name]  # (a name with a newline: alone)
+    joined = "\n".join(names[index] for index in plain).lower()  # (lower() never makes a newline)
+    candidates = {plain[joined.count("\n", 0, match.start())] for match in _TRIGGER.finditer(joined)}
+    candidates.update(index for index, name in enumerate(names) if "\n" in name)
+    return [names[index] for index in sorted(candidates) if secret_kind(names[index]) is not None]
 
 
 def remember_secrets(values: Mapping[Any, Any]) -> None:

@@ -143,3 +143,137 @@ def test_the_manifest_of_a_new_segment_is_written_by_the_flusher_at_once(log_dir
         assert [(s["segment"], s["status"], s["start_global_step"]) for s in manifest["segments"]] == [(1, "running", 0)]
     manifest = json.loads(path.read_text(encoding="utf-8"))
     assert [(s["segment"], s["status"]) for s in manifest["segments"]] == [(1, "abandoned")]
+
+
+def test_a_logger_opened_in_the_background_opens_its_files_in_the_recorder_thread(log_dir, monkeypatch):
+    """The callback's way of opening a run: the constructor returns before the files are open, and
+    a record written meanwhile, from the opening thread or another one, waits and lands after run_start."""
+    import threading
+    import time
+
+    from seo_trainlog.record import logger as logger_module
+
+    opened_in, release = [], threading.Event()
+    real_open_sinks = logger_module.open_sinks
+
+    def slow_open_sinks(*args, **kwargs):
+        opened_in.append(threading.current_thread().name)
+        release.wait(30)  # held open until the records below are on their way
+        return real_open_sinks(*args, **kwargs)
+
+    monkeypatch.setattr(logger_module, "open_sinks", slow_open_sinks)
+    tlog = TrainLogger(quiet(log_dir), open_in_background=True)
+    try:
+        # not opened yet: only the file that claimed the run id exists
+        assert [name for name, path in tlog.files.items() if path.exists()] == [CATEGORIES[0].name]
+        other = threading.Thread(target=tlog.log_message, args=("from another thread",))
+        other.start()
+        time.sleep(0.05)
+        assert other.is_alive()  # waiting for the files, not written into the void
+        release.set()
+        tlog.log_message("from the opening thread")
+        other.join(30)
+    finally:
+        release.set()
+        tlog.close()
+    assert opened_in == ["seo_trainlog-recorder"]
+    run = RunFiles(log_dir, tlog.run_id)
+    messages = run.messages("seo_engine")
+    assert messages[0].startswith(f"Run {tlog.run_id} started")
+    assert set(messages[1:]) == {"from another thread", "from the opening thread"}
+    assert [row["event"] for row in run.records()][0] == "run_start"
+
+
+def test_the_callback_writes_begin_and_end_in_the_recorder_thread_and_train_returns_with_them_on_disk(
+        log_dir, monkeypatch, make_trainer):
+    import threading
+
+    from seo_trainlog import TrainLogCallback
+    from seo_trainlog.record import logger as logger_module
+
+    threads = {}
+    for name in ("log_training_summary", "log_hyperparameters", "_open"):
+        real = getattr(logger_module.TrainLogger, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            threads.setdefault(_name, threading.current_thread().name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(logger_module.TrainLogger, name, spy)
+    trainer = make_trainer(max_steps=3, callbacks=[TrainLogCallback(quiet(log_dir))])
+    before = set(threading.enumerate())
+    trainer.train()
+    assert threads == {"_open": "seo_trainlog-recorder", "log_hyperparameters": "seo_trainlog-recorder",
+                       "log_training_summary": "seo_trainlog-recorder"}
+    run = RunFiles(log_dir)
+    assert [row["status"] for row in run.records("summary")] == ["completed"]  # on disk when train() returned
+    assert "TRAINING SUMMARY" in run.path("training_progress").read_text(encoding="utf-8")
+    assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith("seo_trainlog-")] == []
+
+
+def test_secret_keys_finds_what_is_secret_key_finds():
+    from transformers import TrainingArguments
+
+    names = list(vars(TrainingArguments(output_dir="x", hub_token="hf_abcdefghij", use_cpu=True))) + [
+        "HFToken", "sessionToken", "WANDB_API_KEY", "x-api-key", "db_pwd", "PWD", "Authorization",
+        "password_length", "pad_token", "tokenizer_class", "credit_score", "keyword", "monkey", "İ_token", "",
+        "a\nb_token"]
+    expected = [name for name in names if _secrets.is_secret_key(name)]
+    assert "hub_token" in expected and "WANDB_API_KEY" in expected
+    assert "a\nb_token" in expected
+    assert _secrets.secret_keys(names) == expected
+
+
+def test_the_default_rotation_taken_without_loguru_is_one_loguru_accepts():
+    import pytest
+
+    from seo_trainlog import LogConfig
+    from seo_trainlog._config import _ACCEPTED_ROTATIONS
+    from seo_trainlog.record.sinks import probe_file_options
+
+    assert LogConfig().rotation in _ACCEPTED_ROTATIONS
+    for rotation in sorted(_ACCEPTED_ROTATIONS):
+        probe_file_options(rotation=rotation)  # raises for a value loguru refuses
+    with pytest.raises(ValueError, match="rotation"):
+        LogConfig(rotation="ten megabytes")
+    assert "ten megabytes" not in _ACCEPTED_ROTATIONS
+
+
+def test_step_marks_folded_at_a_logging_step_give_what_the_step_methods_give():
+    """The hot path appends perf_counter readings (begin +, end -); folding them in order is the
+    same arithmetic as step_begin/step_end, marks and epoch starts included."""
+    from seo_trainlog.watch.timing import StepTimer, step_times
+
+    events = [("begin", 1.0), ("end", 1.5), ("begin", 1.75), ("end", 2.5), ("mark", 3.0), ("begin", 3.5),
+              ("end", 4.0), ("epoch", None), ("begin", 10.0), ("end", 10.25), ("begin", 10.5)]
+    by_methods, by_marks = StepTimer(), StepTimer()
+    by_marks.ended = []
+    elapsed = []
+    for kind, at in events:
+        if kind == "begin":
+            by_methods.step_begin(at)
+            by_marks.marks.append(at)
+        elif kind == "end":
+            elapsed.append(by_methods.step_end(at))
+            by_marks.marks.append(-at)
+        elif kind == "mark":
+            by_methods.mark(at)
+            by_marks.mark(at)
+        else:
+            by_methods.new_epoch()
+            by_marks.new_epoch()
+    assert by_marks.steps == by_methods.steps == 4
+    assert by_marks.drain(8) == by_methods.drain(8) == {
+        "steps": 4, "step_time_s": 2.0 / 4, "data_wait_s": 1.0 / 4, "data_wait_pct": 100 * 1.0 / 3.0,
+        "samples_per_second": 4 * 8 / 3.0, "interval_s": 3.0}
+    assert elapsed == [0.5, 0.75, 0.5, 0.25]
+    assert by_marks.ended == [1.0, -1.5, 1.75, -2.5, 3.5, -4.0, 10.0, -10.25]  # (begin, -end) of each step
+    kept = by_marks.take_ended()
+    assert by_marks.ended == [] and by_marks.take_ended() == []
+    assert step_times(kept, 7, wall_s=1000.0, now_s=20.0) == [  # a step's end on the wall clock: 1000 - (20 - end)
+        (4, 0.5, 981.5), (5, 0.75, 982.5), (6, 0.5, 984.0), (7, 0.25, 990.25)]
+    by_methods.step_end(11.0)
+    by_marks.marks.append(-11.0)  # the step begun before the drain ends after it
+    assert by_marks.drain(8) == by_methods.drain(8) == {
+        "steps": 1, "step_time_s": 0.5, "data_wait_s": 0.0, "data_wait_pct": 0.0, "samples_per_second": 16.0,
+        "interval_s": 0.5}

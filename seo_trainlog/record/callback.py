@@ -10,7 +10,7 @@ import re
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from time import perf_counter, time
+from time import perf_counter
 from typing import Any
 
 from transformers import TrainerCallback
@@ -22,13 +22,13 @@ from .guard import TrainerGuard, caller_local, find_trainer
 from .logger import TrainLogger, innermost_open_logger
 from .rank import TelemetryExchange, launch_store, writes_shared_files
 from .run import (Run, await_rank_tokens, drain_workers, exchange_interval, run_resources, speed_prefix,
-                  take_tokens, tokens_at_end, trainer_counts, training_loss_key, write_checkpoint, write_epoch,
+                  take_step_times, take_tokens, tokens_at_end, trainer_counts, training_loss_key, write_checkpoint, write_epoch,
                   write_interval, write_log, write_remaining_collate, write_speed)
 from .signals import SigtermHook, TerminatedBySignal
 from .sinks import logging_busy
 from .._config import LogConfig
 from .._safety import mark_logged, never_raises, safe_warn, was_logged
-from .._secrets import is_secret_key, remember_secrets
+from .._secrets import remember_secrets, secret_keys
 from ..watch import prometheus as _prometheus
 from ..watch.alerts import AlertDispatcher, AlertHook
 from ..watch.anomaly import KINDS, AnomalyDetector, StragglerDetector, settings_of
@@ -140,6 +140,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         self.config = config
         self.alert_hooks = list(alert_hooks)
         self._run: Run | None = None
+        self._marks: list[float] | None = None  # the open run's StepTimer.marks (the hot path appends)
         self._last_run: tuple[LogConfig, str] | None = None
         self._failed_events: set[str] = set()
         self._collate = CollateSums()  # the timings of our Trainer's TimedDataCollator
@@ -212,7 +213,12 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             interval_first_step=state.global_step + 1,
         )
         self._run = run
+        self._watch_steps(run)
         _OPEN_RUNS.add(self)
+        # to_dict() blanks hub_token: the value itself is learnt, first of the recorder thread's jobs
+        # after the opening (anything written from this thread waits for them; the nested values are
+        # masked, and learnt, with the hyperparameters)
+        tlog.defer("on_train_begin", functools.partial(_remember_argument_secrets, args))
         if trainer is not None:
             self._guard(run, trainer)
         run.sigterm = SigtermHook(functools.partial(self._on_sigterm, run), busy=logging_busy)
@@ -220,7 +226,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         primary = tlog.role.is_world_process_zero  # anomalies and alerts: global rank 0 only, never twice
         if primary and config.detect_anomalies:
             run.detector = AnomalyDetector(config)
-            tlog.log_metrics("detector", {"settings": settings_of(config)})
+            tlog.defer("on_train_begin", functools.partial(tlog.log_metrics, "detector",
+                                                           {"settings": settings_of(config)}))
             if self.alert_hooks or config.alert_cmd:
                 run.alerts = AlertDispatcher(self.alert_hooks, config.alert_cmd, config.alert_timeout_s,
                                              report_failure=tlog._warn)
@@ -240,12 +247,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             run.sampler.start()
         if _prometheus.configured(config):  # on every rank: each exports its own series
             self._open_exporter(run, tlog, state)
-        # to_dict() blanks hub_token: learn the value itself (the nested values are masked, and learnt,
-        # with the hyperparameters; looking into every argument's value here cost 1 ms at a first run)
-        remember_secrets({key: value for key, value in vars(args).items() if is_secret_key(key)})
         self.run_id = tlog.run_id
-        tlog.mark(state.global_step, state.epoch)
-        tlog.start_segment(state.global_step, _resumed_from(state))
+        # what follows is written by the recorder thread, in this order, after the run's files are open
+        tlog.defer("on_train_begin", functools.partial(tlog.mark, state.global_step, state.epoch))
+        tlog.defer("on_train_begin", functools.partial(tlog.start_segment, state.global_step,
+                                                       _resumed_from(state)))
         hyperparameters = gather_hyperparameters(args, state, model, train_dataloader, eval_dataloader, trainer)
         resumed = f", resuming at global_step {state.global_step}" if state.global_step else ""
         trial = ", hyperparameter search trial " + " ".join(
@@ -275,11 +281,11 @@ class TrainLogCallback(TrainerCallback, ExportableState):
     def _measure(run: Run, tlog: TrainLogger, args, state, model) -> None:
         """What ``mfu_pct`` needs: trainable parameters, layers and hidden size of the model's config,
         the peak FLOP/s of the run's devices (``LogConfig.peak_tflops``, else the table by the NVML
-        name of this rank's GPU and the dtype of ``args``; none on CPU) times the world size."""
+        name of this rank's GPU and the dtype of ``args``; none on CPU) times the world size. Without
+        a peak there is no MFU, and the parameters are not counted here (the hyperparameters' record
+        counts them, in the recorder thread)."""
         meter = run.meter
         meter.workers = max(1, int(args.dataloader_num_workers or 0))
-        if model is not None:
-            meter.trainable_parameters, meter.num_layers, meter.hidden_size = model_shape(model)
         meter.trainer_seen = getattr(state, "num_input_tokens_seen", None) or 0
         if state.global_step and not trainer_counts(args):
             # resumed without the Trainer's count: go on from the checkpoint's count, else say where ours began
@@ -295,6 +301,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             peak = peak_tflops_for(name, training_dtype(args)) if name else None
         if peak is not None:
             meter.peak_flops = peak * 1e12 * max(1, tlog.role.world_size)
+            if model is not None:  # (a pass over the parameters: only where MFU is computed)
+                meter.trainable_parameters, meter.num_layers, meter.hidden_size = model_shape(model)
 
     @staticmethod
     def _open_exporter(run: Run, tlog: TrainLogger, state) -> None:
@@ -335,11 +343,22 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         run.samples_per_step = (state.train_batch_size or run.per_device_batch_size) \
             * args.gradient_accumulation_steps * max(1, args.world_size)
         run.timer = StepTimer()
+        self._watch_steps(run)
         run.meter.substeps = run.meter.owed = run.meter.epoch_batches = run.meter.credit_steps = 0
         self._collate.train.pending.clear()  # batches read ahead for the failed attempt
         run.logger.log_message(f"Training restarted by auto_find_batch_size with train_batch_size="
                                f"{state.train_batch_size}")
         run.timer.mark(perf_counter())
+
+    def _watch_steps(self, run: Run | None) -> None:
+        """The list on_step_begin/on_step_end append to: ``run``'s timer's marks (None: no run). With
+        per-step detail (a DEBUG line per step) the timer keeps each step's end and time."""
+        if run is None:
+            self._marks = None
+            return
+        if run.per_step_detail:
+            run.timer.ended = []
+        self._marks = run.timer.marks
 
     @never_raises
     def on_train_end(self, args, state, control, **kwargs):
@@ -402,7 +421,39 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         if run is None or os.getpid() != run.pid:  # a forked child never closes its parent's run
             return
         self._run = None
+        self._watch_steps(None)
         _OPEN_RUNS.discard(self)
+        tlog = run.logger
+        # the summary is written, and the run's threads stopped, by the recorder thread (the training
+        # thread waits for it below, in flush() or close(): a wait, not work)
+        tlog.defer("on_train_end", functools.partial(self._write_end, run, status, perf_counter() - run.started_s))
+        try:
+            if run.alerts is not None:
+                tlog.flush()  # the summary on disk before any wait for alerts: a second Ctrl-C loses nothing
+                try:
+                    run.alerts.close(wait_s=tlog.config.alert_timeout_s, completed=status == "completed")
+                except BaseException as exc:  # a second Ctrl-C during the wait: the run is recorded already
+                    mark_logged(exc)
+                    raise
+        finally:
+            try:
+                if run.owns_logger:
+                    tlog.close()
+                else:
+                    tlog.release_training()
+                    tlog.flush()
+            finally:
+                if run.sigterm is not None:  # (from the main thread: signal handlers are set there only)
+                    run.sigterm.remove()
+                self._last_run = (tlog.config, tlog.run_id)
+                self._collate.logger = None
+                self._collate.phase = "train"
+                if _thread_sums() is self._collate:  # (a thread-local binding: the training thread's)
+                    bind_thread(None)
+
+    def _write_end(self, run: Run, status: str, duration_s: float) -> None:
+        """The run's last records (the remaining interval, collate timings, the training summary with
+        status ``status``), then its guard, sampler and exporter stopped."""
         state, tlog = run.state, run.logger
         try:
             losses = [_format.to_number(entry[key]) for entry in state.log_history or ()
@@ -414,15 +465,15 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             if state.best_metric is not None:
                 extra["best_metric"] = state.best_metric
                 extra["best_model_checkpoint"] = state.best_model_checkpoint
-            await_rank_tokens(run)  # before mark(): that writes the deferred records
+            await_rank_tokens(run)
             seen = tokens_at_end(run)
             if seen is not None:
                 extra["num_input_tokens_seen"] = seen
                 if run.meter.counted_from is not None and not trainer_counts(run.args):
                     extra["tokens_counted_from_global_step"] = run.meter.counted_from
             tlog.mark(state.global_step, state.epoch)
-            if run.step_times:
-                steps, run.step_times = run.step_times, []
+            steps = take_step_times(run, state.global_step)
+            if steps:
                 tlog.write_step_times(steps)
             if not run.pending.empty:
                 write_interval(run, *run.pending.take(), run.sampler.drain() if run.sampler else {})
@@ -431,54 +482,34 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             tlog.log_training_summary(
                 total_epochs=state.epoch or 0, total_steps=state.global_step,
                 final_loss=losses[-1] if losses else None, best_loss=min(losses) if losses else None,
-                training_duration=perf_counter() - run.started_s,
+                training_duration=duration_s,
                 early_stopping_triggered=status == "completed" and 0 < state.global_step < state.max_steps,
                 status=status, extra=extra)
             tlog.log_message(f"Training {status}: global_step={state.global_step}")
         finally:
             if run.guard is not None:
                 run.guard.remove()
-            if run.sigterm is not None:
-                run.sigterm.remove()
             if run.sampler is not None:
                 run.sampler.stop()
             if run.exporter is not None:
                 if run.exporter.count_error in tlog.error_hooks:
                     tlog.error_hooks.remove(run.exporter.count_error)
                 run.exporter.finish(status)
-            self._last_run = (tlog.config, tlog.run_id)
-            self._collate.logger = None
-            self._collate.phase = "train"
-            if _thread_sums() is self._collate:
-                bind_thread(None)
-            try:
-                if run.alerts is not None:
-                    tlog.flush()  # the summary on disk before any wait for alerts: a second Ctrl-C loses nothing
-                    try:
-                        run.alerts.close(wait_s=tlog.config.alert_timeout_s, completed=status == "completed")
-                    except BaseException as exc:  # a second Ctrl-C during the wait: the run is recorded already
-                        mark_logged(exc)
-                        raise
-            finally:
-                if run.owns_logger:
-                    tlog.close()
-                else:
-                    tlog.release_training()
-                    tlog.flush()
 
     # ------------------------------------------------------------------ per step (hot path)
 
+    # A step costs the training loop two appends of a perf_counter() reading to the run's StepTimer
+    # marks (begin positive, end negative), folded into the interval's sums at the next logging step.
+
     def on_step_begin(self, args, state, control, **kwargs):
-        run = self._run
-        if run is not None:
-            run.timer.step_begin(perf_counter())
+        marks = self._marks
+        if marks is not None:
+            marks.append(perf_counter())
 
     def on_step_end(self, args, state, control, **kwargs):
-        run = self._run
-        if run is not None:
-            elapsed = run.timer.step_end(perf_counter())
-            if run.per_step_detail:  # a DEBUG line per step, written as one record at the logging step
-                run.step_times.append((state.global_step, elapsed, time()))
+        marks = self._marks
+        if marks is not None:
+            marks.append(-perf_counter())
 
     def on_substep_end(self, args, state, control, **kwargs):
         run = self._run
@@ -505,9 +536,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         evaluation = not training and speed_prefix(logs) not in (None, "train")
         drain_workers(run, settle=evaluation)
         collate = self._collate.train.drain() if training else self._collate.eval.drain() if evaluation else {}
-        steps = None
-        if run.step_times:
-            steps, run.step_times = run.step_times, []
+        steps = take_step_times(run, state.global_step)
+        if steps:
             if not training:
                 run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))
         tokens = take_tokens(run, timing) if training and timing else None
@@ -560,7 +590,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         epoch_number = max(1, math.ceil((state.epoch or 0) - 1e-9))
         run.logger.defer("on_epoch_end", functools.partial(
             write_epoch, run.logger, epoch_number, perf_counter() - run.epoch_started_s,
-            state.global_step, state.epoch, rss_mb()))
+            state.global_step, state.epoch, rss_mb))
         run.timer.mark(perf_counter())
 
     @never_raises
@@ -609,8 +639,8 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 and active.claim_training():  # not while a Trainer in another thread trains in it
             return active, False
         config = self.config or (active.config if active is not None else None) or LogConfig.from_env()
-        return TrainLogger(config, run_id=resumed_run_id, joinable=False,
-                           resume=resumed_run_id is not None), True
+        return TrainLogger(config, run_id=resumed_run_id, joinable=False, resume=resumed_run_id is not None,
+                           open_in_background=True), True
 
     def _resumed_run_id(self, state) -> str | None:
         """The run a resumed ``train()`` continues: the run id our state in the checkpoint's
@@ -664,6 +694,12 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             except Exception:
                 pass
         safe_warn(message)
+
+
+def _remember_argument_secrets(args) -> None:
+    """Teach the redactor the values of ``args``' secret-looking attributes (``hub_token``...)."""
+    arguments = vars(args)
+    remember_secrets({key: arguments[key] for key in secret_keys(arguments)})
 
 
 def _replaced_callback(cls: type) -> TrainLogCallback | None:

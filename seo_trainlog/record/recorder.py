@@ -39,9 +39,14 @@ class Recorder:
         self._thread = threading.Thread(target=self._loop, name="seo_trainlog-recorder", daemon=True)
         self._thread.start()
 
-    def submit(self, name: str, job: Callable[[], Any]) -> None:
+    def submit(self, name: str, job: Callable[[], Any], wake: bool = False) -> None:
+        """Queue ``job``; with ``wake`` the thread runs the queue now rather than at its next interval."""
         self._jobs.append((name, job, _time()))
         self.submitted += 1  # (one submitting thread: the deferring one)
+        if wake:
+            with self._cond:
+                self._wake = True
+                self._cond.notify_all()
 
     def idle(self) -> bool:
         return self.done >= self.submitted
@@ -84,7 +89,8 @@ class Recorder:
         finally:
             self.running_in = self.event_time = None
 
-    def _alive(self) -> bool:
+    def alive(self) -> bool:
+        """The thread runs (in this process: a forked child has none)."""
         return self._pid == os.getpid() and self._thread.is_alive()
 
     def drain(self) -> None:
@@ -92,7 +98,7 @@ class Recorder:
         with self._cond:
             self._wake = True
             self._cond.notify_all()
-            while self.done < target and self._alive():
+            while self.done < target and self.alive():
                 self._cond.wait(0.05)
         if self.done < target:  # the thread is gone: run what is left here
             self._run_queued()
@@ -102,7 +108,7 @@ class Recorder:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not threading.current_thread() and self._alive():
+        if self._thread is not threading.current_thread() and self.alive():
             self._thread.join()
         if self._jobs:
             self._run_queued()

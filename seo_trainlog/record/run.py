@@ -12,7 +12,7 @@ import math
 import os
 import threading
 import time as _time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -30,7 +30,7 @@ from ..watch.alerts import AlertDispatcher
 from ..watch.anomaly import Anomaly, AnomalyDetector, StragglerDetector, rank_sample
 from ..watch.collator import TimedDataCollator
 from ..watch.monitor import ResourceSampler, cuda_memory, rss_mb
-from ..watch.timing import CollateSums, IntervalSums, StepTimer
+from ..watch.timing import CollateSums, IntervalSums, StepTimer, step_times
 from ..watch.tokens import TokenMeter
 
 _WORKER_SETTLE_S = 0.05
@@ -71,7 +71,6 @@ class Run:
     retrying: bool = False
     pid: int = field(default_factory=os.getpid)
     thread: int = field(default_factory=threading.get_ident)  # where its Trainer trains
-    step_times: list[tuple[int, float, float]] = field(default_factory=list)  # per-step DEBUG lines to write
     meter: TokenMeter = field(default_factory=TokenMeter)  # tokens seen, tokens/s, MFU
     others: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # other ranks' samples (rank 0)
     token_step: int | None = None  # the last logging step with this rank's token counts
@@ -80,11 +79,12 @@ class Run:
 def write_log(tlog: TrainLogger, run: Run | None, global_step: int, state_epoch: float | None,
               logs: Mapping[Any, Any], timing: Mapping[str, Any], collate: Mapping[str, Any],
               resources: Mapping[str, Any] | None = None, tokens: Mapping[str, int] | None = None,
-              step_times: list[tuple[int, float, float]] | None = None) -> None:
+              step_times: list[tuple[int, float, float]] | Callable[[], list] | None = None) -> None:
     """One ``on_log`` event: ``timing`` and ``collate`` are the interval's sums, drained at the
     event; ``resources`` the sampler's aggregate taken at the event (None: take it now); ``tokens``
     this rank's token counts of the interval (:meth:`TokenMeter.take`); ``step_times`` the
-    per-step DEBUG lines of its steps (written in the same record). Run as a deferred job (in the
+    per-step DEBUG lines of its steps, or what makes them (:func:`take_step_times`; written in the
+    same record). Run as a deferred job (in the
     recorder thread), its records carry the event's time (``TrainLogger.defer``)."""
     tlog.mark(global_step, state_epoch)
     values = _format.metric_values(logs)
@@ -104,7 +104,7 @@ def write_log(tlog: TrainLogger, run: Run | None, global_step: int, state_epoch:
             tlog.log_metrics("rank_step", {**timing, **collate, **resources, **counts})
         line = tlog._progress(epoch, global_step, values[loss_key], values.get("learning_rate"), None,
                               metrics, timing={**timing, **collate, **resources, **counts},
-                              step_times=step_times)
+                              step_times=step_times() if callable(step_times) else step_times)
         if run is not None:
             run.pending.add(run.interval_first_step, global_step, timing, collate)
             run.interval_first_step = global_step + 1
@@ -231,6 +231,21 @@ def tokens_at_end(run: Run) -> int | None:
     return tokens["tokens_seen"] if tokens is not None else None
 
 
+def take_step_times(run: Run, global_step: int) -> Callable[[], list[tuple[int, float, float]]] | None:
+    """The per-step DEBUG lines of the steps ended since the last call, as a callable that makes
+    their ``(global_step, step_time_s, time.time() at the step's end)`` (in the recorder thread:
+    the training thread only takes the marks); None without per-step detail or new steps.
+    ``global_step``: the Trainer's now, the last of those steps (each step end is the next
+    optimizer step: the Trainer adds one to ``global_step`` before every ``on_step_end``)."""
+    timer = run.timer
+    if timer.ended is None:
+        return None
+    marks = timer.take_ended()
+    if not marks:
+        return None
+    return functools.partial(step_times, marks, global_step, _time.time(), _time.perf_counter())
+
+
 def await_rank_tokens(run: Run, wait_s: float = 2.0) -> None:
     """At the end of a distributed run, global rank 0 waits (at most ``wait_s``) for every rank's
     counts of the last logging step, so that its last record has the all-rank count."""
@@ -346,9 +361,13 @@ def write_speed(tlog: TrainLogger, operation: str, global_step: int, epoch: floa
 
 
 def write_epoch(tlog: TrainLogger, number: int, duration_s: float, global_step: int, epoch: float,
-                memory_mb: float | None) -> None:
+                memory_mb: float | Callable[[], float] | None) -> None:
     """``epoch_N completed in ...``; an epoch cut short (``max_steps`` reached, training stopped)
-    is ``epoch_N_partial`` with the share of the epoch done (``epoch_fraction``, 0-1)."""
+    is ``epoch_N_partial`` with the share of the epoch done (``epoch_fraction``, 0-1).
+    ``memory_mb``: MiB, or a callable read now (the callback passes ``rss_mb``: read as the record
+    is written, in the recorder thread, at most ``flush_interval_s`` after the epoch's end)."""
+    if callable(memory_mb):
+        memory_mb = memory_mb()
     tlog.mark(global_step, epoch)
     fraction = (epoch or 0) - math.floor(epoch or 0)
     partial = 1e-6 < fraction < 1 - 1e-6

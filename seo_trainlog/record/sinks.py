@@ -132,12 +132,26 @@ def prepare_log_dir(log_dir: Path) -> Path:
     """
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=log_dir, prefix=".seo_trainlog-write-check-"):
-            pass
+        # a file of this process and thread (never another's), created, closed and removed
+        probe = os.path.join(log_dir, f".seo_trainlog-write-check-{os.getpid()}-{threading.get_ident()}")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        os.unlink(probe)
     except OSError as exc:
         raise OSError(exc.errno, f"seo_trainlog cannot write log files to {str(log_dir)!r}: "
                                  f"{exc.strerror or exc}") from None
     return log_dir.resolve()
+
+
+def run_categories(config, full_set: bool = True) -> list[Category]:
+    """The categories a run writes a file for: every enabled one (``debug`` only with
+    ``config.debug``) or, where ``full_set`` is false, only the ``per_rank`` ones."""
+    return [category for category in CATEGORIES
+            if not (category.debug_only and not config.debug) and (full_set or category.per_rank)]
+
+
+def run_files(config, run_id: str, log_dir: Path, tag: str, full_set: bool = True) -> dict[str, Path]:
+    """``{category name: path}`` of the files :func:`open_sinks` opens for these arguments."""
+    return {category.name: file_path(log_dir, category, run_id, tag) for category in run_categories(config, full_set)}
 
 
 def file_path(log_dir: Path, category: Category, stamp: str, tag: str = "") -> Path:
@@ -555,9 +569,7 @@ class CategoryRouter:
         self._sinks: list[GuardedFileSink | ConsoleSink] = []
         self._routes: dict[str, list[tuple[int, GuardedFileSink | ConsoleSink]]] = {}
         try:
-            for category in CATEGORIES:
-                if (category.debug_only and not config.debug) or (not full_set and not category.per_rank):
-                    continue
+            for category in run_categories(config, full_set):
                 path = file_path(log_dir, category, run_id, tag)
                 level = category.level
                 if category.follows_config_level and LEVEL_NO[config.level] > LEVEL_NO[level]:
@@ -707,7 +719,8 @@ class RunSinks:
 
 def open_sinks(config, run_id: str, log_dir: Path, tag: str, *, key: str,
                on_library_record: Callable[[str, str, str], None],
-               on_flush: Callable[[], None] | None = None, full_set: bool = True) -> RunSinks:
+               on_flush: Callable[[], None] | None = None, full_set: bool = True,
+               thread: int | None = None, bridge: bool = True) -> RunSinks:
     """Open a file per enabled category behind one loguru handler, and add the stdlib bridge.
 
     Args:
@@ -719,6 +732,9 @@ def open_sinks(config, run_id: str, log_dir: Path, tag: str, *, key: str,
             runs open at once in one process never write into each other's files.
         on_flush: called by the flusher thread after each periodic flush (the run manifest).
         on_library_record: ``(label, level, message)`` for each library record the bridge takes.
+        thread: the run's thread (``threading.get_ident()``; default: the calling one): a library
+            record made there belongs to this run only (see :class:`StdlibBridge`).
+        bridge: add the stdlib bridge (false where the caller added it already: :func:`add_bridge`).
 
     Raises:
         OSError: when a file cannot be opened (nothing stays added). With ``flush_interval_s > 0`` the
@@ -735,16 +751,24 @@ def open_sinks(config, run_id: str, log_dir: Path, tag: str, *, key: str,
             sinks.flusher = Flusher(router, config.flush_interval_s, on_flush)
         sinks.handler_ids.append(_add_handler(router, level="DEBUG", format="{message}", filter=router.accepts,
                                             colorize=False, backtrace=False, diagnose=False))
-        bridge = StdlibBridge(on_library_record)
-        for name in BRIDGED_LIBRARIES:
-            target = logging.getLogger(name)
-            target.addHandler(bridge)
-            sinks.bridges.append((target, bridge))
+        if bridge:
+            add_bridge(sinks, on_library_record, thread)
     except BaseException:
         router.stop()
         sinks.close()
         raise
     return sinks
+
+
+def add_bridge(sinks: RunSinks, on_library_record: Callable[[str, str, str], None],
+               thread: int | None = None) -> None:
+    """Add a run's stdlib bridge (:class:`StdlibBridge`) to the ``transformers``, ``datasets`` and
+    ``accelerate`` loggers; ``sinks.close()`` removes it."""
+    bridge = StdlibBridge(on_library_record, thread)
+    for name in BRIDGED_LIBRARIES:
+        target = logging.getLogger(name)
+        target.addHandler(bridge)
+        sinks.bridges.append((target, bridge))
 
 
 _BRIDGES: list[StdlibBridge] = []  # of the open runs, to tell which run a library record belongs to
@@ -761,10 +785,10 @@ class StdlibBridge(logging.Handler):
     (stderr) as it would without us.
     """
 
-    def __init__(self, on_record: Callable[[str, str, str], None]) -> None:
+    def __init__(self, on_record: Callable[[str, str, str], None], thread: int | None = None) -> None:
         super().__init__(level=logging.WARNING)
         self._on_record = on_record
-        self.thread = threading.get_ident()  # the run's thread (where its Trainer trains)
+        self.thread = thread if thread is not None else threading.get_ident()  # the run's (where its Trainer trains)
         with _BRIDGES_LOCK:
             _BRIDGES.append(self)
 

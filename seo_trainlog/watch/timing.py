@@ -15,45 +15,98 @@ class StepTimer:
     the step time (forward, backward, optimizer). ``new_epoch()``: the first step of an epoch has no
     step before it, so no wait is counted for it (the data loader's start-up is in the epoch's time).
     Times come from ``time.perf_counter`` (seconds).
+
+    The hot path: instead of calling ``step_begin``/``step_end``, the callback appends
+    ``perf_counter()`` at a step's begin and ``-perf_counter()`` at its end to :attr:`marks` (two C
+    calls a step); every other method first folds them in (:meth:`fold`), in order. With
+    :attr:`ended` a list, each folded step is also kept there, as its two marks (``begin, -end``:
+    the per-step DEBUG lines, see :func:`step_times`).
     """
 
-    __slots__ = ("steps", "step_time_s", "data_wait_s", "total_step_time_s", "total_data_wait_s", "_last_mark",
-                 "_step_started")
+    __slots__ = ("_steps", "step_time_s", "data_wait_s", "total_step_time_s", "total_data_wait_s", "_last_mark",
+                 "_step_started", "marks", "ended")
 
     def __init__(self) -> None:
-        self.steps = 0
+        self._steps = 0
         self.step_time_s = 0.0
         self.data_wait_s = 0.0
         self.total_step_time_s = 0.0
         self.total_data_wait_s = 0.0
         self._last_mark: float | None = None
         self._step_started: float | None = None
+        self.marks: list[float] = []  # perf_counter() at a step's begin, -perf_counter() at its end
+        self.ended: list[tuple[float, float]] | None = None
+
+    @property
+    def steps(self) -> int:
+        """Steps ended since the last :meth:`drain`."""
+        self.fold()
+        return self._steps
+
+    def fold(self) -> None:
+        """Add the steps of :attr:`marks` (begins positive, ends negative: ``perf_counter`` is never
+        zero on Linux, macOS or Windows) to the interval, in order, and empty it."""
+        marks = self.marks
+        if not marks:
+            return
+        last, started, ended = self._last_mark, self._step_started, self.ended
+        begins, ends = marks[0::2], marks[1::2]
+        if started is None and len(begins) == len(ends) and min(begins) > 0 > max(ends):
+            # the usual case, whole steps (begin, end, begin, end...): sums in C
+            self.step_time_s += -sum(ends) - sum(begins)
+            self.data_wait_s += sum(begins) + sum(ends[:-1]) - (last if last is not None else begins[0])
+            self._steps += len(ends)
+            self._last_mark = -ends[-1]
+            if ended is not None:
+                ended.extend(marks)
+            marks.clear()
+            return
+        wait = busy = 0.0
+        steps = 0
+        for at in marks:
+            if at > 0:  # a step begins
+                if last is not None:
+                    wait += at - last
+                started = at
+            else:  # a step ends
+                at = -at
+                elapsed = at - started if started is not None else 0.0
+                busy += elapsed
+                steps += 1
+                if ended is not None:
+                    ended += (started if started is not None else at, -at)
+                started, last = None, at
+        marks.clear()
+        self._last_mark, self._step_started = last, started
+        self.data_wait_s += wait
+        self.step_time_s += busy
+        self._steps += steps
 
     def mark(self, now: float) -> None:
+        self.fold()
         self._last_mark = now
 
     def new_epoch(self) -> None:
+        self.fold()
         self._last_mark = None
 
     def step_begin(self, now: float) -> None:
-        if self._last_mark is not None:
-            self.data_wait_s += now - self._last_mark
-        self._step_started = now
+        self.marks.append(now)
+        self.fold()
 
     def step_end(self, now: float) -> float:
+        self.fold()
         started = self._step_started
-        elapsed = now - started if started is not None else 0.0
-        self.step_time_s += elapsed
-        self.steps += 1
-        self._step_started = None
-        self._last_mark = now
-        return elapsed
+        self.marks.append(-now)
+        self.fold()
+        return now - started if started is not None else 0.0
 
     def drain(self, samples_per_step: int) -> dict[str, float | int]:
         """The interval's aggregate, then reset: ``steps``, mean ``step_time_s`` and ``data_wait_s``,
         ``data_wait_pct`` (share of step + wait time), ``samples_per_second``. Empty if no step ran."""
-        steps, step_time, wait = self.steps, self.step_time_s, self.data_wait_s
-        self.steps, self.step_time_s, self.data_wait_s = 0, 0.0, 0.0
+        self.fold()
+        steps, step_time, wait = self._steps, self.step_time_s, self.data_wait_s
+        self._steps, self.step_time_s, self.data_wait_s = 0, 0.0, 0.0
         self.total_step_time_s += step_time
         self.total_data_wait_s += wait
         if steps == 0:
@@ -67,6 +120,16 @@ class StepTimer:
             "samples_per_second": steps * samples_per_step / busy if busy > 0 else 0.0,
             "interval_s": busy,
         }
+
+    def take_ended(self) -> list[float]:
+        """The marks of the steps kept in :attr:`ended` since the last call (``begin, -end`` each),
+        and forget them."""
+        self.fold()
+        ended = self.ended
+        if not ended:
+            return []
+        self.ended = []
+        return ended
 
     def total_data_wait_pct(self) -> float | None:
         """Share (percent) of all drained step + wait time that was data wait; None before any step."""
@@ -266,3 +329,15 @@ def bind_thread(sums: CollateSums | None) -> None:
 def thread_sums() -> CollateSums | None:
     """The :class:`CollateSums` of the run training in this thread, if any."""
     return getattr(_THREAD, "sums", None)
+
+
+def step_times(marks: list[float], last_global_step: int, wall_s: float, now_s: float
+               ) -> list[tuple[int, float, float]]:
+    """``(global_step, step_time_s, time.time() at the step's end)`` of each step of ``marks``
+    (:meth:`StepTimer.take_ended`), the last one being ``last_global_step``; ``wall_s`` and ``now_s``:
+    ``time.time()`` and ``time.perf_counter()`` read together (a step's end on the wall clock is
+    ``wall_s`` minus its age)."""
+    begins, ends = marks[0::2], marks[1::2]
+    first = last_global_step - len(ends) + 1
+    return [(first + index, -end - begin, wall_s - now_s - end)
+            for index, (begin, end) in enumerate(zip(begins, ends))]
