@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from loguru._string_parsers import parse_duration, parse_size
 
 from ._secrets import REDACTOR
-from .record.sinks import probe_file_options
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
@@ -354,6 +352,8 @@ def _check_rotation(name: str, value: object) -> str | int:
     if isinstance(value, bool) or (isinstance(value, (int, float)) and value <= 0) or _non_positive_duration(value):
         raise ValueError(f"{name}={value!r} is not valid; {accepted}")
     try:
+        from .record.sinks import probe_file_options  # (loguru: imported where a value is checked, not by the CLI)
+
         probe_file_options(rotation=value)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{name}={value!r} is not valid ({exc}); {accepted}") from None
@@ -370,6 +370,8 @@ def _non_positive_duration(value: object) -> bool:
 
 def _positive_size_or_duration(text: str) -> bool:
     """False for ``"0 B"``, ``"-5 MB"``, ``"0 days"``; true for other sizes, durations and times of day."""
+    from loguru._string_parsers import parse_duration, parse_size  # (not imported by the CLI)
+
     try:
         size = parse_size(text)
     except ValueError:
@@ -391,6 +393,8 @@ def _check_retention(name: str, value: object) -> int | str:
     if isinstance(parsed, bool) or (isinstance(parsed, int) and parsed < 1) or _non_positive_duration(parsed):
         raise ValueError(f"{name}={value!r} is not valid; {accepted}")
     try:
+        from .record.sinks import probe_file_options
+
         probe_file_options(retention=parsed)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{name}={value!r} is not valid ({exc}); {accepted}") from None

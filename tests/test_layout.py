@@ -44,3 +44,16 @@ def test_record_imports_go_one_way():
     }
     wrong = {module: record_imports(module) & upstream for module, upstream in downstream.items()}
     assert wrong == {module: set() for module in downstream}
+
+
+def test_the_command_line_imports_no_logging_or_training_library():
+    """``seo-trainlog`` only reads files: its start-up (every command pays it) imports neither loguru
+    (the writing side's sinks) nor torch, transformers, psutil or matplotlib."""
+    import subprocess
+    import sys
+
+    code = ("import sys, seo_trainlog.cli; print(sorted(name for name in ('loguru', 'torch', 'transformers', "
+            "'psutil', 'matplotlib', 'numpy') if name in sys.modules))")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    assert completed.stdout.strip() == "[]"

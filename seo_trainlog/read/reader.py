@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from ..record.logger import SCHEMA_VERSION
+from ..record.format import SCHEMA_VERSION
 
 # performance_metrics_[<tag>_]<stamp>.log, rotated by loguru to ...<stamp>.<date>[.<n>].log; the tag is
 # node<N> (a node leader's file set) or rank<N> (another rank's per-rank metrics), absent on global rank 0

@@ -18,6 +18,8 @@ import orjson
 
 from .._secrets import REDACTOR, mask_mapping
 
+SCHEMA_VERSION = 1  # of the JSON metrics lines; readers refuse files of a newer schema
+
 RULE = "=" * 80
 _SCALARS = (str, int, float, bool, type(None))
 MAX_DEPTH = 16

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from . import format as _format
+from .format import SCHEMA_VERSION
 
 from . import guard as _guard
 from .. import __version__  # not importlib.metadata: 1.5 ms of parsing at a process's first run
@@ -30,7 +31,6 @@ from .recorder import Recorder
 from .sinks import (SINK_FAILURES, RunSinks, add_bridge, claim_stamp, file_path, logger, open_sinks,
                     prepare_log_dir, run_files)
 
-SCHEMA_VERSION = 1  # of the JSON metrics lines; readers refuse files of a newer schema
 # what a rank without a file set of its own (a ``rank<N>`` file tag) writes to its per-rank metrics file
 PER_RANK_EVENTS = frozenset({"run_start", "rank_step", "error", "warning"})
 _OPEN: list[TrainLogger] = []
