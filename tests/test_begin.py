@@ -277,3 +277,31 @@ def test_step_marks_folded_at_a_logging_step_give_what_the_step_methods_give():
     assert by_marks.drain(8) == by_methods.drain(8) == {
         "steps": 1, "step_time_s": 0.5, "data_wait_s": 0.0, "data_wait_pct": 0.0, "samples_per_second": 16.0,
         "interval_s": 0.5}
+
+
+def test_a_sampler_started_by_another_thread_is_waited_for_by_the_first_drain():
+    """The callback hands the sampler's start to its recorder thread: a drain that comes first waits
+    for the first reading instead of taking one itself in the training thread."""
+    import threading
+
+    from seo_trainlog.watch.monitor import ResourceSampler
+
+    opened_in = []
+
+    def no_gpu():
+        opened_in.append(threading.current_thread().name)
+        raise RuntimeError("NVML could not start (no NVIDIA driver?): test")
+
+    sampler = ResourceSampler(60.0, notice=lambda message: None, gpu_reader_factory=no_gpu)
+    later = []
+    sampler.start_in(later.append)  # scheduled, not started: nothing read yet
+    assert opened_in == [] and len(later) == 1
+    starter = threading.Timer(0.2, later[0])
+    starter.start()
+    try:
+        summary = sampler.drain()  # waits for the thread the timer starts, and its first reading
+    finally:
+        starter.join()
+        sampler.stop()
+    assert opened_in == ["seo_trainlog-sampler"]
+    assert summary["rss_mb"] > 0

@@ -244,7 +244,9 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             run.sampler = ResourceSampler(tlog.config.sample_interval_s,
                                           notice=functools.partial(tlog.log_message, category="model"),
                                           local_rank=role.local_rank if role.world_size > 1 else None)
-            run.sampler.start()
+            # its thread started by the recorder thread (the first drain, at the first logging step,
+            # waits for its first reading either way)
+            run.sampler.start_in(functools.partial(tlog.defer, "on_train_begin", wake=True))
         if _prometheus.configured(config):  # on every rank: each exports its own series
             self._open_exporter(run, tlog, state)
         self.run_id = tlog.run_id

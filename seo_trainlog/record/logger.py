@@ -575,7 +575,7 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ internals
 
-    def defer(self, name: str, job: Callable[[], Any]) -> None:
+    def defer(self, name: str, job: Callable[[], Any], wake: bool = False) -> None:
         """Run ``job`` (the formatting and writing of one event, named ``name`` in error reports)
         in this run's recorder thread (``seo_trainlog-recorder``, a daemon), after every job deferred
         before it.
@@ -589,6 +589,8 @@ class TrainLogger:
         thread, the first to call this (the training loop); on any other thread, and with
         ``flush_interval_s == 0`` (every file written through), ``job`` runs at once in the caller.
         A job that raises is reported once per ``name`` (a WARNING) and the others still run.
+        ``wake``: the recorder runs the queue now, not at its next interval (a job the training loop
+        will soon wait for).
         """
         ident = get_ident()
         if self._defer_thread is None:
@@ -602,7 +604,7 @@ class TrainLogger:
         recorder = self._recorder
         if recorder is None:
             recorder = self._recorder = Recorder(self._internal_error, self.config.flush_interval_s)
-        recorder.submit(name, job)
+        recorder.submit(name, job, wake)
 
     def _settle(self, force: bool = False) -> None:
         """Wait until the recorder has written every job deferred so far (a no-op inside a job, and,

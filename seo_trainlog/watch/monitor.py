@@ -222,6 +222,7 @@ class ResourceSampler:
         self._stop = threading.Event()
         self._ready = threading.Event()  # the readers are open and the first reading taken
         self._thread: threading.Thread | None = None
+        self._start_scheduled = False  # start() handed to another thread (start_in): drain waits as for a thread
         self._gpu_lock = threading.Lock()
         self._open_lock = threading.Lock()
         self._last: dict[str, float] | None = None
@@ -259,6 +260,13 @@ class ResourceSampler:
             self.sample()
             self._ready.set()
 
+    def start_in(self, schedule: Callable[[Callable[[], None]], None]) -> None:
+        """Hand :meth:`start` to ``schedule`` (the callback passes its run's recorder thread), so that
+        the caller does not start the thread itself; a :meth:`drain` before it ran waits for the
+        first reading as it would for the thread's."""
+        self._start_scheduled = True
+        schedule(self.start)
+
     def _loop(self) -> None:
         try:
             self.sample()
@@ -287,7 +295,7 @@ class ResourceSampler:
         """The interval's min/mean/max. An interval shorter than ``interval_s`` may hold no reading:
         it then repeats the latest one (a reading is taken here only before the first one, or when
         there is no thread: ``interval_s`` 0)."""
-        if self._thread is not None and not self._ready.is_set():
+        if (self._thread is not None or self._start_scheduled) and not self._ready.is_set():
             self._ready.wait(self.READY_WAIT_S)
         if self.stats.empty:
             if self._last is None or self.interval_s <= 0:
