@@ -277,3 +277,31 @@ def test_step_marks_folded_at_a_logging_step_give_what_the_step_methods_give():
     assert by_marks.drain(8) == by_methods.drain(8) == {
         "steps": 1, "step_time_s": 0.5, "data_wait_s": 0.0, "data_wait_pct": 0.0, "samples_per_second": 16.0,
         "interval_s": 0.5}
+
+
+def test_a_record_from_another_thread_while_run_start_is_written_lands_after_it(log_dir, monkeypatch):
+    """The opening job is done once its run_start records are written: a record of another thread
+    made while they are being written waits for them (it never comes first in the run's files)."""
+    import threading
+
+    from seo_trainlog.record import logger as logger_module
+
+    real_log_message = logger_module.TrainLogger.log_message
+    others = []
+
+    def log_message(self, message, *args, **kwargs):
+        if message.startswith(f"Run {self.run_id} started") and threading.current_thread().name == "seo_trainlog-recorder":
+            other = threading.Thread(target=self.log_metrics, args=("probe", {"from": "another thread"}))
+            other.start()
+            other.join(1.0)  # it waits for the opening (that is this job): not joined, but not written first
+            others.append(other)
+        return real_log_message(self, message, *args, **kwargs)
+
+    monkeypatch.setattr(logger_module.TrainLogger, "log_message", log_message)
+    tlog = TrainLogger(quiet(log_dir), open_in_background=True)
+    tlog.log_message("from the opening thread")
+    others[0].join(30)
+    tlog.close()
+    run = RunFiles(log_dir, tlog.run_id)
+    assert [row["event"] for row in run.records()] == ["run_start", "probe"]
+    assert run.messages("seo_engine")[0] == f"Run {tlog.run_id} started: log directory {tlog.log_dir}"

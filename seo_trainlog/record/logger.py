@@ -180,22 +180,26 @@ class TrainLogger:
 
     def _open(self, run_id: str | None, resume: bool, bridge: bool = True) -> None:
         """Open the run's files (the manifest, the handler of its file sinks, the stdlib bridge) and,
-        for a run new to this directory, write its ``run_start`` records."""
+        for a run new to this directory, write its ``run_start`` records. Until this returns, a
+        record of any thread waits for it (``_settle``): nothing comes before ``run_start``."""
         try:
-            REDACTOR.add_environment(os.environ)
-            # a run continued in a directory that has none of its files yet starts them with run_start
-            fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id,
-                                                                self.tag).exists())
-            if self.writes:
-                self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id, self.tag), self.run_id,
-                                                 __version__, directions(self.config.metric_directions))
-            opened = open_sinks(self.config, self.run_id, self.log_dir, self.tag, key=self.key,
-                                on_flush=self._write_manifest, on_library_record=self._library_record,
-                                full_set=self.writes, thread=self.thread, bridge=bridge)
-            opened.bridges[:0] = self._sinks.bridges  # (added before, by the constructor)
-            self._sinks = opened
+            self._open_files(run_id, resume, bridge)
         finally:
             self._opened = True
+
+    def _open_files(self, run_id: str | None, resume: bool, bridge: bool) -> None:
+        REDACTOR.add_environment(os.environ)
+        # a run continued in a directory that has none of its files yet starts them with run_start
+        fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id,
+                                                            self.tag).exists())
+        if self.writes:
+            self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id, self.tag), self.run_id,
+                                             __version__, directions(self.config.metric_directions))
+        opened = open_sinks(self.config, self.run_id, self.log_dir, self.tag, key=self.key,
+                            on_flush=self._write_manifest, on_library_record=self._library_record,
+                            full_set=self.writes, thread=self.thread, bridge=bridge)
+        opened.bridges[:0] = self._sinks.bridges  # (added before, by the constructor)
+        self._sinks = opened
         if fresh:
             self.log_message(f"Run {self.run_id} started: log directory {self.log_dir}")
             self.log_metrics("run_start", {"log_dir": str(self.log_dir), "schema_version": SCHEMA_VERSION,
