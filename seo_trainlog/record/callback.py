@@ -219,6 +219,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         # after the opening (anything written from this thread waits for them; the nested values are
         # masked, and learnt, with the hyperparameters)
         tlog.defer("on_train_begin", functools.partial(_remember_argument_secrets, args))
+        tlog.hold_others()  # (another thread's record, a library warning, waits for them too)
         if trainer is not None:
             self._guard(run, trainer)
         run.sigterm = SigtermHook(functools.partial(self._on_sigterm, run), busy=logging_busy)

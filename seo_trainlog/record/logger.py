@@ -159,7 +159,7 @@ class TrainLogger:
         self._log = {category.name: logger.bind(seo_run=self.run_id, seo_key=self.key, seo_cat=category.name,
                                                 seo_label=category.label) for category in CATEGORIES}
         self._console_log = logger.bind(seo_run=self.run_id, seo_key=self.key, seo_cat="console", seo_label="")
-        self._opened = False  # the files' handler added (see _open)
+        self._held = 0  # a record of another thread waits until the recorder has run this many jobs
         _OPEN.append(self)
         background = open_in_background and self.config.flush_interval_s > 0
         opening = functools.partial(self._open, run_id, resume, bridge=not background)
@@ -171,6 +171,7 @@ class TrainLogger:
             self._defer_thread = self.thread
             self._recorder = Recorder(self._internal_error, self.config.flush_interval_s)
             self._recorder.submit("open", opening, wake=True)
+            self._held = self._recorder.submitted
         else:
             try:
                 opening()
@@ -180,14 +181,9 @@ class TrainLogger:
 
     def _open(self, run_id: str | None, resume: bool, bridge: bool = True) -> None:
         """Open the run's files (the manifest, the handler of its file sinks, the stdlib bridge) and,
-        for a run new to this directory, write its ``run_start`` records. Until this returns, a
-        record of any thread waits for it (``_settle``): nothing comes before ``run_start``."""
-        try:
-            self._open_files(run_id, resume, bridge)
-        finally:
-            self._opened = True
-
-    def _open_files(self, run_id: str | None, resume: bool, bridge: bool) -> None:
+        for a run new to this directory, write its ``run_start`` records. In the background, a
+        record of any thread waits until this job has run (``_settle``): nothing comes before
+        ``run_start``."""
         REDACTOR.add_environment(os.environ)
         # a run continued in a directory that has none of its files yet starts them with run_start
         fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id,
@@ -610,14 +606,23 @@ class TrainLogger:
 
     def _settle(self, force: bool = False) -> None:
         """Wait until the recorder has written every job deferred so far (a no-op inside a job, and,
-        unless ``force`` or the files are still being opened, on any thread but the deferring one)."""
+        unless ``force`` or the files are still being opened, or a job :meth:`hold_others` named has
+        not run, on any thread but the deferring one)."""
         recorder = self._recorder
         if recorder is None or recorder.idle():
             return
         ident = get_ident()
-        if recorder.running_in == ident or (not force and ident != self._defer_thread and self._opened):
+        if recorder.running_in == ident or (not force and ident != self._defer_thread and recorder.done >= self._held):
             return
         recorder.drain()
+
+    def hold_others(self) -> None:
+        """A record written from any thread but the deferring one waits until every job deferred so
+        far has run (the callback's train begin: the secret argument values learnt in the recorder
+        thread are known before another thread's record, a library warning, is masked)."""
+        recorder = self._recorder
+        if recorder is not None:
+            self._held = recorder.submitted
 
     def _when(self) -> datetime | None:
         """The time to stamp on a record written now: its event's, inside a deferred job; else None (now)."""
