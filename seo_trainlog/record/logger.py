@@ -593,13 +593,14 @@ class TrainLogger:
         ident = get_ident()
         if self._defer_thread is None:
             self._defer_thread = ident
-        if self.config.flush_interval_s <= 0 or self.closed or ident != self._defer_thread:
+        recorder = self._recorder
+        if self.config.flush_interval_s <= 0 or self.closed or ident != self._defer_thread \
+                or (recorder is not None and recorder.forked()):  # (a forked child: no thread runs its jobs)
             try:
                 job()
             except Exception as exc:
                 self._internal_error(name, exc)
             return
-        recorder = self._recorder
         if recorder is None:
             recorder = self._recorder = Recorder(self._internal_error, self.config.flush_interval_s)
         recorder.submit(name, job)
