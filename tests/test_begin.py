@@ -290,7 +290,8 @@ def test_a_record_from_another_thread_while_run_start_is_written_lands_after_it(
     others = []
 
     def log_message(self, message, *args, **kwargs):
-        if message.startswith(f"Run {self.run_id} started") and threading.current_thread().name == "seo_trainlog-recorder":
+        in_recorder = threading.current_thread().name == "seo_trainlog-recorder"
+        if message.startswith(f"Run {self.run_id} started") and in_recorder:
             other = threading.Thread(target=self.log_metrics, args=("probe", {"from": "another thread"}))
             other.start()
             other.join(1.0)  # it waits for the opening (that is this job): not joined, but not written first

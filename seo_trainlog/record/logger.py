@@ -613,7 +613,8 @@ class TrainLogger:
         if recorder is None or recorder.idle():
             return
         ident = get_ident()
-        if recorder.running_in == ident or (not force and ident != self._defer_thread and recorder.done >= self._held):
+        if recorder.running_in == ident or (not force and ident != self._defer_thread
+                                            and recorder.done >= self._held):
             return
         recorder.drain()
 
