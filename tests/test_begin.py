@@ -305,3 +305,64 @@ def test_a_sampler_started_by_another_thread_is_waited_for_by_the_first_drain():
         sampler.stop()
     assert opened_in == ["seo_trainlog-sampler"]
     assert summary["rss_mb"] > 0
+
+
+def test_a_record_from_another_thread_while_run_start_is_written_lands_after_it(log_dir, monkeypatch):
+    """The opening job is done once its run_start records are written: a record of another thread
+    made while they are being written waits for them (it never comes first in the run's files)."""
+    import threading
+
+    from seo_trainlog.record import logger as logger_module
+
+    real_log_message = logger_module.TrainLogger.log_message
+    others = []
+
+    def log_message(self, message, *args, **kwargs):
+        in_recorder = threading.current_thread().name == "seo_trainlog-recorder"
+        if message.startswith(f"Run {self.run_id} started") and in_recorder:
+            other = threading.Thread(target=self.log_metrics, args=("probe", {"from": "another thread"}))
+            other.start()
+            other.join(1.0)  # it waits for the opening (that is this job): not joined, but not written first
+            others.append(other)
+        return real_log_message(self, message, *args, **kwargs)
+
+    monkeypatch.setattr(logger_module.TrainLogger, "log_message", log_message)
+    tlog = TrainLogger(quiet(log_dir), open_in_background=True)
+    tlog.log_message("from the opening thread")
+    others[0].join(30)
+    tlog.close()
+    run = RunFiles(log_dir, tlog.run_id)
+    assert [row["event"] for row in run.records()] == ["run_start", "probe"]
+    assert run.messages("seo_engine")[0] == f"Run {tlog.run_id} started: log directory {tlog.log_dir}"
+
+
+def test_a_library_warning_of_another_thread_waits_for_the_hub_token_to_be_learnt(log_dir, monkeypatch,
+                                                                                   make_trainer):
+    """hub_token is learnt by a job of the recorder thread after the opening: a library warning made
+    in another thread before that job has run waits for it, so the token is never written."""
+    import logging
+    import threading
+
+    from seo_trainlog import TrainLogCallback
+    from seo_trainlog.record import callback as callback_module
+
+    token = "hf_QuiteSecretTokenValue12345"
+    real_remember = callback_module._remember_argument_secrets
+    others = []
+
+    def remember(args):
+        other = threading.Thread(target=logging.getLogger("transformers.trainer").warning,
+                                 args=(f"push failed for token {token}",))
+        other.start()
+        other.join(1.0)  # it waits for this job: not joined, and not written before the token is known
+        others.append(other)
+        real_remember(args)
+
+    monkeypatch.setattr(callback_module, "_remember_argument_secrets", remember)
+    trainer = make_trainer(max_steps=2, hub_token=token, callbacks=[TrainLogCallback(quiet(log_dir))])
+    trainer.train()
+    others[0].join(30)
+    run = RunFiles(log_dir)
+    assert [row["message"] for row in run.records("warning")] == ["push failed for token <redacted>"]
+    text = "".join(path.read_text(encoding="utf-8") for path in sorted(log_dir.iterdir()) if path.is_file())
+    assert token not in text

@@ -206,6 +206,29 @@ def test_unwritable_log_directory_is_a_clear_error(tmp_path):
         TrainLogger(quiet(blocker / "logs"))
 
 
+def test_the_write_check_never_follows_a_link_left_at_its_name(tmp_path):
+    """The directory's write check creates a file of a predictable name (process and thread ids): a
+    link placed there (a shared log directory) is removed, never followed, and its target is not
+    truncated; a leftover of a process killed mid-check does not stop a run either."""
+    import threading
+
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    probe = log_dir / f".seo_trainlog-write-check-{os.getpid()}-{threading.get_ident()}"
+    probe.symlink_to(victim)
+    with TrainLogger(quiet(log_dir)) as tlog:
+        tlog.log_message("written")
+    assert victim.read_text() == "precious"
+    assert not probe.is_symlink() and not probe.exists()
+    probe.write_text("")  # a leftover plain file
+    with TrainLogger(quiet(log_dir)) as second:
+        second.log_message("written too")
+    assert not probe.exists()
+    assert RunFiles(log_dir, second.run_id).messages("seo_engine")[-1] == "written too"
+
+
 def test_rotation_keeps_each_category_to_its_own_files(log_dir):
     log_dir.mkdir()
     unrelated = log_dir / "notes.txt"

@@ -667,6 +667,41 @@ def test_a_forked_child_never_writes_the_parents_summary(log_dir):
     assert run.messages("errors") == []
 
 
+def test_a_child_forked_while_the_recorder_runs_a_job_writes_without_waiting_for_it(log_dir):
+    """A DataLoader worker forked while the parent's recorder thread runs a job (and holds its lock),
+    that then writes (a tokenizer warning through the stdlib bridge, a record of its own), goes on:
+    it neither waits for nor runs the parent's jobs (it hung there, and so did the training)."""
+    import time
+
+    started, release = threading.Event(), threading.Event()
+    with TrainLogger(quiet(log_dir, flush_interval_s=0.05)) as tlog:
+        tlog.defer("held", lambda: (started.set(), release.wait(30)))
+        assert started.wait(30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # (a fork of a process with threads)
+            child = os.fork()
+        if child == 0:
+            try:
+                logging.getLogger("transformers.tokenization_utils_base").warning("sequence too long")
+                tlog.log_message("from the forked child")
+                tlog.flush()
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 30
+        while (ended := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        hung = ended[0] == 0
+        if hung:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        release.set()
+        tlog.log_message("from the parent")
+    assert not hung, "the forked child waited for the parent's recorder thread"
+    assert os.waitstatus_to_exitcode(ended[1]) == 0
+    messages = RunFiles(log_dir, tlog.run_id).messages("seo_engine")
+    assert messages.count("from the parent") == 1
+
+
 def test_an_error_after_an_out_of_memory_retry_is_still_logged(make_trainer, log_dir):
     trainer = with_callback(make_trainer(max_steps=6, auto_find_batch_size=True), log_dir)
     seen = []

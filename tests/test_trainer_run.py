@@ -272,6 +272,33 @@ def test_the_debug_file_gets_a_line_per_step_at_level_info(make_trainer, log_dir
     assert stamps == sorted(stamps)
 
 
+def test_per_step_lines_keep_their_step_numbers_when_a_callback_before_ours_logs_or_raises(make_trainer, log_dir):
+    """A callback listed before ours that calls trainer.log() in on_step_end (an on_log before our
+    on_step_end of that step), or raises there: each DEBUG line still names its own step, once."""
+
+    def per_step(run):
+        return [line.split(" - DEBUG - ")[1].split(":")[0] for line in run.lines("debug") if " - DEBUG - Step " in line]
+
+    logging_dir, failing_dir = log_dir / "logs", log_dir / "fails"
+    logs = StepHook(3, lambda trainer, state: trainer.log({"custom_metric": 1.0}))
+    trainer = make_trainer(max_steps=5, logging_steps=10,
+                           callbacks=[logs.callback, TrainLogCallback(quiet(logging_dir, debug=True))])
+    logs.trainer = trainer
+    trainer.train()
+    assert per_step(RunFiles(logging_dir)) == ["Step 1", "Step 2", "Step 3", "Step 4", "Step 5"]
+
+    def boom(trainer, state):
+        raise RuntimeError("a user callback failed")
+
+    trainer = make_trainer(max_steps=5, logging_steps=10,
+                           callbacks=[StepHook(3, boom).callback, TrainLogCallback(quiet(failing_dir, debug=True))])
+    with pytest.raises(RuntimeError, match="a user callback failed"):
+        trainer.train()
+    run = RunFiles(failing_dir)
+    assert per_step(run) == ["Step 1", "Step 2"]  # step 3's on_step_end never reached ours
+    assert [row["status"] for row in run.records("summary")] == ["failed"]
+
+
 def test_logging_steps_are_written_in_batches_stamped_with_their_own_time(make_trainer, log_dir):
     """Training log records wait for a batch (``flush_interval_s``) but carry the time of their step."""
     logged_at = {}

@@ -210,7 +210,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
             * max(1, args.world_size),
             train_examples=dataset_size(train_dataloader), per_device_batch_size=per_device,
             per_step_detail=tlog.config.level == "DEBUG" or tlog.config.debug, collate=self._collate,
-            interval_first_step=state.global_step + 1,
+            interval_first_step=state.global_step + 1, detail_next_step=state.global_step + 1,
         )
         self._run = run
         self._watch_steps(run)
@@ -219,6 +219,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         # after the opening (anything written from this thread waits for them; the nested values are
         # masked, and learnt, with the hyperparameters)
         tlog.defer("on_train_begin", functools.partial(_remember_argument_secrets, args))
+        tlog.hold_others()  # (another thread's record, a library warning, waits for them too)
         if trainer is not None:
             self._guard(run, trainer)
         run.sigterm = SigtermHook(functools.partial(self._on_sigterm, run), busy=logging_busy)
@@ -345,6 +346,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         run.samples_per_step = (state.train_batch_size or run.per_device_batch_size) \
             * args.gradient_accumulation_steps * max(1, args.world_size)
         run.timer = StepTimer()
+        run.detail_next_step = state.global_step + 1
         self._watch_steps(run)
         run.meter.substeps = run.meter.owed = run.meter.epoch_batches = run.meter.credit_steps = 0
         self._collate.train.pending.clear()  # batches read ahead for the failed attempt
@@ -474,7 +476,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
                 if run.meter.counted_from is not None and not trainer_counts(run.args):
                     extra["tokens_counted_from_global_step"] = run.meter.counted_from
             tlog.mark(state.global_step, state.epoch)
-            steps = take_step_times(run, state.global_step)
+            steps = take_step_times(run)
             if steps:
                 tlog.write_step_times(steps)
             if not run.pending.empty:
@@ -538,7 +540,7 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         evaluation = not training and speed_prefix(logs) not in (None, "train")
         drain_workers(run, settle=evaluation)
         collate = self._collate.train.drain() if training else self._collate.eval.drain() if evaluation else {}
-        steps = take_step_times(run, state.global_step)
+        steps = take_step_times(run)
         if steps:
             if not training:
                 run.logger.defer("on_step_end", functools.partial(run.logger.write_step_times, steps))

@@ -159,7 +159,7 @@ class TrainLogger:
         self._log = {category.name: logger.bind(seo_run=self.run_id, seo_key=self.key, seo_cat=category.name,
                                                 seo_label=category.label) for category in CATEGORIES}
         self._console_log = logger.bind(seo_run=self.run_id, seo_key=self.key, seo_cat="console", seo_label="")
-        self._opened = False  # the files' handler added (see _open)
+        self._held = 0  # a record of another thread waits until the recorder has run this many jobs
         _OPEN.append(self)
         background = open_in_background and self.config.flush_interval_s > 0
         opening = functools.partial(self._open, run_id, resume, bridge=not background)
@@ -171,6 +171,7 @@ class TrainLogger:
             self._defer_thread = self.thread
             self._recorder = Recorder(self._internal_error, self.config.flush_interval_s)
             self._recorder.submit("open", opening, wake=True)
+            self._held = self._recorder.submitted
         else:
             try:
                 opening()
@@ -180,22 +181,21 @@ class TrainLogger:
 
     def _open(self, run_id: str | None, resume: bool, bridge: bool = True) -> None:
         """Open the run's files (the manifest, the handler of its file sinks, the stdlib bridge) and,
-        for a run new to this directory, write its ``run_start`` records."""
-        try:
-            REDACTOR.add_environment(os.environ)
-            # a run continued in a directory that has none of its files yet starts them with run_start
-            fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id,
-                                                                self.tag).exists())
-            if self.writes:
-                self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id, self.tag), self.run_id,
-                                                 __version__, directions(self.config.metric_directions))
-            opened = open_sinks(self.config, self.run_id, self.log_dir, self.tag, key=self.key,
-                                on_flush=self._write_manifest, on_library_record=self._library_record,
-                                full_set=self.writes, thread=self.thread, bridge=bridge)
-            opened.bridges[:0] = self._sinks.bridges  # (added before, by the constructor)
-            self._sinks = opened
-        finally:
-            self._opened = True
+        for a run new to this directory, write its ``run_start`` records. In the background, a
+        record of any thread waits until this job has run (``_settle``): nothing comes before
+        ``run_start``."""
+        REDACTOR.add_environment(os.environ)
+        # a run continued in a directory that has none of its files yet starts them with run_start
+        fresh = run_id is None or (resume and not file_path(self.log_dir, CATEGORIES[0], self.run_id,
+                                                            self.tag).exists())
+        if self.writes:
+            self.manifest = RunManifest.open(manifest_path(self.log_dir, self.run_id, self.tag), self.run_id,
+                                             __version__, directions(self.config.metric_directions))
+        opened = open_sinks(self.config, self.run_id, self.log_dir, self.tag, key=self.key,
+                            on_flush=self._write_manifest, on_library_record=self._library_record,
+                            full_set=self.writes, thread=self.thread, bridge=bridge)
+        opened.bridges[:0] = self._sinks.bridges  # (added before, by the constructor)
+        self._sinks = opened
         if fresh:
             self.log_message(f"Run {self.run_id} started: log directory {self.log_dir}")
             self.log_metrics("run_start", {"log_dir": str(self.log_dir), "schema_version": SCHEMA_VERSION,
@@ -595,27 +595,38 @@ class TrainLogger:
         ident = get_ident()
         if self._defer_thread is None:
             self._defer_thread = ident
-        if self.config.flush_interval_s <= 0 or self.closed or ident != self._defer_thread:
+        recorder = self._recorder
+        if self.config.flush_interval_s <= 0 or self.closed or ident != self._defer_thread \
+                or (recorder is not None and recorder.forked()):  # (a forked child: no thread runs its jobs)
             try:
                 job()
             except Exception as exc:
                 self._internal_error(name, exc)
             return
-        recorder = self._recorder
         if recorder is None:
             recorder = self._recorder = Recorder(self._internal_error, self.config.flush_interval_s)
         recorder.submit(name, job, wake)
 
     def _settle(self, force: bool = False) -> None:
         """Wait until the recorder has written every job deferred so far (a no-op inside a job, and,
-        unless ``force`` or the files are still being opened, on any thread but the deferring one)."""
+        unless ``force`` or the files are still being opened, or a job :meth:`hold_others` named has
+        not run, on any thread but the deferring one)."""
         recorder = self._recorder
         if recorder is None or recorder.idle():
             return
         ident = get_ident()
-        if recorder.running_in == ident or (not force and ident != self._defer_thread and self._opened):
+        if recorder.running_in == ident or (not force and ident != self._defer_thread
+                                            and recorder.done >= self._held):
             return
         recorder.drain()
+
+    def hold_others(self) -> None:
+        """A record written from any thread but the deferring one waits until every job deferred so
+        far has run (the callback's train begin: the secret argument values learnt in the recorder
+        thread are known before another thread's record, a library warning, is masked)."""
+        recorder = self._recorder
+        if recorder is not None:
+            self._held = recorder.submitted
 
     def _when(self) -> datetime | None:
         """The time to stamp on a record written now: its event's, inside a deferred job; else None (now)."""

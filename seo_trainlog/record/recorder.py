@@ -19,7 +19,9 @@ class Recorder:
 
     ``submit`` is an append (no lock, no wake-up): the thread wakes every ``interval_s`` seconds, or
     when :meth:`drain` asks. :meth:`drain` returns once every job submitted before it has run;
-    where the thread is gone (interpreter shutdown, a forked child) the caller runs them itself.
+    where the thread is gone (interpreter shutdown) the caller runs them itself. In a forked child
+    (a DataLoader worker) :meth:`drain` and :meth:`stop` do nothing: the jobs are the parent's, and
+    its thread, absent from the child, may have held their lock at the fork.
     """
 
     def __init__(self, report_failure: Callable[[str, Exception], None], interval_s: float) -> None:
@@ -91,9 +93,15 @@ class Recorder:
 
     def alive(self) -> bool:
         """The thread runs (in this process: a forked child has none)."""
-        return self._pid == os.getpid() and self._thread.is_alive()
+        return not self.forked() and self._thread.is_alive()
+
+    def forked(self) -> bool:
+        """This is a forked child of the process that made the recorder."""
+        return self._pid != os.getpid()
 
     def drain(self) -> None:
+        if self.forked():
+            return
         target = self.submitted
         with self._cond:
             self._wake = True
@@ -105,6 +113,8 @@ class Recorder:
 
     def stop(self) -> None:
         """Run every job left, then end the thread (joined, unless called from it)."""
+        if self.forked():
+            return
         with self._cond:
             self._stopping = True
             self._cond.notify_all()

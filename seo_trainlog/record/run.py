@@ -55,6 +55,7 @@ class Run:
     started_s: float = field(default_factory=perf_counter)
     timer: StepTimer = field(default_factory=StepTimer)
     interval_first_step: int = 1
+    detail_next_step: int = 1  # global_step of the next step whose per-step DEBUG line is taken
     pending: IntervalSums = field(default_factory=IntervalSums)
     detail_written_s: float = field(default_factory=perf_counter)
     epoch_started_s: float | None = None
@@ -231,19 +232,23 @@ def tokens_at_end(run: Run) -> int | None:
     return tokens["tokens_seen"] if tokens is not None else None
 
 
-def take_step_times(run: Run, global_step: int) -> Callable[[], list[tuple[int, float, float]]] | None:
+def take_step_times(run: Run) -> Callable[[], list[tuple[int, float, float]]] | None:
     """The per-step DEBUG lines of the steps ended since the last call, as a callable that makes
     their ``(global_step, step_time_s, time.time() at the step's end)`` (in the recorder thread:
     the training thread only takes the marks); None without per-step detail or new steps.
-    ``global_step``: the Trainer's now, the last of those steps (each step end is the next
-    optimizer step: the Trainer adds one to ``global_step`` before every ``on_step_end``)."""
+    Each ended step is the next optimizer step (the Trainer adds one to ``global_step`` before
+    every ``on_step_end``): they are numbered on from ``run.detail_next_step``, not back from the
+    Trainer's ``global_step`` now (that counts a step whose end is not ours yet when another
+    callback logs, or raises, in its ``on_step_end`` before ours)."""
     timer = run.timer
     if timer.ended is None:
         return None
     marks = timer.take_ended()
     if not marks:
         return None
-    return functools.partial(step_times, marks, global_step, _time.time(), _time.perf_counter())
+    last = run.detail_next_step + len(marks) // 2 - 1
+    run.detail_next_step = last + 1
+    return functools.partial(step_times, marks, last, _time.time(), _time.perf_counter())
 
 
 def await_rank_tokens(run: Run, wait_s: float = 2.0) -> None:

@@ -132,9 +132,17 @@ def prepare_log_dir(log_dir: Path) -> Path:
     """
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        # a file of this process and thread (never another's), created, closed and removed
+        # a file of this process and thread (never another's), created, closed and removed; created
+        # exclusively: what is already at that name (a link placed there, a file left by a process
+        # killed mid-check) is removed, never followed or truncated
         probe = os.path.join(log_dir, f".seo_trainlog-write-check-{os.getpid()}-{threading.get_ident()}")
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            descriptor = os.open(probe, flags, 0o600)
+        except FileExistsError:
+            os.unlink(probe)
+            descriptor = os.open(probe, flags, 0o600)
+        os.close(descriptor)
         os.unlink(probe)
     except OSError as exc:
         raise OSError(exc.errno, f"seo_trainlog cannot write log files to {str(log_dir)!r}: "
