@@ -437,3 +437,18 @@ def test_a_logging_step_is_one_record_written_in_the_recorder_thread(make_traine
         assert all("step time" in m for m in step_lines[::2]), prefix  # each step's time before its record
     console = [line for line in capsys.readouterr().err.splitlines() if "| seo_trainlog | Epoch " in line]
     assert [line.split(", ")[1].split(":")[0] for line in console] == ["Step 1", "Step 2", "Step 3", "Step 4"]
+
+
+def test_a_checkpoint_record_carries_the_step_it_was_saved_at(make_trainer, log_dir):
+    """Saves between logging steps: each checkpoint record and line is at its own global_step, not the
+    last logging step's."""
+    trainer = make_trainer(max_steps=4, logging_steps=3, save_strategy="steps", save_steps=2,
+                           callbacks=[TrainLogCallback(quiet(log_dir))])
+    trainer.train()
+    run = RunFiles(log_dir)
+    checkpoints = run.records("checkpoint")
+    assert [(row["global_step"], row["path"].rsplit("/", 1)[-1]) for row in checkpoints] == [
+        (2, "checkpoint-2"), (4, "checkpoint-4")]
+    assert [row["global_step"] for row in run.records("train")] == [3]
+    saved = [m for m in run.messages("seo_engine") if m.startswith("Checkpoint saved: ")]
+    assert [m.rsplit("-", 1)[-1] for m in saved] == ["2", "4"]

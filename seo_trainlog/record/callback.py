@@ -602,7 +602,10 @@ class TrainLogCallback(TrainerCallback, ExportableState):
         run = self._run
         if run is None:
             return
-        write_checkpoint(run.logger, f"{args.output_dir}/checkpoint-{state.global_step}")
+        # at the save's step (not the last logging step's), written by the recorder thread in order
+        run.logger.defer("on_save", functools.partial(write_checkpoint, run.logger,
+                                                      f"{args.output_dir}/checkpoint-{state.global_step}",
+                                                      state.global_step, state.epoch))
         run.timer.mark(perf_counter())
 
     # ------------------------------------------------------------------ helpers

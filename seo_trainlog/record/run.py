@@ -382,7 +382,12 @@ def write_epoch(tlog: TrainLogger, number: int, duration_s: float, global_step: 
                                additional_metrics={"global_step": global_step, "epoch": epoch, **extra})
 
 
-def write_checkpoint(tlog: TrainLogger, checkpoint: str) -> None:
+def write_checkpoint(tlog: TrainLogger, checkpoint: str, global_step: int | None = None,
+                     epoch: float | None = None) -> None:
+    """``Checkpoint saved: <path>`` and a JSON ``checkpoint`` event, at the save's ``global_step`` and
+    ``epoch`` when given (else the latest known)."""
+    if global_step is not None:
+        tlog.mark(global_step, epoch)
     tlog.log_message(f"Checkpoint saved: {checkpoint}")
     tlog.log_metrics("checkpoint", {"path": checkpoint})
 
