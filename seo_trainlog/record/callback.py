@@ -22,8 +22,8 @@ from .guard import TrainerGuard, caller_local, find_trainer
 from .logger import TrainLogger, innermost_open_logger
 from .rank import TelemetryExchange, launch_store, writes_shared_files
 from .run import (Run, await_rank_tokens, drain_workers, exchange_interval, run_resources, speed_prefix,
-                  take_step_times, take_tokens, tokens_at_end, trainer_counts, training_loss_key, write_checkpoint, write_epoch,
-                  write_interval, write_log, write_remaining_collate, write_speed)
+                  take_step_times, take_tokens, tokens_at_end, trainer_counts, training_loss_key, write_checkpoint,
+                  write_epoch, write_interval, write_log, write_remaining_collate, write_speed)
 from .signals import SigtermHook, TerminatedBySignal
 from .sinks import logging_busy
 from .._config import LogConfig

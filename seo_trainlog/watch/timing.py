@@ -50,17 +50,6 @@ class StepTimer:
         if not marks:
             return
         last, started, ended = self._last_mark, self._step_started, self.ended
-        begins, ends = marks[0::2], marks[1::2]
-        if started is None and len(begins) == len(ends) and min(begins) > 0 > max(ends):
-            # the usual case, whole steps (begin, end, begin, end...): sums in C
-            self.step_time_s += -sum(ends) - sum(begins)
-            self.data_wait_s += sum(begins) + sum(ends[:-1]) - (last if last is not None else begins[0])
-            self._steps += len(ends)
-            self._last_mark = -ends[-1]
-            if ended is not None:
-                ended.extend(marks)
-            marks.clear()
-            return
         wait = busy = 0.0
         steps = 0
         for at in marks:
@@ -92,13 +81,12 @@ class StepTimer:
 
     def step_begin(self, now: float) -> None:
         self.marks.append(now)
-        self.fold()
 
     def step_end(self, now: float) -> float:
+        """Note the step's end; returns its step time (seconds; 0.0 without a begin)."""
         self.fold()
         started = self._step_started
         self.marks.append(-now)
-        self.fold()
         return now - started if started is not None else 0.0
 
     def drain(self, samples_per_step: int) -> dict[str, float | int]:
